@@ -1,0 +1,41 @@
+# fieldline: `make setup` once (root or sudo), then `make test`.
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.setup-stamp
+
+.PHONY: setup system venv test unit integration lint typecheck schemas clean
+
+setup: $(STAMP)
+
+$(STAMP): pyproject.toml deploy/setup/install-system.sh deploy/setup/build-timescaledb.sh
+	bash deploy/setup/install-system.sh
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q -e '.[dev]'
+	touch $(STAMP)
+
+system:
+	bash deploy/setup/install-system.sh
+
+test: setup
+	$(BIN)/pytest
+
+unit: setup
+	$(BIN)/pytest tests/unit
+
+integration: setup
+	$(BIN)/pytest tests/integration
+
+lint: setup
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+
+typecheck: setup
+	$(BIN)/mypy
+
+schemas: setup
+	$(BIN)/fieldline schemas export
+
+clean:
+	rm -rf $(VENV) build *.egg-info .pytest_cache .mypy_cache .ruff_cache .hypothesis

@@ -1,0 +1,3 @@
+"""fieldline: industrial telemetry from field devices to TimescaleDB over secure MQTT."""
+
+__version__ = "0.1.0"

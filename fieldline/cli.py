@@ -1,0 +1,61 @@
+"""The `fieldline` command: one typer app composed of each package's sub-app."""
+
+from __future__ import annotations
+
+import sys
+
+import typer
+from rich.console import Console
+
+from certs.cli import app as certs_app
+from certs.errors import CertsError
+from fieldline import __version__
+from fieldline.db_cli import app as db_app
+from fieldline.errors import FieldlineError
+from ingest_worker.errors import StorageError
+from schemas.cli import app as schemas_app
+from schemas.errors import SchemaError
+
+app = typer.Typer(
+    name="fieldline",
+    help="Industrial telemetry from field devices to TimescaleDB over secure MQTT, and commands back.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+)
+app.add_typer(certs_app, name="certs")
+app.add_typer(schemas_app, name="schemas")
+app.add_typer(db_app, name="db")
+
+_KNOWN_ERRORS = (FieldlineError, CertsError, SchemaError, StorageError)
+
+
+@app.callback(invoke_without_command=True)
+def _root(
+    version: bool = typer.Option(False, "--version", help="Print the version and exit."),
+) -> None:
+    if version:
+        typer.echo(f"fieldline {__version__}")
+        raise typer.Exit()
+
+
+def main() -> None:
+    """Entry point: known errors become one red line and exit code 2, not a traceback."""
+    try:
+        code = app(standalone_mode=False)
+    except _KNOWN_ERRORS as exc:
+        Console(stderr=True).print(f"[red]error:[/red] {exc}", highlight=False)
+        sys.exit(2)
+    except typer.Abort:
+        Console(stderr=True).print("aborted")
+        sys.exit(130)
+    except Exception as exc:
+        # click's own usage errors arrive here in non-standalone mode
+        import click
+
+        if isinstance(exc, click.ClickException):
+            exc.show()
+            sys.exit(exc.exit_code)
+        raise
+    # non-standalone click returns the code of typer.Exit instead of exiting
+    if isinstance(code, int) and code != 0:
+        sys.exit(code)

@@ -1,0 +1,138 @@
+"""The one settings model: environment (prefix FIELDLINE_, nested with __) over fieldline.toml."""
+
+from __future__ import annotations
+
+import os
+from functools import lru_cache
+from pathlib import Path
+from typing import Any
+
+from pydantic import BaseModel, Field, ValidationError, field_validator
+from pydantic_settings import (
+    BaseSettings,
+    PydanticBaseSettingsSource,
+    SettingsConfigDict,
+    TomlConfigSettingsSource,
+)
+
+from fieldline.errors import SettingsError
+
+CONFIG_ENV = "FIELDLINE_CONFIG"
+DEFAULT_CONFIG_FILE = "fieldline.toml"
+
+
+class BrokerSettings(BaseModel):
+    """Where clients find the broker, and how the embedded one listens."""
+
+    host: str = "127.0.0.1"
+    port: int = Field(default=8883, ge=1, le=65535)
+    tls: bool = True
+    keepalive_s: int = Field(default=30, ge=5, le=3600)
+
+
+class PostgresSettings(BaseModel):
+    """The embedded PostgreSQL cluster under FIELDLINE_HOME/pg (unless database_url is set)."""
+
+    port: int = Field(default=0, ge=0, le=65535, description="0 picks a free loopback port")
+    bin_dir: Path | None = Field(default=None, description="PostgreSQL's bin directory")
+    database: str = "fieldline"
+    user: str = "fieldline"
+
+
+class Settings(BaseSettings):
+    """fieldline's configuration, validated once at start-up."""
+
+    model_config = SettingsConfigDict(
+        env_prefix="FIELDLINE_",
+        env_nested_delimiter="__",
+        extra="forbid",
+        validate_default=True,
+    )
+
+    home: Path = Field(default=Path(".fieldline"), description="the data directory")
+    database_url: str | None = Field(
+        default=None, description="a PostgreSQL DSN; unset means the embedded cluster"
+    )
+    log_level: str = "INFO"
+    broker: BrokerSettings = BrokerSettings()
+    postgres: PostgresSettings = PostgresSettings()
+
+    @field_validator("database_url")
+    @classmethod
+    def _dsn_scheme(cls, value: str | None) -> str | None:
+        if value is not None and not value.startswith(("postgresql://", "postgres://")):
+            raise ValueError("must start with postgresql:// (for example postgresql://user@host/db)")
+        return value
+
+    @field_validator("log_level")
+    @classmethod
+    def _level(cls, value: str) -> str:
+        upper = value.upper()
+        if upper not in {"DEBUG", "INFO", "WARNING", "ERROR"}:
+            raise ValueError("must be one of DEBUG, INFO, WARNING, ERROR")
+        return upper
+
+    @property
+    def pki_dir(self) -> Path:
+        """Where the CA, issued certificates and the registry live."""
+        return self.home / "pki"
+
+    @property
+    def pg_dir(self) -> Path:
+        """Where the embedded PostgreSQL cluster lives."""
+        return self.home / "pg"
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        sources: list[PydanticBaseSettingsSource] = [init_settings, env_settings]
+        toml_file = config_file()
+        if toml_file is not None:
+            sources.append(TomlConfigSettingsSource(settings_cls, toml_file=toml_file))
+        return tuple(sources)
+
+
+def config_file() -> Path | None:
+    """The TOML file in force: $FIELDLINE_CONFIG (must exist) or ./fieldline.toml if present."""
+    named = os.environ.get(CONFIG_ENV)
+    if named:
+        path = Path(named)
+        if not path.is_file():
+            raise SettingsError(f"{CONFIG_ENV}={named}: no such file; create it or unset the variable")
+        return path
+    default = Path(DEFAULT_CONFIG_FILE)
+    return default if default.is_file() else None
+
+
+def _key_name(loc: tuple[int | str, ...]) -> str:
+    dotted = ".".join(str(part) for part in loc)
+    env = "FIELDLINE_" + "__".join(str(part).upper() for part in loc)
+    return f"{dotted} ({env})"
+
+
+def load_settings(**overrides: Any) -> Settings:
+    """Build and validate the settings; a bad value raises SettingsError naming the key."""
+    try:
+        return Settings(**overrides)
+    except ValidationError as exc:
+        problems = []
+        for err in exc.errors():
+            if err["type"] == "extra_forbidden":
+                problems.append(f"{_key_name(err['loc'])}: unknown setting; check its spelling")
+            else:
+                problems.append(f"{_key_name(err['loc'])}: {err['msg']} (got {err.get('input')!r})")
+        raise SettingsError("invalid configuration:\n  " + "\n  ".join(problems)) from exc
+    except (OSError, ValueError) as exc:  # a TOML file that does not parse
+        raise SettingsError(f"cannot read the configuration file: {exc}") from exc
+
+
+@lru_cache(maxsize=1)
+def get_settings() -> Settings:
+    """The process-wide settings, loaded on first use."""
+    return load_settings()

@@ -1,0 +1,1 @@
+"""Subscribe, validate, enrich, batch and write telemetry to TimescaleDB; storage migrations."""

@@ -1,0 +1,1 @@
+"""Sensor models, devices and fleets (arrives with the simulator issue)."""
