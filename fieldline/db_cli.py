@@ -1,5 +1,202 @@
-"""`fieldline db ...`: the database: embedded cluster, migrations, tenants."""
+"""`fieldline db ...`: the embedded PostgreSQL + TimescaleDB cluster, migrations and tenants."""
 
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import Awaitable, Callable
+from typing import TypeVar
+
+import asyncpg
 import typer
+from rich.console import Console
+from rich.table import Table
 
-app = typer.Typer(help="The database: embedded PostgreSQL + TimescaleDB, migrations, tenants.", no_args_is_help=True)
+from fieldline.errors import ClusterError
+from fieldline.pgcluster import EmbeddedPostgres
+from fieldline.settings import Settings, get_settings
+from ingest_worker.database import connect, mask_dsn
+from ingest_worker.errors import StorageError
+from ingest_worker.migrate import (
+    MigrationReport,
+    add_tenant,
+    detect_capabilities,
+    list_tenants,
+    migrate_all,
+)
+
+app = typer.Typer(
+    help="The database: the embedded PostgreSQL + TimescaleDB cluster, migrations, tenants. "
+    "Set FIELDLINE_DATABASE_URL to use your own server instead of the embedded one.",
+    no_args_is_help=True,
+)
+tenants_app = typer.Typer(help="Tenants: one schema `tenant_<id>` each.", no_args_is_help=True)
+app.add_typer(tenants_app, name="tenants")
+
+console = Console()
+T = TypeVar("T")
+
+
+def cluster(settings: Settings | None = None) -> EmbeddedPostgres:
+    """The embedded cluster under FIELDLINE_HOME/pg as the settings describe it."""
+    s = settings or get_settings()
+    return EmbeddedPostgres(
+        s.pg_dir,
+        port=s.postgres.port,
+        bin_dir=s.postgres.bin_dir,
+        database=s.postgres.database,
+        user=s.postgres.user,
+    )
+
+
+def database_url(settings: Settings | None = None) -> str:
+    """FIELDLINE_DATABASE_URL if set, else the running embedded cluster's URL."""
+    s = settings or get_settings()
+    if s.database_url:
+        return s.database_url
+    pg = cluster(s)
+    if not pg.running():
+        raise ClusterError(
+            f"the embedded cluster in {pg.root} is not running: start it with "
+            "`fieldline db start`, or set FIELDLINE_DATABASE_URL"
+        )
+    return pg.dsn()
+
+
+def _with_connection(work: Callable[[asyncpg.Connection], Awaitable[T]]) -> T:
+    async def run() -> T:
+        conn = await connect(database_url())
+        try:
+            return await work(conn)
+        finally:
+            await conn.close()
+
+    return asyncio.run(run())
+
+
+def _print_report(report: MigrationReport) -> None:
+    caps = report.capabilities
+    if caps.timescaledb:
+        console.print(
+            f"TimescaleDB {caps.timescaledb} ({caps.license or 'unknown'} licence; "
+            f"retention by {caps.retention.value})"
+        )
+    for label in report.applied:
+        console.print(f"[green]applied[/green] {label}")
+    if not report.applied:
+        console.print(f"up to date ({len(report.skipped)} migrations already applied)")
+    for warning in report.warnings:
+        console.print(f"[yellow]warning:[/yellow] {warning}")
+
+
+@app.command()
+def start() -> None:
+    """Create (on first use) and start the embedded cluster under FIELDLINE_HOME/pg."""
+    pg = cluster()
+    asyncio.run(pg.start())
+    console.print(f"PostgreSQL running: {pg.dsn(with_password=False)}")
+    console.print("`fieldline db url --show-password` prints the full URL.")
+
+
+@app.command()
+def stop() -> None:
+    """Stop the embedded cluster (fast shutdown; data stays under FIELDLINE_HOME/pg)."""
+    pg = cluster()
+    if not pg.running():
+        console.print("the embedded cluster is not running")
+        return
+    asyncio.run(pg.stop())
+    console.print("PostgreSQL stopped")
+
+
+@app.command()
+def url(
+    show_password: bool = typer.Option(
+        False, "--show-password", help="Print the password too (it is hidden by default)."
+    ),
+) -> None:
+    """Print the URL the other commands connect to."""
+    dsn = database_url()
+    typer.echo(dsn if show_password else mask_dsn(dsn))
+
+
+@app.command()
+def status() -> None:
+    """Whether the database answers, its TimescaleDB version and licence, and its tenants."""
+
+    async def work(conn: asyncpg.Connection) -> None:
+        caps = await detect_capabilities(conn)
+        version = await conn.fetchval("SHOW server_version")
+        console.print(f"PostgreSQL {version} at {mask_dsn(database_url())}")
+        if caps.timescaledb:
+            console.print(
+                f"TimescaleDB {caps.timescaledb}, licence {caps.license}: "
+                f"retention by {caps.retention.value}"
+            )
+        else:
+            console.print("[yellow]TimescaleDB not available: plain tables[/yellow]")
+        try:
+            tenants = await list_tenants(conn)
+        except StorageError:  # an uninitialised database is a normal status
+            console.print("not initialised: run `fieldline db init`")
+            return
+        console.print(f"{len(tenants)} tenant(s): {', '.join(t.id for t in tenants) or '-'}")
+
+    _with_connection(work)
+
+
+@app.command()
+def init() -> None:
+    """Apply the migrations: the shared schema, then every known tenant. Safe to run twice."""
+    _print_report(_with_connection(migrate_all))
+
+
+@tenants_app.command("add")
+def tenants_add(
+    tenant: str = typer.Argument(..., help="Tenant id: 1-64 of a-z 0-9 _ -, starting alphanumeric."),
+    retention_days: int | None = typer.Option(
+        None, "--retention-days", min=1, help="Drop telemetry older than this many days."
+    ),
+    chunk_interval: str = typer.Option(
+        "1 day",
+        "--chunk-interval",
+        help="Hypertable chunk size, e.g. '6 hours'. One chunk plus its indexes should fit "
+        "in about a quarter of the server's memory.",
+    ),
+) -> None:
+    """Create a tenant's schema `tenant_<id>` (devices, metrics, values, events, commands)."""
+    report = _with_connection(
+        lambda conn: add_tenant(
+            conn, tenant, retention_days=retention_days, chunk_interval=chunk_interval
+        )
+    )
+    _print_report(report)
+    console.print(f"tenant [bold]{tenant}[/bold] ready in schema tenant_{tenant}")
+
+
+@tenants_app.command("list")
+def tenants_list(
+    as_json: bool = typer.Option(False, "--json", help="Print JSON instead of a table."),
+) -> None:
+    """The tenants, their schemas and retention."""
+    tenants = _with_connection(list_tenants)
+    if as_json:
+        typer.echo(
+            json.dumps(
+                [
+                    {
+                        "id": t.id,
+                        "schema": t.schema_name,
+                        "retention_days": t.retention_days,
+                        "created_at": t.created_at.isoformat(),
+                    }
+                    for t in tenants
+                ],
+                indent=2,
+            )
+        )
+        return
+    table = Table("tenant", "schema", "retention (days)", "created")
+    for t in tenants:
+        table.add_row(t.id, t.schema_name, str(t.retention_days or "-"), f"{t.created_at:%Y-%m-%d %H:%M}")
+    console.print(table)

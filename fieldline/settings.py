@@ -7,7 +7,7 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
-from pydantic import BaseModel, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 from pydantic_settings import (
     BaseSettings,
     PydanticBaseSettingsSource,
@@ -21,7 +21,12 @@ CONFIG_ENV = "FIELDLINE_CONFIG"
 DEFAULT_CONFIG_FILE = "fieldline.toml"
 
 
-class BrokerSettings(BaseModel):
+class _Section(BaseModel):
+    # a misspelt key must be an error, not silently ignored
+    model_config = ConfigDict(extra="forbid")
+
+
+class BrokerSettings(_Section):
     """Where clients find the broker, and how the embedded one listens."""
 
     host: str = "127.0.0.1"
@@ -30,7 +35,7 @@ class BrokerSettings(BaseModel):
     keepalive_s: int = Field(default=30, ge=5, le=3600)
 
 
-class PostgresSettings(BaseModel):
+class PostgresSettings(_Section):
     """The embedded PostgreSQL cluster under FIELDLINE_HOME/pg (unless database_url is set)."""
 
     port: int = Field(default=0, ge=0, le=65535, description="0 picks a free loopback port")

@@ -1,0 +1,5 @@
+"""`python -m fieldline` runs the CLI."""
+
+from fieldline.cli import main
+
+main()
