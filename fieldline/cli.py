@@ -18,7 +18,8 @@ from schemas.errors import SchemaError
 
 app = typer.Typer(
     name="fieldline",
-    help="Industrial telemetry from field devices to TimescaleDB over secure MQTT, and commands back.",
+    help="Industrial telemetry from field devices to TimescaleDB over secure MQTT, "
+    "and commands back.",
     no_args_is_help=True,
     pretty_exceptions_enable=False,
 )
@@ -39,23 +40,9 @@ def _root(
 
 
 def main() -> None:
-    """Entry point: known errors become one red line and exit code 2, not a traceback."""
+    """Entry point: our own errors become one red line and exit code 2, not a traceback."""
     try:
-        code = app(standalone_mode=False)
+        app()
     except _KNOWN_ERRORS as exc:
-        Console(stderr=True).print(f"[red]error:[/red] {exc}", highlight=False)
+        Console(stderr=True).print(f"[red]error:[/red] {exc}", highlight=False, soft_wrap=True)
         sys.exit(2)
-    except typer.Abort:
-        Console(stderr=True).print("aborted")
-        sys.exit(130)
-    except Exception as exc:
-        # click's own usage errors arrive here in non-standalone mode
-        import click
-
-        if isinstance(exc, click.ClickException):
-            exc.show()
-            sys.exit(exc.exit_code)
-        raise
-    # non-standalone click returns the code of typer.Exit instead of exiting
-    if isinstance(code, int) and code != 0:
-        sys.exit(code)

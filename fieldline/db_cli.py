@@ -153,7 +153,9 @@ def init() -> None:
 
 @tenants_app.command("add")
 def tenants_add(
-    tenant: str = typer.Argument(..., help="Tenant id: 1-64 of a-z 0-9 _ -, starting alphanumeric."),
+    tenant: str = typer.Argument(
+        ..., help="Tenant id: 1-64 of a-z 0-9 _ -, starting alphanumeric."
+    ),
     retention_days: int | None = typer.Option(
         None, "--retention-days", min=1, help="Drop telemetry older than this many days."
     ),
@@ -198,5 +200,7 @@ def tenants_list(
         return
     table = Table("tenant", "schema", "retention (days)", "created")
     for t in tenants:
-        table.add_row(t.id, t.schema_name, str(t.retention_days or "-"), f"{t.created_at:%Y-%m-%d %H:%M}")
+        table.add_row(
+            t.id, t.schema_name, str(t.retention_days or "-"), f"{t.created_at:%Y-%m-%d %H:%M}"
+        )
     console.print(table)

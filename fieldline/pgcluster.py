@@ -1,4 +1,4 @@
-"""An embedded PostgreSQL (+ TimescaleDB) cluster under FIELDLINE_HOME/pg, for the local stack and tests."""
+"""An embedded PostgreSQL + TimescaleDB cluster under FIELDLINE_HOME/pg (local stack, tests)."""
 
 from __future__ import annotations
 
@@ -74,7 +74,9 @@ def timescaledb_installed(bin_dir: Path) -> bool:
         if found is None:
             return False
         pg_config = Path(found)
-    out = subprocess.run([str(pg_config), "--sharedir"], capture_output=True, text=True, check=False)
+    out = subprocess.run(
+        [str(pg_config), "--sharedir"], capture_output=True, text=True, check=False
+    )
     if out.returncode != 0:
         return False
     return (Path(out.stdout.strip()) / "extension" / "timescaledb.control").is_file()
@@ -270,11 +272,15 @@ class EmbeddedPostgres:
                 bin_dir,
             )
         if not self._durable:
-            settings.update({"fsync": "off", "synchronous_commit": "off", "full_page_writes": "off"})
+            settings.update(
+                {"fsync": "off", "synchronous_commit": "off", "full_page_writes": "off"}
+            )
         settings.update(self._extra)
         text = "".join(f"{key} = {value}\n" for key, value in settings.items())
         conf = self.data_dir / "fieldline.conf"
-        conf.write_text("# written by fieldline at every start; edit settings, not this file\n" + text)
+        conf.write_text(
+            "# written by fieldline at every start; edit settings, not this file\n" + text
+        )
         self._give(conf)
 
     def _choose_port(self) -> int:
@@ -339,7 +345,9 @@ class EmbeddedPostgres:
         except (OSError, asyncpg.PostgresError) as exc:
             raise ClusterError(f"cannot connect to the embedded cluster: {exc}") from exc
         try:
-            exists = await conn.fetchval("SELECT 1 FROM pg_database WHERE datname = $1", self.database)
+            exists = await conn.fetchval(
+                "SELECT 1 FROM pg_database WHERE datname = $1", self.database
+            )
             if not exists:
                 name = self.database.replace('"', '""')
                 await conn.execute(f'CREATE DATABASE "{name}"')
@@ -386,9 +394,7 @@ class EmbeddedPostgres:
     def _run(self, argv: list[str], *, check: bool = True) -> subprocess.CompletedProcess[str]:
         if argv[0] == "pg_ctl":
             argv = [str(self.bin_dir / "pg_ctl"), *argv[1:]]
-        kwargs: dict[str, object] = {}
-        if self._run_as is not None:
-            kwargs = {"user": self._run_as.uid, "group": self._run_as.gid, "extra_groups": []}
+        run_as = self._run_as
         env = {k: v for k, v in os.environ.items() if not k.startswith("PG")}
         env["LC_ALL"] = "C"
         try:
@@ -399,10 +405,14 @@ class EmbeddedPostgres:
                 check=False,
                 env=env,
                 cwd=self.root if self.root.exists() else None,
-                **kwargs,  # type: ignore[arg-type]
+                user=run_as.uid if run_as else None,
+                group=run_as.gid if run_as else None,
+                extra_groups=[] if run_as else None,
             )
         except OSError as exc:
             raise ClusterError(f"cannot run {argv[0]}: {exc}") from exc
         if check and proc.returncode != 0:
-            raise ClusterError(f"{Path(argv[0]).name} failed: {proc.stderr.strip() or proc.stdout.strip()}")
+            raise ClusterError(
+                f"{Path(argv[0]).name} failed: {proc.stderr.strip() or proc.stdout.strip()}"
+            )
         return proc

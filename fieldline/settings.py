@@ -66,7 +66,9 @@ class Settings(BaseSettings):
     @classmethod
     def _dsn_scheme(cls, value: str | None) -> str | None:
         if value is not None and not value.startswith(("postgresql://", "postgres://")):
-            raise ValueError("must start with postgresql:// (for example postgresql://user@host/db)")
+            raise ValueError(
+                "must start with postgresql:// (for example postgresql://user@host/db)"
+            )
         return value
 
     @field_validator("log_level")
@@ -109,7 +111,9 @@ def config_file() -> Path | None:
     if named:
         path = Path(named)
         if not path.is_file():
-            raise SettingsError(f"{CONFIG_ENV}={named}: no such file; create it or unset the variable")
+            raise SettingsError(
+                f"{CONFIG_ENV}={named}: no such file; create it or unset the variable"
+            )
         return path
     default = Path(DEFAULT_CONFIG_FILE)
     return default if default.is_file() else None

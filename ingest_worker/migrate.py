@@ -1,4 +1,4 @@
-"""SQL migrations for the shared `fieldline` schema and the per-tenant schemas; safe to run twice."""
+"""SQL migrations of the shared `fieldline` schema and the tenant schemas; safe to run twice."""
 
 from __future__ import annotations
 
@@ -12,10 +12,10 @@ from importlib import resources
 from typing import Any
 
 import asyncpg
+from schemas.topics import validate_id
 
 from ingest_worker.errors import StorageError
 from schemas.errors import SchemaError
-from schemas.topics import validate_id
 
 log = logging.getLogger(__name__)
 
@@ -152,7 +152,9 @@ async def detect_capabilities(conn: asyncpg.Connection) -> Capabilities:
     except asyncpg.InsufficientPrivilegeError as exc:
         log.warning("cannot create the timescaledb extension: %s", exc)
         return Capabilities(None, None)
-    version = await conn.fetchval("SELECT extversion FROM pg_extension WHERE extname = 'timescaledb'")
+    version = await conn.fetchval(
+        "SELECT extversion FROM pg_extension WHERE extname = 'timescaledb'"
+    )
     license_ = await conn.fetchval("SELECT current_setting('timescaledb.license', true)")
     return Capabilities(str(version), str(license_) if license_ else None)
 
@@ -287,7 +289,12 @@ async def _migrate_tenant(
                 retention_days,
             )
         await _apply(
-            conn, f"tenant:{tenant}", load_migrations(Scope.TENANT), report.capabilities, report, params
+            conn,
+            f"tenant:{tenant}",
+            load_migrations(Scope.TENANT),
+            report.capabilities,
+            report,
+            params,
         )
         if warning := await _grant_reader(conn, tenant, schema):
             report.warnings.append(warning)
@@ -305,7 +312,9 @@ async def _grant_reader(conn: asyncpg.Connection, tenant: str, schema: str) -> s
     qschema = quote_ident(schema)
     try:
         async with conn.transaction():
-            exists = await conn.fetchval("SELECT 1 FROM pg_roles WHERE rolname = $1", reader_role(tenant))
+            exists = await conn.fetchval(
+                "SELECT 1 FROM pg_roles WHERE rolname = $1", reader_role(tenant)
+            )
             if not exists:
                 await conn.execute(f"CREATE ROLE {role} NOLOGIN")
             await conn.execute(f"REVOKE ALL ON SCHEMA {qschema} FROM PUBLIC")
@@ -332,8 +341,11 @@ async def list_tenants(conn: asyncpg.Connection) -> list[Tenant]:
     """Every tenant recorded in `fieldline.tenants`."""
     try:
         rows: list[Any] = await conn.fetch(
-            f"SELECT id, schema_name, retention_days, created_at FROM {SHARED_SCHEMA}.tenants ORDER BY id"
+            "SELECT id, schema_name, retention_days, created_at "
+            f"FROM {SHARED_SCHEMA}.tenants ORDER BY id"
         )
     except asyncpg.UndefinedTableError as exc:
-        raise StorageError("the database is not initialised: run `fieldline db init` first") from exc
+        raise StorageError(
+            "the database is not initialised: run `fieldline db init` first"
+        ) from exc
     return [Tenant(r["id"], r["schema_name"], r["retention_days"], r["created_at"]) for r in rows]

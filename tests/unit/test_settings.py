@@ -54,7 +54,9 @@ def test_toml_file_is_read_and_environment_wins(
 
 def test_named_config_file_must_exist(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("FIELDLINE_CONFIG", "/nowhere/fieldline.toml")
-    with pytest.raises(SettingsError, match="FIELDLINE_CONFIG=/nowhere/fieldline.toml: no such file"):
+    with pytest.raises(
+        SettingsError, match=r"FIELDLINE_CONFIG=/nowhere/fieldline\.toml: no such file"
+    ):
         load_settings()
 
 
