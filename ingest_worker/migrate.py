@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import logging
 import re
@@ -148,6 +149,8 @@ async def detect_capabilities(conn: asyncpg.Connection) -> Capabilities:
         return Capabilities(None, None)
     try:
         async with conn.transaction():
+            # IF NOT EXISTS still races with a concurrent migrator: serialise on our lock
+            await conn.execute("SELECT pg_advisory_xact_lock($1)", _LOCK_KEY)
             await conn.execute("CREATE EXTENSION IF NOT EXISTS timescaledb")
     except asyncpg.InsufficientPrivilegeError as exc:
         log.warning("cannot create the timescaledb extension: %s", exc)
@@ -160,6 +163,12 @@ async def detect_capabilities(conn: asyncpg.Connection) -> Capabilities:
 
 
 async def _bootstrap(conn: asyncpg.Connection) -> None:
+    async with conn.transaction():
+        await conn.execute("SELECT pg_advisory_xact_lock($1)", _LOCK_KEY)
+        await _create_bookkeeping(conn)
+
+
+async def _create_bookkeeping(conn: asyncpg.Connection) -> None:
     await conn.execute(f"CREATE SCHEMA IF NOT EXISTS {SHARED_SCHEMA}")
     await conn.execute(
         f"""
@@ -312,11 +321,18 @@ async def _grant_reader(conn: asyncpg.Connection, tenant: str, schema: str) -> s
     qschema = quote_ident(schema)
     try:
         async with conn.transaction():
+            await conn.execute("SELECT pg_advisory_xact_lock($1)", _LOCK_KEY)
             exists = await conn.fetchval(
                 "SELECT 1 FROM pg_roles WHERE rolname = $1", reader_role(tenant)
             )
             if not exists:
-                await conn.execute(f"CREATE ROLE {role} NOLOGIN")
+                # roles are cluster-wide but our lock is per database: a migrator of another
+                # database may create the same role at the same moment
+                with contextlib.suppress(
+                    asyncpg.DuplicateObjectError, asyncpg.UniqueViolationError
+                ):
+                    async with conn.transaction():
+                        await conn.execute(f"CREATE ROLE {role} NOLOGIN")
             await conn.execute(f"REVOKE ALL ON SCHEMA {qschema} FROM PUBLIC")
             await conn.execute(f"GRANT USAGE ON SCHEMA {qschema} TO {role}")
             await conn.execute(f"GRANT SELECT ON ALL TABLES IN SCHEMA {qschema} TO {role}")
