@@ -23,6 +23,7 @@ from ingest_worker.migrate import (
     detect_capabilities,
     list_tenants,
     migrate_all,
+    tenant_schema,
 )
 
 app = typer.Typer(
@@ -173,7 +174,7 @@ def tenants_add(
         )
     )
     _print_report(report)
-    console.print(f"tenant [bold]{tenant}[/bold] ready in schema tenant_{tenant}")
+    console.print(f"tenant [bold]{tenant}[/bold] ready in schema {tenant_schema(tenant)}")
 
 
 @tenants_app.command("list")

@@ -117,13 +117,22 @@ def load_migrations(scope: Scope) -> list[Migration]:
     return found
 
 
+# PostgreSQL truncates identifiers to 63 bytes; a schema name must leave room for "_reader"
+_MAX_SCHEMA_NAME = 63 - len("_reader")
+
+
 def tenant_schema(tenant: str) -> str:
-    """The schema name of a tenant: `tenant_<id>` (the id is validated first)."""
+    """The schema name of a tenant: `tenant_<id>`, shortened with a hash for very long ids."""
     try:
         validate_id(tenant, "tenant id")
     except SchemaError as exc:
         raise StorageError(str(exc)) from exc
-    return f"tenant_{tenant}"
+    name = f"tenant_{tenant}"
+    if len(name) <= _MAX_SCHEMA_NAME:
+        return name
+    # truncation alone would let two long ids share a schema: keep a digest of the whole id
+    digest = hashlib.sha256(tenant.encode()).hexdigest()[:8]
+    return f"tenant_{tenant[: _MAX_SCHEMA_NAME - len('tenant_') - 9]}_{digest}"
 
 
 def quote_ident(name: str) -> str:

@@ -47,6 +47,14 @@ def test_mask_dsn(dsn: str, masked: str) -> None:
     assert mask_dsn(dsn) == masked
 
 
+def test_long_tenant_ids_get_distinct_schema_names_that_fit() -> None:
+    a, b = "a" * 60 + "xxxx", "a" * 60 + "yyyy"
+    names = {tenant_schema(a), tenant_schema(b)}
+    assert len(names) == 2
+    assert all(len(n) + len("_reader") <= 63 for n in names)
+    assert tenant_schema("x" * 49) == "tenant_" + "x" * 49
+
+
 def test_tenant_schema_and_quoting() -> None:
     assert tenant_schema("acme-eu") == "tenant_acme-eu"
     assert quote_ident('we"ird') == '"we""ird"'
