@@ -1,1 +1,1 @@
-"""The embedded amqtt broker with certificate identity and per-device ACLs (arrives with the broker issue)."""
+"""The embedded amqtt broker with certificate identity and per-device ACLs; Mosquitto rendering."""

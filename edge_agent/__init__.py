@@ -1,1 +1,1 @@
-"""The gateway runtime: modules, routes, windowed rules and a durable outbox (arrives with the edge issue)."""
+"""The gateway runtime: modules, routes, windowed rules and a durable outbox (edge issue)."""

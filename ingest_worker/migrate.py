@@ -13,10 +13,10 @@ from importlib import resources
 from typing import Any
 
 import asyncpg
-from schemas.topics import validate_id
 
 from ingest_worker.errors import StorageError
 from schemas.errors import SchemaError
+from schemas.topics import validate_id
 
 log = logging.getLogger(__name__)
 
