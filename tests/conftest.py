@@ -1,5 +1,16 @@
 """Shared fixtures: each starts a real server on a free loopback port and always stops it."""
 
+from tests.fixtures.amqtt import plain_amqtt
+from tests.fixtures.mosquitto import mosquitto, mosquitto_factory
+from tests.fixtures.pki import test_pki
 from tests.fixtures.postgres import pg_dsn, pg_server, timescale_dsn
 
-__all__ = ["pg_dsn", "pg_server", "timescale_dsn"]
+__all__ = [
+    "mosquitto",
+    "mosquitto_factory",
+    "pg_dsn",
+    "pg_server",
+    "plain_amqtt",
+    "test_pki",
+    "timescale_dsn",
+]
