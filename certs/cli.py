@@ -100,7 +100,8 @@ def issue(
     )
     console.print(
         f"issued {role.value} [bold]{identity_id}[/bold] of tenant {tenant}, "
-        f"serial {bundle.serial:x}, valid until {bundle.not_after:%Y-%m-%d}"
+        f"serial {bundle.serial:x}, valid until {bundle.not_after:%Y-%m-%d}",
+        soft_wrap=True,
     )
     _print_bundle(bundle.directory)
     if force:
