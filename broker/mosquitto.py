@@ -1,28 +1,44 @@
-"""Render a production Mosquitto config and ACL file from the embedded broker's own policy."""
+"""Render a production Mosquitto config and ACL file from the embedded broker's own policy.
+
+`write_mosquitto_files` writes into one directory everything Mosquitto reads: the config,
+an ACL file with an explicit block per issued principal, and copies of the CA, the server
+certificate and key, and the CRL (the PKI itself is 0700 and stays private). After
+`fieldline certs issue` or `revoke`, render again and send SIGHUP: Mosquitto re-reads the
+ACL file and the CRL.
+"""
 
 from __future__ import annotations
 
 import os
+import pwd
 from collections.abc import Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
+from broker.errors import BrokerError
 from broker.policy import Policy, Principal
-from certs import Pki, Role
+from certs import CertsError, Pki, Role
 
-# Sized for at-least-once ingest (DESIGN.md, Delivery): the worker holds PUBACKs until its
-# batch commits, so the broker must queue at least (workers x batch) messages per session
-# and keep sessions of stopped workers; past max_queued_messages Mosquitto drops QoS 1.
+# Sized for at-least-once ingest (DESIGN.md, Delivery): a worker holds PUBACKs until its batch
+# commits, so the broker keeps up to max_inflight_messages unacknowledged per session and
+# queues behind them; past max_queued_messages Mosquitto drops QoS 1 messages. A worker's
+# batch size must stay below max_inflight_messages (and its Receive Maximum, MQTT 5), and the
+# queue must hold what arrives while a worker is down for as long as you want to survive.
 DEFAULT_MAX_INFLIGHT = 1000
 DEFAULT_MAX_QUEUED = 200_000
 DEFAULT_MAX_QUEUED_BYTES = 256 * 1024 * 1024
 DEFAULT_SESSION_EXPIRY = "7d"
+DEFAULT_MAX_PACKET = 2 * 1024 * 1024  # as the embedded broker's max_packet_bytes
 
 
 @dataclass(frozen=True)
 class MosquittoFiles:
     config: Path
     acl: Path
+    ca: Path
+    cert: Path
+    key: Path
+    crl: Path
 
 
 @dataclass(frozen=True)
@@ -35,12 +51,16 @@ class MosquittoOptions:
     max_inflight_messages: int = DEFAULT_MAX_INFLIGHT
     max_queued_messages: int = DEFAULT_MAX_QUEUED
     max_queued_bytes: int = DEFAULT_MAX_QUEUED_BYTES
+    max_packet_size: int = DEFAULT_MAX_PACKET
+    max_connections: int = -1
     persistent_client_expiration: str = DEFAULT_SESSION_EXPIRY
+    run_as: str | None = None  # the account mosquitto drops to when started as root
     log_dest: str = "stderr"
+    extra: tuple[str, ...] = field(default=())
 
 
 def principals_from_registry(pki: Pki) -> list[Principal]:
-    """Every principal with a certificate that is still valid and not revoked."""
+    """Every client principal with a certificate that is not revoked."""
     seen: dict[str, Principal] = {}
     for record in pki.records():
         if record.revoked_at is not None or record.role is Role.SERVER:
@@ -50,7 +70,7 @@ def principals_from_registry(pki: Pki) -> list[Principal]:
 
 
 def render_acl(principals: Iterable[Principal], policy: Policy | None = None) -> str:
-    """Explicit `user` blocks, one per principal: no patterns, so nothing hinges on %c."""
+    """Explicit `user` blocks, one per principal: no patterns, so nothing hinges on %c or %u."""
     policy = policy or Policy()
     lines = [
         "# fieldline ACL, rendered by `fieldline broker mosquitto-config`; do not edit.",
@@ -73,15 +93,9 @@ def render_acl(principals: Iterable[Principal], policy: Policy | None = None) ->
     return "\n".join(lines)
 
 
-def render_config(
-    pki: Pki,
-    server_bundle_name: str,
-    acl_file: Path,
-    options: MosquittoOptions | None = None,
-) -> str:
+def render_config(files: MosquittoFiles, options: MosquittoOptions | None = None) -> str:
     """mosquitto.conf: one mTLS listener, certificate identity, CRL, queues sized for ingest."""
     opts = options or MosquittoOptions()
-    server = pki.bundle(server_bundle_name)
     persistence = (
         [
             "persistence true",
@@ -93,16 +107,18 @@ def render_config(
     )
     lines = [
         "# fieldline broker, rendered by `fieldline broker mosquitto-config`; do not edit.",
+        *([f"user {opts.run_as}"] if opts.run_as else []),
         "per_listener_settings false",
         "allow_anonymous false",
-        f"acl_file {acl_file}",
+        f"acl_file {files.acl}",
         "",
         f"listener {opts.port} {opts.bind}",
         "protocol mqtt",
-        f"cafile {pki.ca_cert_path}",
-        f"certfile {server.cert}",
-        f"keyfile {server.key}",
-        f"crlfile {pki.crl_path}",
+        f"max_connections {opts.max_connections}",
+        f"cafile {files.ca}",
+        f"certfile {files.cert}",
+        f"keyfile {files.key}",
+        f"crlfile {files.crl}",
         "tls_version tlsv1.2",
         "require_certificate true",
         # the certificate's CN is the username and, bound to it, the client id
@@ -114,6 +130,7 @@ def render_config(
         f"max_inflight_messages {opts.max_inflight_messages}",
         f"max_queued_messages {opts.max_queued_messages}",
         f"max_queued_bytes {opts.max_queued_bytes}",
+        f"max_packet_size {opts.max_packet_size}",
         "retain_available true",
         "",
         f"log_dest {opts.log_dest}",
@@ -121,6 +138,7 @@ def render_config(
         "log_type warning",
         "log_type notice",
         "connection_messages true",
+        *opts.extra,
         "",
     ]
     return "\n".join(lines)
@@ -134,16 +152,69 @@ def write_mosquitto_files(
     options: MosquittoOptions | None = None,
     policy: Policy | None = None,
 ) -> MosquittoFiles:
-    """Write mosquitto.conf and fieldline.acl into out_dir (atomically, readable by mosquitto)."""
-    out_dir.mkdir(parents=True, exist_ok=True)
-    acl = out_dir / "fieldline.acl"
-    conf = out_dir / "mosquitto.conf"
-    _atomic_write(acl, render_acl(principals_from_registry(pki), policy))
-    _atomic_write(conf, render_config(pki, server_bundle_name, acl.absolute(), options))
-    return MosquittoFiles(conf, acl)
+    """Write the config, the ACL and the TLS files into out_dir, readable by `run_as` only."""
+    opts = options or MosquittoOptions()
+    try:
+        server = pki.bundle(server_bundle_name)
+        principals = principals_from_registry(pki)
+    except CertsError as exc:
+        raise BrokerError(
+            f"{exc}; Mosquitto needs the CA and a server certificate: `fieldline certs init-ca`, "
+            f"then `fieldline certs server {server_bundle_name} --host ... --ip ...`"
+        ) from exc
+    owner = _account(opts.run_as)
+    out_dir = out_dir.absolute()
+    tls_dir = out_dir / "certs"
+    tls_dir.mkdir(parents=True, exist_ok=True)
+    os.chmod(tls_dir, 0o700)
+    files = MosquittoFiles(
+        config=out_dir / "mosquitto.conf",
+        acl=out_dir / "fieldline.acl",
+        ca=tls_dir / "ca.pem",
+        cert=tls_dir / "server.pem",
+        key=tls_dir / "server.key",
+        crl=tls_dir / "crl.pem",
+    )
+    _copy(pki.ca_cert_path, files.ca, 0o644, owner)
+    _copy(server.cert, files.cert, 0o644, owner)
+    _copy(server.key, files.key, 0o600, owner)
+    _copy(pki.crl_path, files.crl, 0o644, owner)
+    _atomic_write(files.acl, render_acl(principals, policy), 0o640, owner)
+    _atomic_write(files.config, render_config(files, opts), 0o640, owner)
+    if owner is not None:
+        os.chown(tls_dir, owner[0], owner[1])
+    return files
 
 
-def _atomic_write(path: Path, text: str) -> None:
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
+def _account(name: str | None) -> tuple[int, int] | None:
+    if name is None:
+        return None
+    try:
+        entry = pwd.getpwnam(name)
+    except KeyError as exc:
+        raise BrokerError(f"--run-as {name}: no such account on this machine") from exc
+    if os.geteuid() != 0 and entry.pw_uid != os.geteuid():
+        raise BrokerError(f"--run-as {name}: only root can hand files to another account")
+    return entry.pw_uid, entry.pw_gid
+
+
+def _copy(source: Path, target: Path, mode: int, owner: tuple[int, int] | None) -> None:
+    _write(target, source.read_bytes(), mode, owner)
+
+
+def _atomic_write(path: Path, text: str, mode: int, owner: tuple[int, int] | None) -> None:
+    _write(path, text.encode(), mode, owner)
+
+
+def _write(target: Path, data: bytes, mode: int, owner: tuple[int, int] | None) -> None:
+    # created with its final mode and owner before the rename: a key copy is never readable
+    # by anyone it should not be, and mosquitto never reads a half-written file
+    tmp = target.with_name(target.name + ".tmp")
+    tmp.unlink(missing_ok=True)
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode)
+    with os.fdopen(fd, "wb") as handle:
+        handle.write(data)
+    os.chmod(tmp, mode)
+    if owner is not None:
+        os.chown(tmp, owner[0], owner[1])
+    os.replace(tmp, target)

@@ -37,8 +37,11 @@ class Principal:
 
 @dataclass(frozen=True, slots=True)
 class Decision:
+    """Allow or deny, with a short `rule` for metrics and a sentence for logs."""
+
     allowed: bool
     reason: str
+    rule: str = "granted"
 
     def __bool__(self) -> bool:
         return self.allowed
@@ -112,21 +115,21 @@ class Policy:
         if action is Action.SUBSCRIBE:
             return self._subscribe(principal, grants, topic)
         if not topic or "+" in topic or "#" in topic:
-            return Decision(False, "a topic name may not be empty or hold wildcards")
+            return Decision(False, "a topic name may not be empty or hold wildcards", "malformed")
         if action is Action.RECEIVE:
             if any(filter_matches(f, topic) for f in grants.subscribe):
                 return Decision(True, "receive granted")
-            return Decision(False, f"{principal} may not receive {topic}")
+            return Decision(False, f"{principal} may not receive {topic}", "not-granted")
         if action is Action.WILL:
             own_status = principal.role is Role.DEVICE and topic == (
                 f"fl/{principal.tenant}/{principal.id}/status"
             )
             if not own_status and principal.role is not Role.ADMIN:
-                return Decision(False, "a Will must be the client's own status topic")
+                return Decision(False, "a Will must be the client's own status topic", "will")
         if not any(filter_matches(f, topic) for f in grants.publish):
-            return Decision(False, f"{principal} may not publish to {topic}")
+            return Decision(False, f"{principal} may not publish to {topic}", "not-granted")
         if retain and not any(filter_matches(f, topic) for f in grants.retain):
-            return Decision(False, "retain is allowed on the device's status topic only")
+            return Decision(False, "retain is allowed on the device's status topic only", "retain")
         return Decision(True, f"{action.value} granted")
 
     @staticmethod
@@ -134,16 +137,18 @@ class Policy:
         inner = topic_filter
         if inner.startswith(SHARE_PREFIX):
             if not grants.shared_subscriptions:
-                return Decision(False, f"{principal} may not use shared subscriptions")
+                return Decision(False, f"{principal} may not use shared subscriptions", "shared")
             parts = inner.split("/", 2)
             if len(parts) != 3 or not parts[1] or "+" in parts[1] or "#" in parts[1]:
-                return Decision(False, "a shared subscription is $share/<group>/<filter>")
+                return Decision(
+                    False, "a shared subscription is $share/<group>/<filter>", "malformed"
+                )
             inner = parts[2]
         try:
             validate_filter(inner)
         except ValueError as exc:
-            return Decision(False, f"malformed filter: {exc}")
+            return Decision(False, f"malformed filter: {exc}", "malformed")
         # contained, not merely overlapping: `a/+` granted does not grant `a/#`
         if any(filter_contains(allowed, inner) for allowed in grants.subscribe):
             return Decision(True, "subscribe granted")
-        return Decision(False, f"{principal} may not subscribe to {topic_filter}")
+        return Decision(False, f"{principal} may not subscribe to {topic_filter}", "not-granted")

@@ -7,6 +7,8 @@ import sys
 import typer
 from rich.console import Console
 
+from broker.cli import app as broker_app
+from broker.errors import BrokerError
 from certs.cli import app as certs_app
 from certs.errors import CertsError
 from fieldline import __version__
@@ -24,10 +26,11 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
 )
 app.add_typer(certs_app, name="certs")
+app.add_typer(broker_app, name="broker")
 app.add_typer(schemas_app, name="schemas")
 app.add_typer(db_app, name="db")
 
-_KNOWN_ERRORS = (FieldlineError, CertsError, SchemaError, StorageError)
+_KNOWN_ERRORS = (FieldlineError, CertsError, SchemaError, StorageError, BrokerError)
 
 
 @app.callback(invoke_without_command=True)

@@ -27,12 +27,22 @@ class _Section(BaseModel):
 
 
 class BrokerSettings(_Section):
-    """Where clients find the broker, and how the embedded one listens."""
+    """Where clients find the broker, and how the embedded one listens (always mutual TLS)."""
 
-    host: str = "127.0.0.1"
-    port: int = Field(default=8883, ge=1, le=65535)
-    tls: bool = True
-    keepalive_s: int = Field(default=30, ge=5, le=3600)
+    host: str = Field(default="127.0.0.1", description="the name clients connect to")
+    port: int = Field(default=8883, ge=0, le=65535, description="0 picks a free port")
+    keepalive_s: int = Field(default=30, ge=5, le=3600, description="clients' MQTT keepalive")
+    bind: str = Field(default="127.0.0.1", description="the embedded broker's listen address")
+    server_cert: str = Field(default="broker", description="name of the `certs server` bundle")
+    max_connections: int = Field(default=20_000, ge=1)
+    connect_timeout_s: float = Field(default=10.0, gt=0, description="TLS handshake + CONNECT")
+    max_packet_bytes: int = Field(default=2 * 1024 * 1024, ge=1024)
+    max_inflight: int = Field(default=100, ge=1, le=65535, description="per client, QoS 1/2")
+    max_queued: int = Field(default=10_000, ge=0, description="per session, beyond in flight")
+    session_expiry_s: int = Field(default=7 * 24 * 3600, ge=0, description="offline sessions")
+    crl_refresh_s: float = Field(default=5.0, gt=0, description="how often the CRL is re-read")
+    metrics_port: int = Field(default=9883, ge=0, le=65535, description="0 turns it off")
+    metrics_bind: str = "127.0.0.1"
 
 
 class PostgresSettings(_Section):

@@ -24,7 +24,7 @@ def test_defaults() -> None:
     assert s.pki_dir == Path(".fieldline/pki")
     assert s.pg_dir == Path(".fieldline/pg")
     assert s.broker.port == 8883
-    assert s.broker.tls is True
+    assert s.broker.bind == "127.0.0.1"
     assert s.database_url is None
 
 

@@ -1,0 +1,120 @@
+"""`fieldline broker ...`: run the embedded broker, or render Mosquitto's config for production."""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+
+import typer
+from rich.console import Console
+
+from broker.mosquitto import (
+    DEFAULT_MAX_INFLIGHT,
+    DEFAULT_MAX_QUEUED,
+    MosquittoOptions,
+    principals_from_registry,
+    write_mosquitto_files,
+)
+from broker.service import BrokerService, options_from_settings, serve
+from certs import Pki
+from fieldline.logs import configure_logging
+from fieldline.settings import get_settings
+
+app = typer.Typer(
+    help="The MQTT broker. Every client logs in with its fieldline certificate (CN = client "
+    "id) and may touch only the topics DESIGN.md's ACL matrix gives its role. `run` serves the "
+    "embedded broker (amqtt, hardened); `mosquitto-config` renders the same policy for "
+    "Mosquitto, the production broker.",
+    no_args_is_help=True,
+)
+console = Console()
+
+
+@app.command()
+def run(
+    bind: str | None = typer.Option(
+        None, "--bind", help="Listen address [default: broker.bind, 127.0.0.1]."
+    ),
+    port: int | None = typer.Option(
+        None, "--port", min=0, max=65535, help="TLS port [default: broker.port, 8883]."
+    ),
+    metrics_port: int | None = typer.Option(
+        None,
+        "--metrics-port",
+        min=0,
+        max=65535,
+        help="Prometheus /metrics port, 0 for none [default: broker.metrics_port, 9883].",
+    ),
+) -> None:
+    """Serve the embedded broker with mutual TLS until SIGTERM or Ctrl-C.
+
+    The CA, the server certificate (`broker.server_cert`, default `broker`) and the CRL come
+    from FIELDLINE_HOME/pki. A rewritten CRL is picked up without a restart
+    (`broker.crl_refresh_s`): revoked clients are disconnected and refused from then on.
+    """
+    settings = get_settings()
+    configure_logging(settings.log_level)
+    overrides = {
+        key: value
+        for key, value in (("bind", bind), ("port", port), ("metrics_port", metrics_port))
+        if value is not None
+    }
+    b = settings.broker.model_copy(update=overrides)
+    options = options_from_settings(settings.model_copy(update={"broker": b}))
+    asyncio.run(serve(BrokerService(options, b.metrics_port, b.metrics_bind)))
+
+
+@app.command("mosquitto-config")
+def mosquitto_config(
+    out: Path = typer.Option(..., "--out", help="Directory for mosquitto.conf, the ACL, certs/."),
+    bind: str = typer.Option("0.0.0.0", "--bind", help="Listen address."),  # noqa: S104
+    port: int = typer.Option(8883, "--port", min=1, max=65535, help="TLS port."),
+    server_cert: str = typer.Option(
+        "broker", "--server-cert", help="Name of the `fieldline certs server` bundle."
+    ),
+    persistence_dir: Path | None = typer.Option(
+        None,
+        "--persistence-dir",
+        help="Keep sessions and queued messages across restarts in this directory.",
+    ),
+    run_as: str | None = typer.Option(
+        None,
+        "--run-as",
+        help="Account mosquitto runs as (Debian: mosquitto); the files are given to it.",
+    ),
+    max_inflight: int = typer.Option(
+        DEFAULT_MAX_INFLIGHT,
+        "--max-inflight",
+        min=1,
+        help="Unacknowledged QoS 1/2 messages per client; keep an ingest batch below it.",
+    ),
+    max_queued: int = typer.Option(
+        DEFAULT_MAX_QUEUED,
+        "--max-queued",
+        min=0,
+        help="Messages queued per session beyond those in flight; more are dropped.",
+    ),
+) -> None:
+    """Render mosquitto.conf and an ACL file from the certificate registry and the policy.
+
+    The ACL has one explicit block per issued principal, from the same policy object the
+    embedded broker enforces. Re-run after `fieldline certs issue` or `revoke`, then
+    `kill -HUP $(pidof mosquitto)`: Mosquitto re-reads the ACL file and the CRL.
+    """
+    pki = Pki(get_settings().pki_dir)
+    options = MosquittoOptions(
+        bind=bind,
+        port=port,
+        persistence_dir=persistence_dir.absolute() if persistence_dir else None,
+        max_inflight_messages=max_inflight,
+        max_queued_messages=max_queued,
+        run_as=run_as,
+    )
+    files = write_mosquitto_files(pki, out, server_bundle_name=server_cert, options=options)
+    count = len(principals_from_registry(pki))
+    console.print(f"wrote {files.config}", highlight=False)
+    console.print(f"wrote {files.acl} ({count} principals)", highlight=False)
+    console.print(
+        f"wrote {files.ca.parent}/ (CA, server certificate and key, CRL)", highlight=False
+    )
+    console.print(f"run: mosquitto -c {files.config}", highlight=False)

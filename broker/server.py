@@ -1,0 +1,815 @@
+"""fieldline's embedded broker: amqtt 0.12.1 with certificate identity, ACLs and its defects closed.
+
+`FieldlineBroker` keeps amqtt's listeners, packet codec, reader loop and plugin manager, and
+replaces what DESIGN.md lists as broken: the CONNECT path (authenticate first, from this
+connection's certificate, before any existing session is touched; answer MQTT 5 with CONNACK
+0x01; never leak a connection slot), keepalive (1.5 x, then the Will), the Will and retained
+messages going through the ACL, outgoing delivery (an outbox per session that survives
+reconnects, min(publish, subscription) QoS, retain only on retained messages), and
+subscription matching (an index instead of a scan of every filter).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import Iterable
+from dataclasses import dataclass
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+from amqtt.adapters import ReaderAdapter, StreamWriterAdapter
+from amqtt.broker import Broker
+from amqtt.contexts import Action as AmqttAction
+from amqtt.contexts import ListenerType
+from amqtt.errors import AMQTTError
+from amqtt.events import BrokerEvents
+from amqtt.mqtt.disconnect import DisconnectPacket
+from amqtt.mqtt.protocol.broker_handler import BrokerProtocolHandler
+from amqtt.plugins.base import BaseTopicPlugin
+from amqtt.session import Session
+
+from broker import wire
+from broker.errors import BrokerError, ProtocolError, TlsSetupError, UnsupportedProtocolError
+from broker.identity import AUTH_REFUSAL, SERIAL, last_denial, principal_of
+from broker.index import SubscriptionIndex
+from broker.metrics import BrokerMetrics
+from broker.outbox import Message, Outbox
+from broker.plugins import Refusal
+from broker.retained import RetainedTopics
+from broker.revocation import RevocationList
+from broker.tls import ReloadableTls
+from schemas.errors import InvalidFilterError
+from schemas.topics import SHARE_PREFIX, validate_filter
+
+log = logging.getLogger("broker")
+
+SUBACK_FAILURE = 0x80
+_QOS_MAX = 2
+# A CONNECT carries at most a client id, a Will and credentials, each with a 16-bit length.
+_MAX_CONNECT_BYTES = 4 * 65_537 + 16
+
+
+@dataclass(frozen=True)
+class BrokerOptions:
+    """How the embedded broker listens and what it holds per client."""
+
+    ca_file: Path
+    cert_file: Path
+    key_file: Path
+    crl_file: Path | None
+    bind: str = "127.0.0.1"
+    port: int = 8883
+    max_connections: int = 20_000
+    connect_timeout_s: float = 10.0
+    max_packet_bytes: int = 2 * 1024 * 1024
+    max_inflight: int = 100
+    max_queued: int = 10_000
+    session_expiry_s: int = 7 * 24 * 3600
+    keepalive_factor: float = 1.5
+    crl_refresh_s: float = 5.0
+
+    def amqtt_config(self) -> dict[str, Any]:
+        """amqtt's configuration, with an explicit plugins section so no default plugin loads."""
+        host = f"[{self.bind}]" if ":" in self.bind else self.bind
+        auth: dict[str, Any] = {"ca_file": str(self.ca_file)}
+        if self.crl_file is not None:
+            auth["crl_file"] = str(self.crl_file)
+        return {
+            "listeners": {
+                "default": {
+                    "type": "tcp",
+                    "bind": f"{host}:{self.port}",
+                    "max_connections": -1,  # enforced here, without amqtt's leaky semaphore
+                    "ssl": True,
+                    "cafile": str(self.ca_file),
+                    "certfile": str(self.cert_file),
+                    "keyfile": str(self.key_file),
+                }
+            },
+            "plugins": {
+                "broker.plugins.CertificateAuthPlugin": auth,
+                "broker.plugins.PolicyTopicPlugin": {},
+            },
+            "session_expiry_interval": self.session_expiry_s,
+        }
+
+
+class Link:
+    """A connection as the outbox sees it: writes bytes, says when the socket buffer is full."""
+
+    __slots__ = ("_outbox", "_resuming", "_sent", "_transport", "_writer")
+
+    HIGH_WATER = 256 * 1024
+
+    def __init__(
+        self, writer: asyncio.StreamWriter, outbox: Outbox, metrics: BrokerMetrics
+    ) -> None:
+        self._writer = writer
+        self._transport = writer.transport
+        self._outbox = outbox
+        self._sent = metrics.messages_out
+        self._resuming: asyncio.Task[None] | None = None
+
+    def write(self, data: bytes) -> None:
+        self._transport.write(data)
+        if data[0] & 0xF0 == wire.PUBLISH:
+            self._sent.inc()
+
+    def writable(self) -> bool:
+        if self._transport.is_closing():
+            return False
+        if self._transport.get_write_buffer_size() <= self.HIGH_WATER:
+            return True
+        if self._resuming is None or self._resuming.done():
+            self._resuming = asyncio.get_running_loop().create_task(self._resume())
+        return False
+
+    async def _resume(self) -> None:
+        with contextlib.suppress(ConnectionError, RuntimeError):
+            while not self._transport.is_closing():
+                await self._writer.drain()
+                if self._transport.get_write_buffer_size() <= self.HIGH_WATER:
+                    self._outbox.pump()
+                    return
+                await asyncio.sleep(0.005)
+
+
+class _FramedReader(ReaderAdapter):
+    """Feeds amqtt's packet decoders one whole packet at a time, refusing oversized ones.
+
+    The size is known from the fixed header, so a packet over the limit is refused before its
+    body is read; amqtt alone would buffer anything up to MQTT's 256 MiB. Serving reads from
+    the packet's bytes also spares the decoders an await on the socket per header byte.
+    """
+
+    def __init__(
+        self, reader: asyncio.StreamReader, max_bytes: int, handler: FieldlineHandler
+    ) -> None:
+        self._reader = reader
+        self._max = max_bytes
+        self._handler = handler
+        self._packet = b""
+        self._pos = 0
+
+    async def read(self, n: int = -1) -> bytes:
+        if self._pos >= len(self._packet):
+            await self._next_packet()
+            if not self._packet:
+                return b""  # end of stream: amqtt's reader stops on an empty read
+        end = len(self._packet) if n < 0 else self._pos + n
+        if end > len(self._packet):
+            raise ProtocolError("a packet is shorter than its fields say")
+        chunk = self._packet[self._pos : end]
+        self._pos = end
+        return chunk
+
+    async def _next_packet(self) -> None:
+        self._packet, self._pos = b"", 0
+        try:
+            head = bytearray(await self._reader.readexactly(1))
+        except asyncio.IncompleteReadError:
+            return
+        try:
+            head += await self._reader.readexactly(1)
+            while head[-1] & 0x80:
+                if len(head) == 5:
+                    raise ProtocolError("malformed remaining length")
+                head += await self._reader.readexactly(1)
+            length = 0
+            for i, byte in enumerate(head[1:]):
+                length |= (byte & 0x7F) << (7 * i)
+            if length > self._max:
+                self._handler.close_reason = "packet-too-large"
+                raise ProtocolError(
+                    f"a packet of {length} bytes is over the {self._max}-byte limit"
+                )
+            self._packet = bytes(head) + await self._reader.readexactly(length)
+        except asyncio.IncompleteReadError as exc:
+            raise ProtocolError("the connection closed in the middle of a packet") from exc
+
+    def feed_eof(self) -> None:
+        self._reader.feed_eof()
+
+
+class FieldlineSession(Session):
+    """amqtt's session plus its outbox and the handler of its live connection (None offline)."""
+
+    def __init__(self, outbox: Outbox) -> None:
+        super().__init__()
+        self.outbox = outbox
+        self.handler: FieldlineHandler | None = None
+
+    @classmethod
+    def from_connect(
+        cls, connect: wire.Connect, writer: asyncio.StreamWriter, outbox: Outbox
+    ) -> FieldlineSession:
+        session = cls(outbox)
+        session.client_id = connect.client_id
+        session.clean_session = connect.clean_session
+        session.keep_alive = connect.keepalive
+        if connect.will is not None:
+            session.will_flag = True
+            session.will_topic = connect.will.topic
+            session.will_message = connect.will.payload
+            session.will_qos = connect.will.qos
+            session.will_retain = connect.will.retain
+        session.username = connect.username
+        session.ssl_object = writer.get_extra_info("ssl_object")
+        peer = writer.get_extra_info("peername") or ("?", 0)
+        session.remote_address, session.remote_port = peer[0], peer[1]
+        return session
+
+    def resume_from(self, fresh: FieldlineSession) -> None:
+        """A persistent session taken up by a new, authenticated connection: its identity wins."""
+        for name in (
+            "will_flag", "will_topic", "will_message", "will_qos", "will_retain",
+            "keep_alive", "username", "password", "ssl_object", "remote_address", "remote_port",
+        ):  # fmt: skip
+            setattr(self, name, getattr(fresh, name))
+        self.attributes.update(fresh.attributes)
+
+
+class FieldlineHandler(BrokerProtocolHandler):
+    """amqtt's broker handler, with acknowledgements going to the session's outbox."""
+
+    def __init__(self, broker: FieldlineBroker, stream_writer: asyncio.StreamWriter) -> None:
+        loop = asyncio.get_running_loop()
+        super().__init__(broker.plugins_manager, loop=loop)
+        self.stream_writer = stream_writer
+        self.close_reason: str | None = None
+        # amqtt's disconnect waiter is created after the reader starts, so a client that is
+        # gone by then leaves the broker waiting forever; this future exists from the start
+        self._ended: asyncio.Future[DisconnectPacket | None] = loop.create_future()
+
+    def _end(self, packet: DisconnectPacket | None) -> None:
+        if not self._ended.done():
+            self._ended.set_result(packet)
+
+    async def wait_disconnect(self) -> DisconnectPacket | None:
+        return await asyncio.shield(self._ended)
+
+    async def handle_disconnect(self, disconnect: DisconnectPacket | None) -> None:
+        self._end(disconnect)
+        await super().handle_disconnect(disconnect)
+
+    async def handle_connect(self, connect: Any) -> None:
+        # a second CONNECT is a protocol violation (MQTT-3.1.0-2): close
+        self.close("protocol-error")
+        self._end(None)
+
+    async def stop(self) -> None:
+        await super().stop()
+        self._end(None)
+
+    def close(self, reason: str) -> None:
+        """Drop the connection; the reader sees it and the broker runs the disconnect path."""
+        self.close_reason = self.close_reason or reason
+        self.stream_writer.transport.abort()
+
+    def handle_read_timeout(self) -> None:
+        # the reader waited keep_alive (1.5 x the client's) for a packet: MQTT-3.1.2-24
+        self.close("keepalive")
+
+    def _outbox(self) -> Outbox | None:
+        session = self.session
+        return session.outbox if isinstance(session, FieldlineSession) else None
+
+    async def handle_puback(self, puback: Any) -> None:
+        outbox = self._outbox()
+        if outbox is not None and puback.variable_header is not None:
+            outbox.acknowledge(puback.variable_header.packet_id)
+
+    async def handle_pubrec(self, pubrec: Any) -> None:
+        outbox = self._outbox()
+        if outbox is not None:
+            outbox.received(pubrec.packet_id)
+            # PUBREL answers every PUBREC, even one for a message already released
+            if not self.stream_writer.transport.is_closing():
+                self.stream_writer.transport.write(wire.pubrel(pubrec.packet_id))
+
+    async def handle_pubcomp(self, pubcomp: Any) -> None:
+        outbox = self._outbox()
+        if outbox is not None:
+            outbox.acknowledge(pubcomp.packet_id)
+
+
+class FieldlineBroker(Broker):
+    """The embedded broker. Use as `async with FieldlineBroker(options):` or start()/shutdown()."""
+
+    def __init__(self, options: BrokerOptions, metrics: BrokerMetrics | None = None) -> None:
+        self.options = options
+        self.metrics = metrics or BrokerMetrics()
+        self._revocations = (
+            RevocationList(options.crl_file, options.ca_file) if options.crl_file else None
+        )
+        self._tls = ReloadableTls(
+            options.ca_file, options.cert_file, options.key_file, options.crl_file
+        )
+        super().__init__(options.amqtt_config())
+        self._index: SubscriptionIndex[str] = SubscriptionIndex()
+        self._retained_topics = RetainedTopics()
+        self._topic_plugins = [
+            p for p in self.plugins_manager.plugins if isinstance(p, BaseTopicPlugin)
+        ]
+        self._open_connections = 0
+        self._closing = False
+        self._maintenance: asyncio.Task[None] | None = None
+        self._update_crl_metrics()
+        self.metrics.sessions.set_function(lambda: len(self._sessions))
+        self.metrics.subscriptions.set_function(lambda: len(self._index))
+        self.metrics.retained.set_function(lambda: len(self._retained_topics))
+
+    async def __aenter__(self) -> FieldlineBroker:
+        await self.start()
+        return self
+
+    async def __aexit__(self, *_exc: object) -> None:
+        await self.shutdown()
+
+    # -- life cycle -------------------------------------------------------------------------
+    async def start(self) -> None:
+        try:
+            await super().start()
+        except BrokerError:
+            raise
+        except AMQTTError as exc:
+            raise BrokerError(f"cannot start the broker: {exc}") from exc
+        self._maintenance = asyncio.create_task(self._maintain())
+        log.info("event=broker_started bind=%s port=%s", self.options.bind, self.port)
+
+    async def shutdown(self) -> None:
+        """Stop accepting, close every connection (no Wills: the broker is going), stop."""
+        self._closing = True
+        if self._maintenance is not None:
+            self._maintenance.cancel()
+            await asyncio.gather(self._maintenance, return_exceptions=True)
+        for server in self._servers.values():
+            if server.instance is not None:
+                server.instance.close()
+        await super().shutdown()
+        log.info("event=broker_stopped")
+
+    @property
+    def port(self) -> int:
+        """The bound port (useful when the options asked for port 0)."""
+        server = self._servers.get("default")
+        if server is None or server.instance is None:
+            return self.options.port
+        return int(server.instance.sockets[0].getsockname()[1])
+
+    def _create_ssl_context(self, listener: Any) -> Any:
+        return self._tls.listener_context
+
+    async def _create_server_instance(
+        self,
+        listener_name: str,
+        listener_type: ListenerType,
+        address: str | None,
+        port: int,
+        ssl_context: Any,
+    ) -> Any:
+        if listener_type != ListenerType.TCP:
+            raise BrokerError(f"listener {listener_name}: only TCP (with TLS) is supported")
+        return await asyncio.start_server(
+            partial(self.stream_connected, listener_name=listener_name),
+            address,
+            port,
+            reuse_address=True,
+            ssl=ssl_context,
+            ssl_handshake_timeout=self.options.connect_timeout_s,
+        )
+
+    async def _maintain(self) -> None:
+        while True:
+            await asyncio.sleep(self.options.crl_refresh_s)
+            try:
+                self.refresh_crl()
+            except Exception:  # the broker must outlive a bad CRL file
+                log.exception("event=crl_refresh_failed")
+
+    def refresh_crl(self) -> int:
+        """Re-read the CRL if it changed: new handshakes use it, revoked clients are dropped."""
+        if self._revocations is None or not self._revocations.refresh():
+            return 0
+        try:
+            self._tls.reload()
+        except TlsSetupError as exc:
+            log.error("event=tls_reload_failed error=%s", exc)
+        self._update_crl_metrics()
+        revoked = self._revocations.serials
+        dropped = 0
+        for session, _handler in list(self._sessions.values()):
+            handler = getattr(session, "handler", None)
+            if handler is not None and session.attributes.get(SERIAL) in revoked:
+                handler.close("revoked")
+                dropped += 1
+        log.info("event=crl_reloaded revoked=%d disconnected=%d", len(revoked), dropped)
+        return dropped
+
+    def _update_crl_metrics(self) -> None:
+        if self._revocations is None:
+            return
+        snap = self._revocations.snapshot
+        self.metrics.revoked.set(len(snap.serials))
+        if snap.next_update is not None:
+            self.metrics.crl_next_update.set(snap.next_update.timestamp())
+
+    # -- connections ------------------------------------------------------------------------
+    async def stream_connected(
+        self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, listener_name: str
+    ) -> None:
+        if self._closing:
+            writer.close()
+            return
+        if 0 < self.options.max_connections <= self._open_connections:
+            self.metrics.connects.labels("over-capacity").inc()
+            log.warning(
+                "event=connect_refused reason=over-capacity open=%d", self._open_connections
+            )
+            writer.transport.abort()
+            return
+        self._open_connections += 1
+        try:
+            await self._serve(listener_name, reader, writer)
+        except Exception:  # one connection's failure must never reach the listener
+            log.exception("event=connection_failed")
+        finally:
+            self._open_connections -= 1
+            if not writer.is_closing():
+                writer.close()
+
+    async def _serve(
+        self, listener_name: str, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
+    ) -> None:
+        peer = writer.get_extra_info("peername")
+        try:
+            connect = await asyncio.wait_for(
+                wire.read_connect(reader, _MAX_CONNECT_BYTES), self.options.connect_timeout_s
+            )
+        except UnsupportedProtocolError as exc:
+            writer.write(wire.connack(False, wire.UNACCEPTABLE_PROTOCOL))
+            await _drain_quietly(writer)
+            self._refused("unsupported-protocol", peer, None, str(exc))
+            return
+        except ProtocolError as exc:
+            self._refused("protocol-error", peer, None, str(exc))
+            return
+        except TimeoutError:
+            self._refused("connect-timeout", peer, None, "no CONNECT in time")
+            return
+        except (asyncio.IncompleteReadError, ConnectionError, OSError) as exc:
+            self._refused("aborted", peer, None, type(exc).__name__)
+            return
+
+        outbox = Outbox(self.options.max_inflight, self.options.max_queued)
+        fresh = FieldlineSession.from_connect(connect, writer, outbox)
+        if not await self._authenticate(fresh, self.listeners_config[listener_name]):
+            refusal = fresh.attributes.get(AUTH_REFUSAL) or Refusal(
+                "refused", wire.NOT_AUTHORIZED, "refused by an auth plugin"
+            )
+            writer.write(wire.connack(False, refusal.return_code))
+            await _drain_quietly(writer)
+            self._refused(refusal.rule, peer, connect.client_id, refusal.detail)
+            return
+
+        session, present = await self._take_session(fresh)
+        handler = FieldlineHandler(self, writer)
+        # a float: amqtt's reader waits this long for the next packet (MQTT-3.1.2-24)
+        session.keep_alive = connect.keepalive * self.options.keepalive_factor
+        handler.attach(
+            session,
+            _FramedReader(reader, self.options.max_packet_bytes, handler),
+            StreamWriterAdapter(writer),
+        )
+        session.handler = handler
+        assert session.client_id is not None
+        self._sessions[session.client_id] = (session, handler)
+        session.transitions.connect()
+        writer.write(wire.connack(present, wire.ACCEPTED))
+        self.metrics.connects.labels("accepted").inc()
+        self.metrics.connected.inc()
+        principal = principal_of(session)
+        log.info(
+            "event=connected client=%s principal=%s peer=%s clean=%s present=%s keepalive=%d",
+            session.client_id, principal, _peer(peer), session.clean_session, present,
+            connect.keepalive,
+        )  # fmt: skip
+        session.outbox.attach(Link(writer, session.outbox, self.metrics))
+        await self.plugins_manager.fire_event(
+            BrokerEvents.CLIENT_CONNECTED, client_id=session.client_id, client_session=session
+        )
+        await handler.start()
+        if present:
+            for topic_filter, qos in self._index.filters_of(session.client_id).items():
+                await self._send_retained(session, topic_filter, qos)
+        await self._client_message_loop(session, handler)
+
+    def _refused(self, rule: str, peer: Any, client_id: str | None, detail: str) -> None:
+        self.metrics.connects.labels(rule).inc()
+        log.info(
+            "event=connect_refused reason=%s client=%s peer=%s detail=%r",
+            rule, client_id, _peer(peer), detail,
+        )  # fmt: skip
+
+    async def _take_session(self, fresh: FieldlineSession) -> tuple[FieldlineSession, bool]:
+        """The authenticated connection takes over its client id: resume or start a session."""
+        assert fresh.client_id is not None
+        existing = self._sessions.get(fresh.client_id)
+        if existing is None:
+            return fresh, False
+        old = existing[0]
+        if not isinstance(old, FieldlineSession):
+            await self._delete_session(fresh.client_id)
+            return fresh, False
+        if old.handler is not None:
+            handler, old.handler = old.handler, None
+            old.outbox.detach(persistent=not old.clean_session)
+            handler.close_reason = "taken-over"
+            await self._stop_handler(handler)
+            old.transitions.disconnect()
+            self.metrics.connected.dec()
+            self.metrics.disconnects.labels("taken-over").inc()
+            log.info("event=taken_over client=%s", fresh.client_id)
+        if fresh.clean_session or old.clean_session:
+            await self._delete_session(fresh.client_id)
+            return fresh, False
+        before = principal_of(old)
+        old.resume_from(fresh)
+        if principal_of(old) != before:
+            # a re-issued certificate (another tenant or role) for this id: what was queued
+            # under the old principal must pass the new one's RECEIVE check to be delivered
+            await self._recheck_outbox(old)
+        return old, True
+
+    async def _recheck_outbox(self, session: FieldlineSession) -> None:
+        outbox = session.outbox
+        topics = {m.topic for m in outbox.queue} | {m.topic for m in outbox.inflight.values()}
+        allowed = {
+            t for t in topics
+            if await self._topic_filtering(session, t.decode(), AmqttAction.RECEIVE)
+        }  # fmt: skip
+        dropped = outbox.keep(lambda m: m.topic in allowed)
+        if dropped:
+            self.metrics.dropped.labels("not-receivable").inc(dropped)
+            log.info("event=outbox_rechecked client=%s dropped=%d", session.client_id, dropped)
+
+    async def _handle_disconnect(
+        self, client_session: Session, handler: BrokerProtocolHandler, disconnect_waiter: Any
+    ) -> None:
+        result = disconnect_waiter.result()
+        await self._stop_handler(handler)
+        if (
+            not isinstance(client_session, FieldlineSession)
+            or client_session.handler is not handler
+        ):
+            return  # superseded by a newer connection with the same client id
+        client_session.handler = None
+        client_session.outbox.detach(persistent=not client_session.clean_session)
+        client_session.transitions.disconnect()
+        self.metrics.connected.dec()
+        graceful = isinstance(result, DisconnectPacket)
+        reason = "graceful" if graceful else getattr(handler, "close_reason", None) or "network"
+        self.metrics.disconnects.labels(reason).inc()
+        log.info("event=disconnected client=%s reason=%s", client_session.client_id, reason)
+        if not graceful and client_session.will_flag and not self._closing:
+            await self._publish_will(client_session)
+        await self.plugins_manager.fire_event(
+            BrokerEvents.CLIENT_DISCONNECTED,
+            client_id=client_session.client_id,
+            client_session=client_session,
+        )
+        if client_session.clean_session and client_session.client_id is not None:
+            current = self._sessions.get(client_session.client_id)
+            if current is not None and current[0] is client_session:
+                await self._delete_session(client_session.client_id)
+
+    async def _publish_will(self, session: FieldlineSession) -> None:
+        topic, payload = session.will_topic, session.will_message
+        if not topic or payload is None:
+            return
+        retain = bool(session.will_retain)
+        # checked again now, not only at CONNECT: the policy (or certificate) may have changed
+        if not await self._topic_filtering(session, topic, AmqttAction.PUBLISH, retain=retain):
+            return
+        log.info("event=will client=%s topic=%s", session.client_id, topic)
+        await self._route(topic, bytes(payload), session.will_qos or 0)
+        if retain:
+            await self.retain_message(session, topic, payload, session.will_qos)
+
+    # -- messages in ------------------------------------------------------------------------
+    async def _handle_message_delivery(
+        self, client_session: Session, handler: BrokerProtocolHandler, wait_deliver: Any
+    ) -> bool:
+        message = wait_deliver.result()
+        if message is None:
+            return True
+        self.metrics.messages_in.inc()
+        topic = message.topic
+        if not topic or "#" in topic or "+" in topic or topic.startswith("$"):
+            # MQTT-4.7.3-1, MQTT-3.3.2-2: a malformed topic name is a protocol violation
+            log.info(
+                "event=protocol_error client=%s detail=bad topic name", client_session.client_id
+            )
+            return False
+        retain = bool(message.publish_packet is not None and message.publish_packet.retain_flag)
+        if not await self._topic_filtering(
+            client_session, topic, AmqttAction.PUBLISH, retain=retain
+        ):
+            return True
+        await self.plugins_manager.fire_event(
+            BrokerEvents.MESSAGE_BROADCAST, client_id=client_session.client_id, message=message
+        )
+        payload = bytes(message.data)
+        await self._route(topic, payload, message.qos or 0)
+        if retain:
+            await self.retain_message(client_session, topic, payload, message.qos)
+        return True
+
+    async def _broadcast_message(
+        self,
+        session: Session | None,
+        topic: str | None,
+        data: bytes | bytearray | None,
+        force_qos: int | None = None,
+    ) -> None:
+        # amqtt's broadcast queue scans every filter; internal messages take the index too
+        if topic is not None and data is not None:
+            await self._route(topic, bytes(data), _QOS_MAX if force_qos is None else force_qos)
+
+    async def _route(self, topic: str, payload: bytes, qos: int) -> None:
+        """Deliver to every matching subscriber allowed to RECEIVE it, at min(publish, sub) QoS."""
+        targets = self._index.match(topic)
+        if not targets:
+            return
+        encoded = topic.encode()
+        sessions = self._sessions
+        for client_id, sub_qos in targets.items():
+            entry = sessions.get(client_id)
+            if entry is None:
+                continue
+            session = entry[0]
+            if not isinstance(session, FieldlineSession):
+                continue
+            if not await self._topic_filtering(session, topic, AmqttAction.RECEIVE):
+                continue
+            self._deliver(session, Message(encoded, payload, min(qos, sub_qos), False))
+
+    def _deliver(self, session: FieldlineSession, message: Message) -> None:
+        outbox = session.outbox
+        if not outbox.attached and message.qos == 0:
+            self.metrics.dropped.labels("offline-qos0").inc()
+            return
+        if not outbox.put(message):
+            self.metrics.dropped.labels("queue-full").inc()
+            if outbox.dropped in (1, 10, 100) or outbox.dropped % 1000 == 0:
+                log.warning(
+                    "event=queue_full client=%s queued=%d dropped=%d",
+                    session.client_id, len(outbox.queue), outbox.dropped,
+                )  # fmt: skip
+
+    # -- access control ---------------------------------------------------------------------
+    async def _topic_filtering(
+        self, session: Session, topic: str, action: Any, *, retain: bool = False
+    ) -> bool:
+        """All topic plugins must allow (deny when none is loaded); denials are counted."""
+        allowed = bool(self._topic_plugins)
+        for plugin in self._topic_plugins:
+            try:
+                if retain:
+                    result = await plugin.topic_filtering(
+                        session=session, topic=topic, action=action, retain=True
+                    )
+                else:
+                    result = await plugin.topic_filtering(
+                        session=session, topic=topic, action=action
+                    )
+            except Exception:
+                log.exception("event=topic_plugin_failed plugin=%s", type(plugin).__name__)
+                result = False
+            if not result:
+                allowed = False
+                break
+        if not allowed:
+            denial = last_denial(session)
+            rule = denial.rule if denial is not None else "plugin"
+            self.metrics.denials.labels(str(action), rule).inc()
+            level = logging.DEBUG if action == AmqttAction.RECEIVE else logging.INFO
+            if log.isEnabledFor(level):
+                log.log(
+                    level,
+                    "event=denied client=%s action=%s topic=%r retain=%s reason=%r",
+                    session.client_id, action, topic, retain,
+                    denial.reason if denial is not None else rule,
+                )  # fmt: skip
+        return allowed
+
+    # -- subscriptions ----------------------------------------------------------------------
+    async def add_subscription(self, subscription: tuple[str, int], session: Session) -> int:
+        topic_filter, qos = subscription
+        try:
+            validate_filter(topic_filter)
+        except InvalidFilterError:
+            self.metrics.denials.labels("subscribe", "malformed").inc()
+            return SUBACK_FAILURE
+        if not await self._topic_filtering(session, topic_filter, AmqttAction.SUBSCRIBE):
+            return SUBACK_FAILURE
+        if topic_filter.startswith(SHARE_PREFIX):
+            # amqtt has no shared subscriptions; refusing beats a filter that never matches
+            self.metrics.denials.labels("subscribe", "shared-unsupported").inc()
+            log.info(
+                "event=denied client=%s action=subscribe topic=%r reason=%r",
+                session.client_id, topic_filter,
+                "shared subscriptions need Mosquitto (see README, Security model)",
+            )  # fmt: skip
+            return SUBACK_FAILURE
+        granted = min(qos, _QOS_MAX)
+        assert session.client_id is not None
+        self._index.add(topic_filter, session.client_id, granted)
+        return granted
+
+    async def _handle_subscription(
+        self, client_session: Session, handler: BrokerProtocolHandler, subscribe_waiter: Any
+    ) -> None:
+        request = subscribe_waiter.result()
+        codes = [await self.add_subscription(sub, client_session) for sub in request.topics]
+        await handler.mqtt_acknowledge_subscription(request.packet_id, codes)
+        for (topic_filter, _qos), code in zip(request.topics, codes, strict=True):
+            if code == SUBACK_FAILURE:
+                continue
+            await self.plugins_manager.fire_event(
+                BrokerEvents.CLIENT_SUBSCRIBED,
+                client_id=client_session.client_id,
+                topic=topic_filter,
+                qos=code,
+            )
+            if isinstance(client_session, FieldlineSession):
+                await self._send_retained(client_session, topic_filter, code)
+
+    async def _send_retained(self, session: FieldlineSession, topic_filter: str, qos: int) -> None:
+        """The retained messages a filter matches, each checked for RECEIVE, flagged retain."""
+        for topic in list(self._retained_topics.matching(topic_filter)):
+            retained = self._retained_messages.get(topic)
+            if retained is None or not retained.data:
+                continue
+            if not await self._topic_filtering(session, topic, AmqttAction.RECEIVE):
+                continue
+            message = Message(
+                topic.encode(), bytes(retained.data), min(retained.qos or 0, qos), True
+            )
+            self._deliver(session, message)
+
+    def _del_subscription(self, a_filter: str, session: Session) -> int:
+        return int(
+            session.client_id is not None and self._index.remove(a_filter, session.client_id)
+        )
+
+    async def _del_all_subscriptions(self, session: Session) -> None:
+        if session.client_id is not None:
+            self._index.remove_all(session.client_id)
+
+    @property
+    def subscriptions(self) -> dict[str, list[tuple[Session, int]]]:
+        """amqtt's view (filter -> [(session, qos)]), built from the index on demand."""
+        view: dict[str, list[tuple[Session, int]]] = {}
+        for client_id in self._index.subscribers():
+            entry = self._sessions.get(client_id)
+            if entry is None:
+                continue
+            for topic_filter, qos in self._index.filters_of(client_id).items():
+                view.setdefault(topic_filter, []).append((entry[0], qos))
+        return view
+
+    async def retain_message(
+        self,
+        source_session: Session | None,
+        topic_name: str | None,
+        data: bytes | bytearray | None,
+        qos: int | None = None,
+    ) -> None:
+        await super().retain_message(source_session, topic_name, data, qos)
+        if topic_name is None:
+            return
+        if topic_name in self._retained_messages:
+            self._retained_topics.add(topic_name)
+        else:
+            self._retained_topics.discard(topic_name)
+
+    def connected_clients(self) -> Iterable[str]:
+        """Client ids with a live connection."""
+        for client_id, (session, _handler) in self._sessions.items():
+            if getattr(session, "handler", None) is not None:
+                yield client_id
+
+
+def _peer(peer: Any) -> str:
+    if isinstance(peer, tuple) and len(peer) >= 2:
+        return f"{peer[0]}:{peer[1]}"
+    return "?"
+
+
+async def _drain_quietly(writer: asyncio.StreamWriter) -> None:
+    with contextlib.suppress(ConnectionError, OSError, RuntimeError):
+        await asyncio.wait_for(writer.drain(), 2)

@@ -1,0 +1,108 @@
+"""The embedded broker as a service: options from settings and the PKI, metrics over HTTP."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+from typing import Any
+
+from prometheus_client import start_http_server
+
+from broker.errors import BrokerError
+from broker.metrics import BrokerMetrics
+from broker.server import BrokerOptions, FieldlineBroker
+from certs import CertsError, Pki
+from fieldline.settings import Settings
+
+log = logging.getLogger("broker")
+
+
+def options_from_settings(settings: Settings) -> BrokerOptions:
+    """The broker's options: the server certificate, CA and CRL from FIELDLINE_HOME/pki."""
+    pki = Pki(settings.pki_dir)
+    b = settings.broker
+    try:
+        pki.ca_certificate()
+        server = pki.bundle(b.server_cert)
+    except CertsError as exc:
+        raise BrokerError(
+            f"{exc}; the broker needs a CA and a server certificate: "
+            f"`fieldline certs init-ca` then `fieldline certs server {b.server_cert} --host ...`"
+        ) from exc
+    return BrokerOptions(
+        ca_file=pki.ca_cert_path,
+        cert_file=server.cert,
+        key_file=server.key,
+        crl_file=pki.crl_path,
+        bind=b.bind,
+        port=b.port,
+        max_connections=b.max_connections,
+        connect_timeout_s=b.connect_timeout_s,
+        max_packet_bytes=b.max_packet_bytes,
+        max_inflight=b.max_inflight,
+        max_queued=b.max_queued,
+        session_expiry_s=b.session_expiry_s,
+        crl_refresh_s=b.crl_refresh_s,
+    )
+
+
+class BrokerService:
+    """`async with BrokerService(options):` runs the broker and its metrics endpoint."""
+
+    def __init__(
+        self, options: BrokerOptions, metrics_port: int = 0, metrics_bind: str = "127.0.0.1"
+    ) -> None:
+        self.options = options
+        self.metrics = BrokerMetrics()
+        self.metrics_port = metrics_port
+        self.metrics_bind = metrics_bind
+        self.broker: FieldlineBroker | None = None
+        self._http: Any = None
+
+    async def start(self) -> None:
+        self.broker = FieldlineBroker(self.options, self.metrics)
+        await self.broker.start()
+        if self.metrics_port:
+            try:
+                self._http, _thread = start_http_server(
+                    self.metrics_port, self.metrics_bind, registry=self.metrics.registry
+                )
+            except OSError as exc:
+                await self.broker.shutdown()
+                raise BrokerError(
+                    f"cannot serve metrics on {self.metrics_bind}:{self.metrics_port}: "
+                    f"{exc.strerror}; set FIELDLINE_BROKER__METRICS_PORT (0 turns metrics off)"
+                ) from exc
+
+    async def stop(self) -> None:
+        if self._http is not None:
+            self._http.shutdown()
+            self._http = None
+        if self.broker is not None:
+            await self.broker.shutdown()
+
+    async def __aenter__(self) -> BrokerService:
+        await self.start()
+        return self
+
+    async def __aexit__(self, *_exc: object) -> None:
+        await self.stop()
+
+
+async def serve(service: BrokerService) -> None:
+    """Run until SIGTERM or SIGINT, then stop gracefully (the runner owns the signals)."""
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    async with service:
+        assert service.broker is not None
+        metrics = (
+            f" metrics=http://{service.metrics_bind}:{service.metrics_port}/metrics"
+            if service.metrics_port
+            else ""
+        )
+        log.info("event=ready port=%d%s", service.broker.port, metrics)
+        await stop.wait()
+        log.info("event=stopping")
