@@ -14,8 +14,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import Iterable
-from dataclasses import dataclass
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -70,6 +70,8 @@ class BrokerOptions:
     session_expiry_s: int = 7 * 24 * 3600
     keepalive_factor: float = 1.5
     crl_refresh_s: float = 5.0
+    # further amqtt plugins (dotted path -> config); ours are always loaded and all must allow
+    extra_plugins: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
 
     def amqtt_config(self) -> dict[str, Any]:
         """amqtt's configuration, with an explicit plugins section so no default plugin loads."""
@@ -92,6 +94,7 @@ class BrokerOptions:
             "plugins": {
                 "broker.plugins.CertificateAuthPlugin": auth,
                 "broker.plugins.PolicyTopicPlugin": {},
+                **{path: dict(config) for path, config in self.extra_plugins.items()},
             },
             "session_expiry_interval": self.session_expiry_s,
         }

@@ -110,7 +110,7 @@ def issue(
     if role is Role.OPERATOR:
         console.print("watch the tenant's traffic:")
         typer.echo(
-            f"mosquitto_sub -h {settings.broker.host} -p {settings.broker.port} "
+            f"mosquitto_sub -h {settings.broker.host} -p {settings.broker.port} -i {identity_id} "
             f"--cafile {bundle.ca} --cert {bundle.cert} --key {bundle.key} "
             f"-t 'fl/{tenant}/#' -v"
         )

@@ -6,6 +6,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from broker.index import SubscriptionIndex
+from broker.retained import RetainedTopics
 from schemas.topics import filter_matches
 
 LEVELS = st.sampled_from(["a", "b", "c", "", "$SYS", "fl"])
@@ -66,3 +67,34 @@ def test_wildcards_do_not_match_dollar_topics() -> None:
     index.add("$SYS/#", "sys", 0)
     assert index.match("$SYS/x") == {"sys": 0}
     assert index.match("a/x") == {"all": 0, "plus": 0}
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    retained=st.lists(TOPICS, max_size=12, unique=True),
+    gone=st.lists(TOPICS, max_size=4),
+    topic_filter=filters() | TOPICS,
+)
+def test_retained_topics_found_by_filter_like_mqtt(
+    retained: list[str], gone: list[str], topic_filter: str
+) -> None:
+    store = RetainedTopics()
+    for topic in retained:
+        store.add(topic)
+    for topic in gone:
+        store.discard(topic)
+    left = [t for t in retained if t not in gone]
+    assert len(store) == len(left)
+    found = list(store.matching(topic_filter))
+    assert sorted(found) == sorted(t for t in left if filter_matches(topic_filter, t))
+    assert len(found) == len(set(found))
+
+
+def test_retained_topics_prune_empty_branches() -> None:
+    store = RetainedTopics()
+    store.add("fl/acme/dev-1/status")
+    store.add("fl/acme")
+    store.discard("fl/acme/dev-1/status")
+    assert list(store.matching("#")) == ["fl/acme"]
+    store.discard("fl/acme")
+    assert not store._root.children

@@ -1,0 +1,136 @@
+"""The rendered Mosquitto files: ACL blocks from the registry, the config, the file modes."""
+
+from __future__ import annotations
+
+import os
+import pwd
+import stat
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from broker.errors import BrokerError
+from broker.mosquitto import MosquittoOptions, render_acl, write_mosquitto_files
+from broker.policy import Principal
+from certs import Pki, Role
+
+
+@pytest.fixture
+def pki(tmp_path: Path) -> Pki:
+    pki = Pki(tmp_path / "home" / "pki")
+    pki.init_ca()
+    pki.issue_server("broker")
+    pki.issue("pump-1", tenant="acme", role=Role.DEVICE)
+    pki.issue("pump-2", tenant="acme", role=Role.DEVICE)
+    pki.revoke("pump-2")
+    pki.issue("alice", tenant="acme", role=Role.OPERATOR)
+    pki.issue("ingest-1", tenant="platform", role=Role.SERVICE)
+    return pki
+
+
+def _blocks(acl: str) -> dict[str, list[str]]:
+    blocks: dict[str, list[str]] = {}
+    user = None
+    for line in acl.splitlines():
+        if line.startswith("user "):
+            user = line.split()[1]
+            blocks[user] = []
+        elif line.startswith("topic ") and user is not None:
+            blocks[user].append(line)
+    return blocks
+
+
+def test_acl_has_one_explicit_block_per_valid_principal(pki: Pki, tmp_path: Path) -> None:
+    files = write_mosquitto_files(pki, tmp_path / "mq")
+    blocks = _blocks(files.acl.read_text())
+    assert set(blocks) == {"pump-1", "alice", "ingest-1"}  # revoked and server certs: none
+    assert blocks["pump-1"] == [
+        "topic read fl/acme/pump-1/cmd/#",
+        "topic write fl/acme/pump-1/cmd-res",
+        "topic write fl/acme/pump-1/events",
+        "topic write fl/acme/pump-1/status",
+        "topic write fl/acme/pump-1/telemetry",
+    ]
+    assert blocks["alice"] == ["topic read fl/acme/#", "topic write fl/acme/+/cmd/#"]
+    assert sorted(blocks["ingest-1"]) == [
+        f"topic read fl/+/+/{k}" for k in sorted(("telemetry", "status", "events", "cmd-res"))
+    ]
+    assert "pattern" not in files.acl.read_text()  # nothing hinges on %c or %u
+
+
+def test_admin_reads_and_writes_everything() -> None:
+    acl = render_acl([Principal("root-1", "platform", Role.ADMIN)])
+    assert _blocks(acl) == {"root-1": ["topic readwrite #", "topic read $SYS/#"]}
+
+
+def test_config_binds_identity_to_the_certificate(pki: Pki, tmp_path: Path) -> None:
+    opts = MosquittoOptions(bind="127.0.0.1", port=18883, persistence_dir=tmp_path / "data")
+    files = write_mosquitto_files(pki, tmp_path / "mq", options=opts)
+    lines = files.config.read_text().splitlines()
+    for expected in (
+        "allow_anonymous false",
+        "listener 18883 127.0.0.1",
+        "require_certificate true",
+        "use_identity_as_username true",
+        "use_username_as_clientid true",
+        f"acl_file {files.acl}",
+        f"crlfile {files.crl}",
+        f"cafile {files.ca}",
+        "persistence true",
+        f"persistence_location {tmp_path / 'data'}/",
+        "max_inflight_messages 1000",
+        "max_queued_messages 200000",
+    ):
+        assert expected in lines, expected
+    assert files.key.read_bytes() == pki.bundle("broker").key.read_bytes()
+    assert files.crl.read_bytes() == pki.crl_path.read_bytes()
+
+
+def test_files_are_private(pki: Pki, tmp_path: Path) -> None:
+    files = write_mosquitto_files(pki, tmp_path / "mq")
+    assert stat.S_IMODE(files.key.stat().st_mode) == 0o600
+    assert stat.S_IMODE(files.key.parent.stat().st_mode) == 0o700
+    assert stat.S_IMODE(files.acl.stat().st_mode) == 0o640
+    assert not list((tmp_path / "mq").rglob("*.tmp"))
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="handing files to another account needs root")
+def test_run_as_hands_the_files_to_that_account(pki: Pki, tmp_path: Path) -> None:
+    nobody = pwd.getpwnam("nobody")
+    files = write_mosquitto_files(pki, tmp_path / "mq", options=MosquittoOptions(run_as="nobody"))
+    assert files.key.stat().st_uid == nobody.pw_uid
+    assert "user nobody" in files.config.read_text().splitlines()
+
+
+def test_missing_server_certificate_says_what_to_do(tmp_path: Path) -> None:
+    pki = Pki(tmp_path / "pki")
+    pki.init_ca()
+    with pytest.raises(BrokerError, match="fieldline certs server broker"):
+        write_mosquitto_files(pki, tmp_path / "mq")
+
+
+def test_unknown_account(pki: Pki, tmp_path: Path) -> None:
+    with pytest.raises(BrokerError, match="no such account"):
+        write_mosquitto_files(pki, tmp_path / "mq", options=MosquittoOptions(run_as="no-such-user"))
+
+
+def test_cli_renders_after_issue_and_revoke(pki: Pki, tmp_path: Path) -> None:
+    env = {**os.environ, "FIELDLINE_HOME": str(pki.root.parent)}
+
+    def cli(*args: str) -> str:
+        out = subprocess.run(
+            [sys.executable, "-m", "fieldline", *args],
+            capture_output=True, text=True, env=env, check=False, timeout=60,
+        )  # fmt: skip
+        assert out.returncode == 0, out.stderr
+        return out.stdout
+
+    printed = cli("broker", "mosquitto-config", "--out", str(tmp_path / "mq"), "--port", "18883")
+    assert "(3 principals)" in printed
+    acl = tmp_path / "mq" / "fieldline.acl"
+    cli("certs", "issue", "pump-3", "--tenant", "acme", "--role", "device")
+    cli("certs", "revoke", "pump-1")
+    cli("broker", "mosquitto-config", "--out", str(tmp_path / "mq"), "--port", "18883")
+    assert set(_blocks(acl.read_text())) == {"pump-3", "alice", "ingest-1"}
