@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+
 from prometheus_client import CollectorRegistry, Counter, Gauge
+from prometheus_client.core import CounterMetricFamily
+from prometheus_client.registry import Collector
 
 
 class BrokerMetrics:
@@ -20,16 +24,11 @@ class BrokerMetrics:
             ["result"],
             registry=r,
         )
-        self.messages_in = Counter(
-            "fieldline_broker_messages_received_total",
-            "PUBLISH packets received from clients.",
-            registry=r,
-        )
-        self.messages_out = Counter(
-            "fieldline_broker_messages_sent_total",
-            "PUBLISH packets written to clients (resends included).",
-            registry=r,
-        )
+        # the per-message counters are plain ints, read at scrape time: a prometheus Counter
+        # costs a lock and checks on every increment of the broker's hottest path
+        self.received = 0
+        self.sent = 0
+        r.register(_MessageCounters(self))
         self.denials = Counter(
             "fieldline_broker_denials_total",
             "Operations refused by the ACL policy, by action and rule.",
@@ -66,4 +65,21 @@ class BrokerMetrics:
             "Connections closed, by reason.",
             ["reason"],
             registry=r,
+        )
+
+
+class _MessageCounters(Collector):
+    def __init__(self, metrics: BrokerMetrics) -> None:
+        self._metrics = metrics
+
+    def collect(self) -> Iterator[CounterMetricFamily]:
+        yield CounterMetricFamily(
+            "fieldline_broker_messages_received",
+            "PUBLISH packets received from clients.",
+            value=self._metrics.received,
+        )
+        yield CounterMetricFamily(
+            "fieldline_broker_messages_sent",
+            "PUBLISH packets written to clients (resends included).",
+            value=self._metrics.sent,
         )

@@ -14,24 +14,25 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+from asyncio import sslproto
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
 from typing import Any
 
-from amqtt.adapters import ReaderAdapter, StreamWriterAdapter
 from amqtt.broker import Broker
 from amqtt.contexts import Action as AmqttAction
 from amqtt.contexts import ListenerType
 from amqtt.errors import AMQTTError
 from amqtt.events import BrokerEvents
 from amqtt.mqtt.disconnect import DisconnectPacket
-from amqtt.mqtt.protocol.broker_handler import BrokerProtocolHandler
+from amqtt.mqtt.protocol.broker_handler import Subscription, UnSubscription
 from amqtt.plugins.base import BaseTopicPlugin
 from amqtt.session import Session
 
 from broker import wire
+from broker.connection import Ended, FieldlineHandler, FramedReader, Incoming, Link
 from broker.errors import BrokerError, ProtocolError, TlsSetupError, UnsupportedProtocolError
 from broker.identity import AUTH_REFUSAL, SERIAL, last_denial, principal_of
 from broker.index import SubscriptionIndex
@@ -47,6 +48,7 @@ from schemas.topics import SHARE_PREFIX, validate_filter
 log = logging.getLogger("broker")
 
 SUBACK_FAILURE = 0x80
+TLS_READ_BUFFER = 32 * 1024
 _QOS_MAX = 2
 # A CONNECT carries at most a client id, a Will and credentials, each with a 16-bit length.
 _MAX_CONNECT_BYTES = 4 * 65_537 + 16
@@ -100,103 +102,6 @@ class BrokerOptions:
         }
 
 
-class Link:
-    """A connection as the outbox sees it: writes bytes, says when the socket buffer is full."""
-
-    __slots__ = ("_outbox", "_resuming", "_sent", "_transport", "_writer")
-
-    HIGH_WATER = 256 * 1024
-
-    def __init__(
-        self, writer: asyncio.StreamWriter, outbox: Outbox, metrics: BrokerMetrics
-    ) -> None:
-        self._writer = writer
-        self._transport = writer.transport
-        self._outbox = outbox
-        self._sent = metrics.messages_out
-        self._resuming: asyncio.Task[None] | None = None
-
-    def write(self, data: bytes) -> None:
-        self._transport.write(data)
-        if data[0] & 0xF0 == wire.PUBLISH:
-            self._sent.inc()
-
-    def writable(self) -> bool:
-        if self._transport.is_closing():
-            return False
-        if self._transport.get_write_buffer_size() <= self.HIGH_WATER:
-            return True
-        if self._resuming is None or self._resuming.done():
-            self._resuming = asyncio.get_running_loop().create_task(self._resume())
-        return False
-
-    async def _resume(self) -> None:
-        with contextlib.suppress(ConnectionError, RuntimeError):
-            while not self._transport.is_closing():
-                await self._writer.drain()
-                if self._transport.get_write_buffer_size() <= self.HIGH_WATER:
-                    self._outbox.pump()
-                    return
-                await asyncio.sleep(0.005)
-
-
-class _FramedReader(ReaderAdapter):
-    """Feeds amqtt's packet decoders one whole packet at a time, refusing oversized ones.
-
-    The size is known from the fixed header, so a packet over the limit is refused before its
-    body is read; amqtt alone would buffer anything up to MQTT's 256 MiB. Serving reads from
-    the packet's bytes also spares the decoders an await on the socket per header byte.
-    """
-
-    def __init__(
-        self, reader: asyncio.StreamReader, max_bytes: int, handler: FieldlineHandler
-    ) -> None:
-        self._reader = reader
-        self._max = max_bytes
-        self._handler = handler
-        self._packet = b""
-        self._pos = 0
-
-    async def read(self, n: int = -1) -> bytes:
-        if self._pos >= len(self._packet):
-            await self._next_packet()
-            if not self._packet:
-                return b""  # end of stream: amqtt's reader stops on an empty read
-        end = len(self._packet) if n < 0 else self._pos + n
-        if end > len(self._packet):
-            raise ProtocolError("a packet is shorter than its fields say")
-        chunk = self._packet[self._pos : end]
-        self._pos = end
-        return chunk
-
-    async def _next_packet(self) -> None:
-        self._packet, self._pos = b"", 0
-        try:
-            head = bytearray(await self._reader.readexactly(1))
-        except asyncio.IncompleteReadError:
-            return
-        try:
-            head += await self._reader.readexactly(1)
-            while head[-1] & 0x80:
-                if len(head) == 5:
-                    raise ProtocolError("malformed remaining length")
-                head += await self._reader.readexactly(1)
-            length = 0
-            for i, byte in enumerate(head[1:]):
-                length |= (byte & 0x7F) << (7 * i)
-            if length > self._max:
-                self._handler.close_reason = "packet-too-large"
-                raise ProtocolError(
-                    f"a packet of {length} bytes is over the {self._max}-byte limit"
-                )
-            self._packet = bytes(head) + await self._reader.readexactly(length)
-        except asyncio.IncompleteReadError as exc:
-            raise ProtocolError("the connection closed in the middle of a packet") from exc
-
-    def feed_eof(self) -> None:
-        self._reader.feed_eof()
-
-
 class FieldlineSession(Session):
     """amqtt's session plus its outbox and the handler of its live connection (None offline)."""
 
@@ -204,11 +109,10 @@ class FieldlineSession(Session):
         super().__init__()
         self.outbox = outbox
         self.handler: FieldlineHandler | None = None
+        self.qos2_received: set[int] = set()
 
     @classmethod
-    def from_connect(
-        cls, connect: wire.Connect, writer: asyncio.StreamWriter, outbox: Outbox
-    ) -> FieldlineSession:
+    def from_connect(cls, connect: wire.Connect, link: Link, outbox: Outbox) -> FieldlineSession:
         session = cls(outbox)
         session.client_id = connect.client_id
         session.clean_session = connect.clean_session
@@ -220,10 +124,15 @@ class FieldlineSession(Session):
             session.will_qos = connect.will.qos
             session.will_retain = connect.will.retain
         session.username = connect.username
-        session.ssl_object = writer.get_extra_info("ssl_object")
-        peer = writer.get_extra_info("peername") or ("?", 0)
-        session.remote_address, session.remote_port = peer[0], peer[1]
+        session.ssl_object = link.get_ssl_info()
+        session.remote_address, session.remote_port = link.get_peer_info() or ("?", 0)
         return session
+
+    def clear_queues(self) -> None:
+        # the incoming queue belongs to the connection, which drains it to its end marker;
+        # emptying it from here (amqtt does on session delete) would leave that loop hanging
+        while not self.retained_messages.empty():
+            self.retained_messages.get_nowait()
 
     def resume_from(self, fresh: FieldlineSession) -> None:
         """A persistent session taken up by a new, authenticated connection: its identity wins."""
@@ -233,70 +142,6 @@ class FieldlineSession(Session):
         ):  # fmt: skip
             setattr(self, name, getattr(fresh, name))
         self.attributes.update(fresh.attributes)
-
-
-class FieldlineHandler(BrokerProtocolHandler):
-    """amqtt's broker handler, with acknowledgements going to the session's outbox."""
-
-    def __init__(self, broker: FieldlineBroker, stream_writer: asyncio.StreamWriter) -> None:
-        loop = asyncio.get_running_loop()
-        super().__init__(broker.plugins_manager, loop=loop)
-        self.stream_writer = stream_writer
-        self.close_reason: str | None = None
-        # amqtt's disconnect waiter is created after the reader starts, so a client that is
-        # gone by then leaves the broker waiting forever; this future exists from the start
-        self._ended: asyncio.Future[DisconnectPacket | None] = loop.create_future()
-
-    def _end(self, packet: DisconnectPacket | None) -> None:
-        if not self._ended.done():
-            self._ended.set_result(packet)
-
-    async def wait_disconnect(self) -> DisconnectPacket | None:
-        return await asyncio.shield(self._ended)
-
-    async def handle_disconnect(self, disconnect: DisconnectPacket | None) -> None:
-        self._end(disconnect)
-        await super().handle_disconnect(disconnect)
-
-    async def handle_connect(self, connect: Any) -> None:
-        # a second CONNECT is a protocol violation (MQTT-3.1.0-2): close
-        self.close("protocol-error")
-        self._end(None)
-
-    async def stop(self) -> None:
-        await super().stop()
-        self._end(None)
-
-    def close(self, reason: str) -> None:
-        """Drop the connection; the reader sees it and the broker runs the disconnect path."""
-        self.close_reason = self.close_reason or reason
-        self.stream_writer.transport.abort()
-
-    def handle_read_timeout(self) -> None:
-        # the reader waited keep_alive (1.5 x the client's) for a packet: MQTT-3.1.2-24
-        self.close("keepalive")
-
-    def _outbox(self) -> Outbox | None:
-        session = self.session
-        return session.outbox if isinstance(session, FieldlineSession) else None
-
-    async def handle_puback(self, puback: Any) -> None:
-        outbox = self._outbox()
-        if outbox is not None and puback.variable_header is not None:
-            outbox.acknowledge(puback.variable_header.packet_id)
-
-    async def handle_pubrec(self, pubrec: Any) -> None:
-        outbox = self._outbox()
-        if outbox is not None:
-            outbox.received(pubrec.packet_id)
-            # PUBREL answers every PUBREC, even one for a message already released
-            if not self.stream_writer.transport.is_closing():
-                self.stream_writer.transport.write(wire.pubrel(pubrec.packet_id))
-
-    async def handle_pubcomp(self, pubcomp: Any) -> None:
-        outbox = self._outbox()
-        if outbox is not None:
-            outbox.acknowledge(pubcomp.packet_id)
 
 
 class FieldlineBroker(Broker):
@@ -334,6 +179,7 @@ class FieldlineBroker(Broker):
 
     # -- life cycle -------------------------------------------------------------------------
     async def start(self) -> None:
+        _trim_tls_buffers()
         try:
             await super().start()
         except BrokerError:
@@ -467,8 +313,9 @@ class FieldlineBroker(Broker):
             self._refused("aborted", peer, None, type(exc).__name__)
             return
 
+        link = Link(writer, self.metrics)
         outbox = Outbox(self.options.max_inflight, self.options.max_queued)
-        fresh = FieldlineSession.from_connect(connect, writer, outbox)
+        fresh = FieldlineSession.from_connect(connect, link, outbox)
         if not await self._authenticate(fresh, self.listeners_config[listener_name]):
             refusal = fresh.attributes.get(AUTH_REFUSAL) or Refusal(
                 "refused", wire.NOT_AUTHORIZED, "refused by an auth plugin"
@@ -479,28 +326,24 @@ class FieldlineBroker(Broker):
             return
 
         session, present = await self._take_session(fresh)
-        handler = FieldlineHandler(self, writer)
+        handler = FieldlineHandler(self.plugins_manager, link, session.qos2_received)
         # a float: amqtt's reader waits this long for the next packet (MQTT-3.1.2-24)
         session.keep_alive = connect.keepalive * self.options.keepalive_factor
-        handler.attach(
-            session,
-            _FramedReader(reader, self.options.max_packet_bytes, handler),
-            StreamWriterAdapter(writer),
-        )
+        handler.attach(session, FramedReader(reader, self.options.max_packet_bytes, handler), link)
         session.handler = handler
         assert session.client_id is not None
         self._sessions[session.client_id] = (session, handler)
         session.transitions.connect()
-        writer.write(wire.connack(present, wire.ACCEPTED))
+        link.write(wire.connack(present, wire.ACCEPTED))
         self.metrics.connects.labels("accepted").inc()
         self.metrics.connected.inc()
-        principal = principal_of(session)
         log.info(
             "event=connected client=%s principal=%s peer=%s clean=%s present=%s keepalive=%d",
-            session.client_id, principal, _peer(peer), session.clean_session, present,
-            connect.keepalive,
+            session.client_id, principal_of(session), _peer(peer), session.clean_session,
+            present, connect.keepalive,
         )  # fmt: skip
-        session.outbox.attach(Link(writer, session.outbox, self.metrics))
+        link.outbox = session.outbox
+        session.outbox.attach(link)
         await self.plugins_manager.fire_event(
             BrokerEvents.CLIENT_CONNECTED, client_id=session.client_id, client_session=session
         )
@@ -508,7 +351,27 @@ class FieldlineBroker(Broker):
         if present:
             for topic_filter, qos in self._index.filters_of(session.client_id).items():
                 await self._send_retained(session, topic_filter, qos)
-        await self._client_message_loop(session, handler)
+        await self._work_loop(session, handler)
+
+    async def _work_loop(self, session: FieldlineSession, handler: FieldlineHandler) -> None:
+        """This connection's PUBLISHes, SUBSCRIBEs and UNSUBSCRIBEs, in arrival order, to its end.
+
+        Replaces amqtt's message loop, which waits on four futures and makes a task per message.
+        """
+        while True:
+            item = await handler.next_work()
+            if isinstance(item, Ended):
+                await self._disconnected(session, handler, item.packet)
+                return
+            try:
+                if isinstance(item, Subscription):
+                    await self._subscribe(session, handler, item)
+                elif isinstance(item, UnSubscription):
+                    await self._unsubscribe(session, handler, item)
+                elif not await self._incoming(session, item):
+                    handler.close("protocol-error")
+            except Exception:  # one bad packet must not end the connection's loop
+                log.exception("event=work_failed client=%s", session.client_id)
 
     def _refused(self, rule: str, peer: Any, client_id: str | None, detail: str) -> None:
         self.metrics.connects.labels(rule).inc()
@@ -559,35 +422,29 @@ class FieldlineBroker(Broker):
             self.metrics.dropped.labels("not-receivable").inc(dropped)
             log.info("event=outbox_rechecked client=%s dropped=%d", session.client_id, dropped)
 
-    async def _handle_disconnect(
-        self, client_session: Session, handler: BrokerProtocolHandler, disconnect_waiter: Any
+    async def _disconnected(
+        self, session: FieldlineSession, handler: FieldlineHandler, packet: DisconnectPacket | None
     ) -> None:
-        result = disconnect_waiter.result()
         await self._stop_handler(handler)
-        if (
-            not isinstance(client_session, FieldlineSession)
-            or client_session.handler is not handler
-        ):
+        if session.handler is not handler:
             return  # superseded by a newer connection with the same client id
-        client_session.handler = None
-        client_session.outbox.detach(persistent=not client_session.clean_session)
-        client_session.transitions.disconnect()
+        session.handler = None
+        session.outbox.detach(persistent=not session.clean_session)
+        session.transitions.disconnect()
         self.metrics.connected.dec()
-        graceful = isinstance(result, DisconnectPacket)
-        reason = "graceful" if graceful else getattr(handler, "close_reason", None) or "network"
+        graceful = isinstance(packet, DisconnectPacket)
+        reason = "graceful" if graceful else handler.close_reason or "network"
         self.metrics.disconnects.labels(reason).inc()
-        log.info("event=disconnected client=%s reason=%s", client_session.client_id, reason)
-        if not graceful and client_session.will_flag and not self._closing:
-            await self._publish_will(client_session)
+        log.info("event=disconnected client=%s reason=%s", session.client_id, reason)
+        if not graceful and session.will_flag and not self._closing:
+            await self._publish_will(session)
         await self.plugins_manager.fire_event(
-            BrokerEvents.CLIENT_DISCONNECTED,
-            client_id=client_session.client_id,
-            client_session=client_session,
+            BrokerEvents.CLIENT_DISCONNECTED, client_id=session.client_id, client_session=session
         )
-        if client_session.clean_session and client_session.client_id is not None:
-            current = self._sessions.get(client_session.client_id)
-            if current is not None and current[0] is client_session:
-                await self._delete_session(client_session.client_id)
+        if session.clean_session and session.client_id is not None:
+            current = self._sessions.get(session.client_id)
+            if current is not None and current[0] is session:
+                await self._delete_session(session.client_id)
 
     async def _publish_will(self, session: FieldlineSession) -> None:
         topic, payload = session.will_topic, session.will_message
@@ -603,13 +460,9 @@ class FieldlineBroker(Broker):
             await self.retain_message(session, topic, payload, session.will_qos)
 
     # -- messages in ------------------------------------------------------------------------
-    async def _handle_message_delivery(
-        self, client_session: Session, handler: BrokerProtocolHandler, wait_deliver: Any
-    ) -> bool:
-        message = wait_deliver.result()
-        if message is None:
-            return True
-        self.metrics.messages_in.inc()
+    async def _incoming(self, client_session: FieldlineSession, message: Incoming) -> bool:
+        """A PUBLISH from a client: checked, routed, retained; False for a protocol violation."""
+        self.metrics.received += 1
         topic = message.topic
         if not topic or "#" in topic or "+" in topic or topic.startswith("$"):
             # MQTT-4.7.3-1, MQTT-3.3.2-2: a malformed topic name is a protocol violation
@@ -617,7 +470,7 @@ class FieldlineBroker(Broker):
                 "event=protocol_error client=%s detail=bad topic name", client_session.client_id
             )
             return False
-        retain = bool(message.publish_packet is not None and message.publish_packet.retain_flag)
+        retain = message.retain
         if not await self._topic_filtering(
             client_session, topic, AmqttAction.PUBLISH, retain=retain
         ):
@@ -625,10 +478,9 @@ class FieldlineBroker(Broker):
         await self.plugins_manager.fire_event(
             BrokerEvents.MESSAGE_BROADCAST, client_id=client_session.client_id, message=message
         )
-        payload = bytes(message.data)
-        await self._route(topic, payload, message.qos or 0)
+        await self._route(topic, message.data, message.qos)
         if retain:
-            await self.retain_message(client_session, topic, payload, message.qos)
+            await self.retain_message(client_session, topic, message.data, message.qos)
         return True
 
     async def _broadcast_message(
@@ -733,10 +585,9 @@ class FieldlineBroker(Broker):
         self._index.add(topic_filter, session.client_id, granted)
         return granted
 
-    async def _handle_subscription(
-        self, client_session: Session, handler: BrokerProtocolHandler, subscribe_waiter: Any
+    async def _subscribe(
+        self, client_session: FieldlineSession, handler: FieldlineHandler, request: Subscription
     ) -> None:
-        request = subscribe_waiter.result()
         codes = [await self.add_subscription(sub, client_session) for sub in request.topics]
         await handler.mqtt_acknowledge_subscription(request.packet_id, codes)
         for (topic_filter, _qos), code in zip(request.topics, codes, strict=True):
@@ -748,8 +599,19 @@ class FieldlineBroker(Broker):
                 topic=topic_filter,
                 qos=code,
             )
-            if isinstance(client_session, FieldlineSession):
-                await self._send_retained(client_session, topic_filter, code)
+            await self._send_retained(client_session, topic_filter, code)
+
+    async def _unsubscribe(
+        self, client_session: FieldlineSession, handler: FieldlineHandler, request: UnSubscription
+    ) -> None:
+        for topic_filter in request.topics:
+            self._del_subscription(topic_filter, client_session)
+            await self.plugins_manager.fire_event(
+                BrokerEvents.CLIENT_UNSUBSCRIBED,
+                client_id=client_session.client_id,
+                topic=topic_filter,
+            )
+        await handler.mqtt_acknowledge_unsubscription(request.packet_id)
 
     async def _send_retained(self, session: FieldlineSession, topic_filter: str, qos: int) -> None:
         """The retained messages a filter matches, each checked for RECEIVE, flagged retain."""
@@ -805,6 +667,13 @@ class FieldlineBroker(Broker):
         for client_id, (session, _handler) in self._sessions.items():
             if getattr(session, "handler", None) is not None:
                 yield client_id
+
+
+def _trim_tls_buffers() -> None:
+    """asyncio gives every TLS connection a 256 KiB read buffer it never fills: a TLS record
+    carries at most 16 KiB. Thousands of idle devices would cost GiBs; 32 KiB is plenty."""
+    if sslproto.SSLProtocol.max_size > TLS_READ_BUFFER:
+        sslproto.SSLProtocol.max_size = TLS_READ_BUFFER
 
 
 def _peer(peer: Any) -> str:

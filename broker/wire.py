@@ -185,3 +185,31 @@ def decode_connect(body: bytes) -> Connect:
     if cur.pos != len(body):
         raise ProtocolError(f"{len(body) - cur.pos} bytes after the CONNECT payload")
     return Connect(client_id, bool(flags & 0x02), keepalive, will, username, password)
+
+
+def decode_subscribe(body: bytes) -> tuple[int, list[tuple[str, int]]]:
+    """SUBSCRIBE's packet id and (filter, requested QoS) pairs (MQTT 3.1.1, 3.8)."""
+    cur = _Cursor(body)
+    packet_id = cur.u16()
+    pairs = []
+    while cur.pos < len(body):
+        topic_filter = cur.text("topic filter")
+        options = cur.take(1)[0]
+        if options > 2:
+            raise ProtocolError(f"requested QoS byte {options:#x} (MQTT-3-8.3-4)")
+        pairs.append((topic_filter, options))
+    if not pairs:
+        raise ProtocolError("a SUBSCRIBE without a topic filter (MQTT-3.8.3-3)")
+    return packet_id, pairs
+
+
+def decode_unsubscribe(body: bytes) -> tuple[int, list[str]]:
+    """UNSUBSCRIBE's packet id and filters (MQTT 3.1.1, 3.10)."""
+    cur = _Cursor(body)
+    packet_id = cur.u16()
+    filters = []
+    while cur.pos < len(body):
+        filters.append(cur.text("topic filter"))
+    if not filters:
+        raise ProtocolError("an UNSUBSCRIBE without a topic filter (MQTT-3.10.3-2)")
+    return packet_id, filters

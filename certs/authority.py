@@ -9,7 +9,7 @@ import json
 import os
 import shutil
 from collections.abc import Iterator, Sequence
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -83,6 +83,19 @@ def load_certificate(path: Path) -> x509.Certificate:
         return x509.load_der_x509_certificate(data)
     except ValueError as exc:
         raise CertsError(f"{path} is not a PEM or DER certificate: {exc}") from exc
+
+
+@dataclass(frozen=True)
+class _Request:
+    """One certificate to issue."""
+
+    identity: Identity
+    directory: Path
+    san: list[x509.GeneralName]
+    usage: x509.ObjectIdentifier
+    start: datetime
+    end: datetime
+    key_type: KeyType
 
 
 class Pki:
@@ -306,16 +319,66 @@ class Pki:
         now = _now()
         start = not_before or now - _BACKDATE
         end = not_after or now + timedelta(days=days)
-        if end <= start:
-            raise CertsError(f"the certificate would expire ({end}) before it starts ({start})")
+        request = _Request(identity, directory, san, usage, start, end, key_type)
+        return self._issue_all([request], force=force, ca_passphrase=ca_passphrase)[0]
+
+    def issue_many(
+        self,
+        ids: Sequence[str],
+        *,
+        tenant: str,
+        role: Role,
+        days: int = 365,
+        force: bool = False,
+        ca_passphrase: str | None = None,
+        key_type: KeyType = KeyType.EC_P256,
+    ) -> list[Bundle]:
+        """Issue client certificates for many ids at once (a fleet): one registry write."""
+        role = Role(role)
+        if role not in CLIENT_ROLES:
+            raise InvalidIdentityError(f"role {role.value!r} is not a client role")
+        tenant = check_id(tenant, "tenant id")
+        if len(set(ids)) != len(ids):
+            raise CertsError("the same id appears twice in one batch")
+        now = _now()
+        requests = []
+        for identity_id in ids:
+            identity = Identity(check_id(identity_id, "id"), tenant, role)
+            san: list[x509.GeneralName] = [
+                x509.UniformResourceIdentifier(f"urn:fieldline:{tenant}:{role.value}:{identity_id}")
+            ]
+            requests.append(
+                _Request(
+                    identity,
+                    self.root / "issued" / identity.id,
+                    san,
+                    ExtendedKeyUsageOID.CLIENT_AUTH,
+                    now - _BACKDATE,
+                    now + timedelta(days=days),
+                    key_type,
+                )
+            )
+        return self._issue_all(requests, force=force, ca_passphrase=ca_passphrase)
+
+    def _issue_all(
+        self, requests: Sequence[_Request], *, force: bool, ca_passphrase: str | None
+    ) -> list[Bundle]:
+        for request in requests:
+            if request.end <= request.start:
+                raise CertsError(
+                    f"the certificate would expire ({request.end}) before it starts "
+                    f"({request.start})"
+                )
+        now = _now()
         with self._locked():
             ca_cert, ca_key = self._ca(ca_passphrase)
             records = self._load()
-            active = [r for r in records if r.id == identity.id and r.revoked_at is None]
+            wanted = {r.identity.id for r in requests}
+            active = [r for r in records if r.id in wanted and r.revoked_at is None]
             if active and not force:
                 other = active[0]
                 raise AlreadyExistsError(
-                    f"id {identity.id!r} is already issued ({other.role.value} of tenant "
+                    f"id {other.id!r} is already issued ({other.role.value} of tenant "
                     f"{other.tenant}, serial {other.serial_hex}); ids are unique across tenants "
                     "because the MQTT client id is the CN. Pass --force to re-issue (the old "
                     "certificate is revoked)"
@@ -323,74 +386,82 @@ class Pki:
             for old in active:
                 old.revoked_at = now
                 old.reason = "superseded"
-            key = _new_key(key_type)
-            public = key.public_key()
-            key_usage = x509.KeyUsage(
-                digital_signature=True,
-                content_commitment=False,
-                key_encipherment=isinstance(key, rsa.RSAPrivateKey),
-                data_encipherment=False,
-                key_agreement=False,
-                key_cert_sign=False,
-                crl_sign=False,
-                encipher_only=False,
-                decipher_only=False,
-            )
-            ca_ski = ca_cert.extensions.get_extension_for_class(x509.SubjectKeyIdentifier).value
-            cert = (
-                x509.CertificateBuilder()
-                .subject_name(
-                    x509.Name(
-                        [
-                            x509.NameAttribute(NameOID.COMMON_NAME, identity.id),
-                            x509.NameAttribute(NameOID.ORGANIZATION_NAME, identity.tenant),
-                            x509.NameAttribute(
-                                NameOID.ORGANIZATIONAL_UNIT_NAME, identity.role.value
-                            ),
-                        ]
+            bundles = []
+            for request in requests:
+                serial = self._write_bundle(request, ca_cert, ca_key)
+                records.append(
+                    CertRecord(
+                        id=request.identity.id,
+                        tenant=request.identity.tenant,
+                        role=request.identity.role,
+                        serial=serial,
+                        not_before=request.start,
+                        not_after=request.end,
+                        directory=str(request.directory.relative_to(self.root)),
                     )
                 )
-                .issuer_name(ca_cert.subject)
-                .public_key(public)
-                .serial_number(x509.random_serial_number())
-                .not_valid_before(start)
-                .not_valid_after(end)
-                .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
-                .add_extension(key_usage, critical=True)
-                .add_extension(x509.ExtendedKeyUsage([usage]), critical=False)
-                .add_extension(x509.SubjectAlternativeName(san), critical=False)
-                .add_extension(x509.SubjectKeyIdentifier.from_public_key(public), critical=False)
-                .add_extension(
-                    x509.AuthorityKeyIdentifier.from_issuer_subject_key_identifier(ca_ski),
-                    critical=False,
-                )
-                .sign(ca_key, hashes.SHA256())
-            )
-            shutil.rmtree(directory, ignore_errors=True)
-            directory.mkdir(mode=0o700, parents=True)
-            pem, der = serialization.Encoding.PEM, serialization.Encoding.DER
-            pkcs8, plain = serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
-            _write_private(directory / "key.pem", key.private_bytes(pem, pkcs8, plain))
-            _write_private(directory / "key.der", key.private_bytes(der, pkcs8, plain))
-            _write_public(directory / "cert.pem", cert.public_bytes(pem))
-            _write_public(directory / "cert.der", cert.public_bytes(der))
-            _write_public(directory / "ca.pem", ca_cert.public_bytes(pem))
-            _write_public(directory / "ca.der", ca_cert.public_bytes(der))
-            records.append(
-                CertRecord(
-                    id=identity.id,
-                    tenant=identity.tenant,
-                    role=identity.role,
-                    serial=cert.serial_number,
-                    not_before=start,
-                    not_after=end,
-                    directory=str(directory.relative_to(self.root)),
-                )
-            )
+                bundles.append(Bundle(request.identity, request.directory, serial, request.end))
             self._save(records)
             if active:
                 self._write_crl_locked(ca_cert, ca_key, records)
-        return Bundle(identity, directory, cert.serial_number, end)
+        return bundles
+
+    @staticmethod
+    def _write_bundle(request: _Request, ca_cert: x509.Certificate, ca_key: PrivateKey) -> int:
+        """Make the key and certificate and write the bundle's six files; the serial."""
+        identity, directory = request.identity, request.directory
+        key = _new_key(request.key_type)
+        public = key.public_key()
+        key_usage = x509.KeyUsage(
+            digital_signature=True,
+            content_commitment=False,
+            key_encipherment=isinstance(key, rsa.RSAPrivateKey),
+            data_encipherment=False,
+            key_agreement=False,
+            key_cert_sign=False,
+            crl_sign=False,
+            encipher_only=False,
+            decipher_only=False,
+        )
+        ca_ski = ca_cert.extensions.get_extension_for_class(x509.SubjectKeyIdentifier).value
+        cert = (
+            x509.CertificateBuilder()
+            .subject_name(
+                x509.Name(
+                    [
+                        x509.NameAttribute(NameOID.COMMON_NAME, identity.id),
+                        x509.NameAttribute(NameOID.ORGANIZATION_NAME, identity.tenant),
+                        x509.NameAttribute(NameOID.ORGANIZATIONAL_UNIT_NAME, identity.role.value),
+                    ]
+                )
+            )
+            .issuer_name(ca_cert.subject)
+            .public_key(public)
+            .serial_number(x509.random_serial_number())
+            .not_valid_before(request.start)
+            .not_valid_after(request.end)
+            .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+            .add_extension(key_usage, critical=True)
+            .add_extension(x509.ExtendedKeyUsage([request.usage]), critical=False)
+            .add_extension(x509.SubjectAlternativeName(request.san), critical=False)
+            .add_extension(x509.SubjectKeyIdentifier.from_public_key(public), critical=False)
+            .add_extension(
+                x509.AuthorityKeyIdentifier.from_issuer_subject_key_identifier(ca_ski),
+                critical=False,
+            )
+            .sign(ca_key, hashes.SHA256())
+        )
+        shutil.rmtree(directory, ignore_errors=True)
+        directory.mkdir(mode=0o700, parents=True)
+        pem, der = serialization.Encoding.PEM, serialization.Encoding.DER
+        pkcs8, plain = serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+        _write_private(directory / "key.pem", key.private_bytes(pem, pkcs8, plain))
+        _write_private(directory / "key.der", key.private_bytes(der, pkcs8, plain))
+        _write_public(directory / "cert.pem", cert.public_bytes(pem))
+        _write_public(directory / "cert.der", cert.public_bytes(der))
+        _write_public(directory / "ca.pem", ca_cert.public_bytes(pem))
+        _write_public(directory / "ca.der", ca_cert.public_bytes(der))
+        return int(cert.serial_number)
 
     # -- revocation ----------------------------------------------------------------------
     def revoke(

@@ -7,7 +7,7 @@ packages=(
     postgresql-15 postgresql-server-dev-15 postgresql-client-15
     mosquitto mosquitto-clients
     cmake build-essential dpkg-dev libssl-dev libkrb5-dev
-    openssl ca-certificates python3-venv
+    openssl ca-certificates python3-venv curl
 )
 
 SUDO=""

@@ -2,11 +2,8 @@
 
 from __future__ import annotations
 
-import os
-import shlex
 import ssl
 import subprocess
-import sys
 import threading
 import time
 import uuid
@@ -18,9 +15,8 @@ from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from paho.mqtt.enums import CallbackAPIVersion
 
-from certs import Bundle, Pki
-from fieldline.pgcluster import free_port
-from tests.fixtures.mosquitto import MosquittoProcess, start_mosquitto
+from certs import Bundle
+from tests.fixtures.mosquitto import MosquittoProcess
 from tests.fixtures.pki import TestPki
 from tests.fixtures.prereq import require_binary
 
@@ -156,124 +152,3 @@ def test_bad_certificates_never_get_in(
         watcher.close()
         attacker.client.loop_stop()
     assert "OpenSSL Error" in mosquitto.log_tail(50) or "protocol error" in mosquitto.log_tail(50)
-
-
-README = Path(__file__).resolve().parents[2] / "README.md"
-EXPECTED_LINE = 'fl/acme/pump-1/telemetry {"metrics":{"temperature":21.5}}'
-
-
-def _walkthrough() -> list[str | tuple[str, str]]:
-    """The README's certificate walk-through: its shell lines, and heredocs as (file, body)."""
-    text = README.read_text()
-    start, end = text.index("<!-- walkthrough:certs -->"), text.index("<!-- /walkthrough:certs -->")
-    steps: list[str | tuple[str, str]] = []
-    in_block, heredoc, body = False, None, []
-    for line in text[start:end].splitlines():
-        if line.startswith("```"):
-            in_block = line.strip() == "```sh"
-            continue
-        if not in_block:
-            continue
-        if heredoc is not None:
-            if line.strip() == heredoc[1]:
-                steps.append((heredoc[0], "\n".join(body) + "\n"))
-                heredoc, body = None, []
-            else:
-                body.append(line)
-        elif "<<" in line:
-            target, marker = line.split(">", 1)[1].split("<<")
-            heredoc = (target.strip(), marker.strip())
-        elif line.strip():
-            steps.append(line)
-    return steps
-
-
-def test_readme_walkthrough_with_mosquitto_clients(tmp_path: Path) -> None:
-    """The README's certificate walk-through, run as written against a real Mosquitto.
-
-    Each `fieldline` line runs as is; the broker's port is swapped for a free one; the
-    `mosquitto` line starts the broker from the README's config; `pkill -HUP` becomes a
-    SIGHUP to that broker only (other tests' brokers run beside it).
-    """
-    port = free_port()
-    steps = _walkthrough()
-    assert EXPECTED_LINE in README.read_text()
-    broker: MosquittoProcess | None = None
-    sub: subprocess.Popen[str] | None = None
-    ran: list[str] = []
-    env = {k: v for k, v in os.environ.items() if k != "FIELDLINE_HOME"}
-    try:
-        for step in steps:
-            if isinstance(step, tuple):
-                path, body = step
-                body = body.replace("8883", str(port))
-                if os.geteuid() == 0:
-                    body += "user root\n"
-                (tmp_path / path).write_text(body)
-                ran.append("config")
-                continue
-            argv = [a.replace("8883", str(port)) for a in shlex.split(step, comments=True)]
-            match argv[0]:
-                case "fieldline":
-                    out = subprocess.run(
-                        [sys.executable, "-m", "fieldline", *argv[1:]],
-                        capture_output=True, text=True, env=env, cwd=tmp_path, check=False,
-                        timeout=60,
-                    )  # fmt: skip
-                    assert out.returncode == 0, f"{step}\n{out.stderr}"
-                    if "operator" in argv:
-                        # `issue` prints, for an operator, the README's mosquitto_sub line
-                        printed = [
-                            x for x in out.stdout.splitlines() if x.startswith("mosquitto_sub")
-                        ]
-                        assert (
-                            printed == [s for s in steps if str(s).startswith("mosquitto_sub")][:1]
-                        )
-                case "mosquitto":
-                    real = Pki(tmp_path / ".fieldline" / "pki")
-                    config = (tmp_path / argv[argv.index("-c") + 1]).read_text()
-                    broker = start_mosquitto(
-                        real, real.bundle("broker"), real.bundle("pump-1"), tmp_path / "mq",
-                        config, port, cwd=tmp_path,
-                    )  # fmt: skip
-                case "mosquitto_sub":
-                    sub = subprocess.Popen(
-                        [require_binary(argv[0]), *argv[1:], "-C", "1", "-W", "15"],
-                        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=tmp_path,
-                    )  # fmt: skip
-                    time.sleep(0.5)
-                case "mosquitto_pub":
-                    pub = subprocess.run(
-                        [require_binary(argv[0]), *argv[1:]],
-                        capture_output=True, text=True, check=False, timeout=15, cwd=tmp_path,
-                    )  # fmt: skip
-                    assert pub.returncode == 0, pub.stderr
-                    assert sub is not None
-                    out_text, err = sub.communicate(timeout=15)
-                    assert out_text.strip() == EXPECTED_LINE, err
-                    pub_argv = argv
-                case "pkill":
-                    assert broker is not None
-                    assert argv[1:] == ["-HUP", "-x", "mosquitto"]
-                    broker.reload()
-                    time.sleep(0.5)
-                case _:
-                    raise AssertionError(
-                        f"the walk-through has a step this test cannot run: {step}"
-                    )
-            ran.append(argv[0] if argv[0] != "fieldline" else " ".join(argv[:3]))
-        assert ran.count("fieldline certs issue") == 2
-        assert {"config", "mosquitto", "mosquitto_sub", "mosquitto_pub", "pkill"} <= set(ran)
-        assert ran.index("fieldline certs revoke") < ran.index("pkill")
-        # after the revocation and the SIGHUP, the device's publish is refused at the handshake
-        refused = subprocess.run(
-            [require_binary("mosquitto_pub"), *pub_argv[1:]],
-            capture_output=True, text=True, check=False, timeout=15, cwd=tmp_path,
-        )  # fmt: skip
-        assert refused.returncode != 0
-    finally:
-        if sub is not None:
-            sub.kill()
-            sub.wait()
-        if broker is not None:
-            broker.stop()

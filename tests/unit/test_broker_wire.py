@@ -17,7 +17,7 @@ from tests.mqtt_raw import connect_packet
 
 
 @given(
-    topic=st.text(min_size=1, max_size=40).filter(lambda t: "\x00" not in t),
+    topic=st.text(min_size=1, max_size=40).filter(lambda t: not set(t) & {"\x00", "#", "+"}),
     payload=st.binary(max_size=300),
     qos=st.integers(0, 2),
     retain=st.booleans(),
@@ -123,3 +123,31 @@ def test_connect_over_the_size_limit_is_refused_before_reading_it() -> None:
 def test_truncated_connect_is_an_incomplete_read() -> None:
     with pytest.raises(asyncio.IncompleteReadError):
         _read(connect_packet("dev-1")[:-3])
+
+
+def test_subscribe_and_unsubscribe_bodies() -> None:
+    body = b"\x00\x05" + _s(b"fl/acme/dev-1/cmd/#") + b"\x01" + _s(b"fl/+/x") + b"\x02"
+    assert wire.decode_subscribe(body) == (5, [("fl/acme/dev-1/cmd/#", 1), ("fl/+/x", 2)])
+    assert wire.decode_unsubscribe(b"\x00\x06" + _s(b"a/b")) == (6, ["a/b"])
+
+
+@pytest.mark.parametrize(
+    ("body", "text"),
+    [
+        (b"\x00\x05", "without a topic filter"),
+        (b"\x00\x05" + _s(b"a") + b"\x03", "requested QoS"),
+        (b"\x00\x05" + _s(b"a") + b"\x81", "requested QoS"),
+        (b"\x00\x05" + _s(b"\xc3\x28") + b"\x01", "not valid UTF-8"),
+        (b"\x00\x05" + b"\x00\x09ab", "shorter than its fields"),
+    ],
+)
+def test_bad_subscribes(body: bytes, text: str) -> None:
+    with pytest.raises(ProtocolError, match=text):
+        wire.decode_subscribe(body)
+
+
+def test_bad_unsubscribes() -> None:
+    with pytest.raises(ProtocolError, match="without a topic filter"):
+        wire.decode_unsubscribe(b"\x00\x06")
+    with pytest.raises(ProtocolError, match="not valid UTF-8"):
+        wire.decode_unsubscribe(b"\x00\x06" + _s(b"\xff"))

@@ -243,3 +243,16 @@ def test_every_command_has_help(command: str) -> None:
     result = runner.invoke(app, [command, "--help"])
     assert result.exit_code == 0
     assert len(result.output) > 200
+
+
+def test_issue_many_writes_the_registry_once_and_refuses_duplicates(pki: Pki) -> None:
+    bundles = pki.issue_many([f"pump-{i}" for i in range(20)], tenant="acme", role=Role.DEVICE)
+    assert [b.identity.id for b in bundles] == [f"pump-{i}" for i in range(20)]
+    assert all(pki.verify(b.cert).ok for b in bundles)
+    assert len({b.serial for b in bundles}) == 20
+    assert stat.S_IMODE(bundles[0].key.stat().st_mode) == 0o600
+    with pytest.raises(AlreadyExistsError, match="pump-3"):
+        pki.issue_many(["pump-99", "pump-3"], tenant="acme", role=Role.DEVICE)
+    assert "pump-99" not in {r.id for r in pki.records()}  # all or nothing
+    with pytest.raises(CertsError, match="twice"):
+        pki.issue_many(["a", "a"], tenant="acme", role=Role.DEVICE)

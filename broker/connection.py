@@ -1,0 +1,350 @@
+"""One client connection as the embedded broker drives it: its writer, reader and handler.
+
+amqtt's handler is kept for its plumbing (start, stop, SUBACK and UNSUBACK), but what goes
+through a connection is handled here:
+
+- `Link` is the connection's only writer. Everything written in one turn of the event loop
+  (PUBACKs, SUBACKs, PUBLISHes to this client) goes out as one TLS write, instead of one
+  TLS record and one system call per packet.
+- `FramedReader` reads whole packets, refusing oversized ones from their fixed header, and
+  stops reading while the connection's work queue is long (backpressure on a client that
+  publishes faster than the broker routes).
+- `FieldlineHandler` replaces amqtt's reader loop, which wraps every packet read in
+  `asyncio.wait_for` (a task and a timer per packet on Python 3.11) and starts another task
+  per packet: here a packet is decoded in place, PUBLISH, SUBSCRIBE and UNSUBSCRIBE go on one
+  queue in arrival order (ended by a marker when the connection goes), acknowledgements go
+  to the session's outbox, and keepalive is one timer per connection.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+from amqtt.adapters import ReaderAdapter, WriterAdapter
+from amqtt.errors import MQTTError
+from amqtt.mqtt.disconnect import DisconnectPacket
+from amqtt.mqtt.protocol.broker_handler import (
+    BrokerProtocolHandler,
+    Subscription,
+    UnSubscription,
+)
+
+from broker import wire
+from broker.errors import ProtocolError
+
+if TYPE_CHECKING:
+    import ssl
+
+    from broker.metrics import BrokerMetrics
+    from broker.outbox import Outbox
+
+# the reader pauses while more than this much incoming work waits to be routed
+WORK_HIGH = 1000
+WORK_LOW = 200
+
+
+class Link(WriterAdapter):
+    """The connection's writer: amqtt's WriterAdapter and the outbox's Transport in one."""
+
+    HIGH_WATER = 256 * 1024
+
+    def __init__(self, writer: asyncio.StreamWriter, metrics: BrokerMetrics) -> None:
+        self._writer = writer
+        self._transport = writer.transport
+        self._metrics = metrics
+        self._chunks: list[bytes] = []
+        self._pending = 0
+        self._scheduled = False
+        self._loop = asyncio.get_running_loop()
+        self._resuming: asyncio.Task[None] | None = None
+        self.outbox: Outbox | None = None
+        self.is_closed = False
+
+    # -- writing ----------------------------------------------------------------------------
+    def write(self, data: bytes) -> None:
+        if self.is_closed:
+            return
+        if data[0] & 0xF0 == wire.PUBLISH:
+            self._metrics.sent += 1
+        self._chunks.append(data)
+        self._pending += len(data)
+        if not self._scheduled:
+            self._scheduled = True
+            self._loop.call_soon(self.flush)
+
+    def flush(self) -> None:
+        """Hand what this turn wrote to the transport as one piece."""
+        self._scheduled = False
+        if not self._chunks:
+            return
+        data = self._chunks[0] if len(self._chunks) == 1 else b"".join(self._chunks)
+        self._chunks.clear()
+        self._pending = 0
+        if not self._transport.is_closing():
+            self._transport.write(data)
+
+    def writable(self) -> bool:
+        """For the outbox: False while the socket is backed up; pumping resumes when it drains."""
+        if self.is_closed or self._transport.is_closing():
+            return False
+        if self._transport.get_write_buffer_size() + self._pending <= self.HIGH_WATER:
+            return True
+        if self._resuming is None or self._resuming.done():
+            self._resuming = self._loop.create_task(self._resume())
+        return False
+
+    async def _resume(self) -> None:
+        with contextlib.suppress(ConnectionError, RuntimeError):
+            while not self._transport.is_closing():
+                self.flush()
+                await self._writer.drain()
+                if self._transport.get_write_buffer_size() <= self.HIGH_WATER:
+                    if self.outbox is not None:
+                        self.outbox.pump()
+                    return
+                await asyncio.sleep(0.005)
+
+    async def drain(self) -> None:
+        # amqtt drains after every packet; the turn's writes leave together at its end, so
+        # only wait when the socket is really backed up
+        if self._transport.get_write_buffer_size() > self.HIGH_WATER:
+            self.flush()
+            with contextlib.suppress(ConnectionError):
+                await self._writer.drain()
+
+    # -- the rest of amqtt's WriterAdapter --------------------------------------------------
+    def get_peer_info(self) -> tuple[str, int] | None:
+        peer = self._writer.get_extra_info("peername")
+        return (peer[0], peer[1]) if peer and len(peer) >= 2 else None
+
+    def get_ssl_info(self) -> ssl.SSLObject | None:
+        return self._writer.get_extra_info("ssl_object")  # type: ignore[no-any-return]
+
+    async def close(self) -> None:
+        if self.is_closed:
+            return
+        self.flush()
+        self.is_closed = True
+        with contextlib.suppress(ConnectionError, OSError):
+            self._writer.close()
+            await asyncio.wait_for(self._writer.wait_closed(), 2)
+
+    def abort(self) -> None:
+        self.is_closed = True
+        self._chunks.clear()
+        self._transport.abort()
+
+
+@dataclass(frozen=True, slots=True)
+class Ended:
+    """The last item of a connection's work queue: DISCONNECT, or None for any other end."""
+
+    packet: DisconnectPacket | None
+
+
+class FramedReader(ReaderAdapter):
+    """Whole packets from the stream, refusing oversized ones before reading their body."""
+
+    def __init__(
+        self, reader: asyncio.StreamReader, max_bytes: int, handler: FieldlineHandler
+    ) -> None:
+        self._reader = reader
+        self._max = max_bytes
+        self._handler = handler
+
+    async def next_packet(self) -> tuple[int, bytes] | None:
+        """(first byte, body) of the next packet, or None at the end of the stream."""
+        await self._handler.room_for_work()
+        try:
+            first = (await self._reader.readexactly(1))[0]
+        except asyncio.IncompleteReadError:
+            return None
+        try:
+            length, shift = 0, 0
+            while True:
+                byte = (await self._reader.readexactly(1))[0]
+                length |= (byte & 0x7F) << shift
+                if not byte & 0x80:
+                    break
+                shift += 7
+                if shift > 21:
+                    raise ProtocolError("malformed remaining length")
+            if length > self._max:
+                self._handler.close_reason = "packet-too-large"
+                raise ProtocolError(f"a packet of {length} bytes, over the {self._max}-byte limit")
+            return first, await self._reader.readexactly(length) if length else b""
+        except asyncio.IncompleteReadError as exc:
+            raise ProtocolError("the connection closed in the middle of a packet") from exc
+
+    async def read(self, n: int = -1) -> bytes:  # amqtt's interface; nothing reads through it
+        raise NotImplementedError("FieldlineHandler reads whole packets with next_packet()")
+
+    def feed_eof(self) -> None:
+        self._reader.feed_eof()
+
+
+@dataclass(frozen=True, slots=True)
+class Incoming:
+    """A PUBLISH from the client, decoded (attribute names as amqtt's ApplicationMessage)."""
+
+    topic: str
+    data: bytes
+    qos: int
+    retain: bool
+
+
+class FieldlineHandler(BrokerProtocolHandler):
+    """amqtt's handler with fieldline's reader: one ordered work queue, one keepalive timer."""
+
+    def __init__(self, plugins_manager: Any, link: Link, qos2_received: set[int]) -> None:
+        super().__init__(plugins_manager, loop=asyncio.get_running_loop())
+        self.link = link
+        self.close_reason: str | None = None
+        self.work: asyncio.Queue[Any] = asyncio.Queue()
+        # packet ids of QoS 2 PUBLISHes delivered but not yet released: kept with the session,
+        # so a resent PUBLISH (DUP) after a reconnect is not delivered twice
+        self.qos2_received = qos2_received
+        self._room = asyncio.Event()
+        self._room.set()
+        self._ended = False
+        self._last_rx = 0.0
+        self._keepalive_timer: asyncio.TimerHandle | None = None
+
+    def attach(self, session: Any, reader: ReaderAdapter, writer: WriterAdapter) -> None:
+        # amqtt's code reads the session's incoming queue: make it this connection's
+        session.delivered_message_queue = self.work
+        super().attach(session, reader, writer)
+
+    # -- the work queue ---------------------------------------------------------------------
+    async def room_for_work(self) -> None:
+        """Wait while the queue is long; the reader calls this before each packet."""
+        if self.work.qsize() >= WORK_HIGH:
+            self._room.clear()
+            await self._room.wait()
+            self._last_rx = self._loop.time()  # the wait was ours, not the client's silence
+
+    async def next_work(self) -> Any:
+        item = await self.work.get()
+        if not self._room.is_set() and self.work.qsize() <= WORK_LOW:
+            self._room.set()
+        return item
+
+    def _end(self, packet: DisconnectPacket | None) -> None:
+        if not self._ended:
+            self._ended = True
+            self.work.put_nowait(Ended(packet))
+            self._room.set()
+
+    # -- reading ----------------------------------------------------------------------------
+    async def _reader_loop(self) -> None:
+        assert self._reader_ready is not None
+        assert isinstance(self.reader, FramedReader)
+        self._reader_ready.set()
+        self._last_rx = self._loop.time()
+        keepalive = self.session.keep_alive if self.session is not None else 0
+        if keepalive and keepalive > 0:
+            self._keepalive_timer = self._loop.call_later(keepalive, self._check_keepalive)
+        disconnect: DisconnectPacket | None = None
+        try:
+            while True:
+                packet = await self.reader.next_packet()
+                if packet is None:
+                    break
+                self._last_rx = self._loop.time()
+                disconnect = self._dispatch(*packet)
+                if disconnect is not None:
+                    break
+        except asyncio.CancelledError:
+            pass
+        except (ProtocolError, MQTTError, UnicodeDecodeError, IndexError, ValueError) as exc:
+            self.close_reason = self.close_reason or "protocol-error"
+            self.logger.info("event=protocol_error detail=%r", str(exc))
+        except (ConnectionError, OSError):
+            pass
+        finally:
+            if self._keepalive_timer is not None:
+                self._keepalive_timer.cancel()
+            self._end(disconnect)
+            self._reader_stopped.set()
+            await self.stop()
+
+    def _check_keepalive(self) -> None:
+        keepalive = self.session.keep_alive if self.session is not None else 0
+        idle = self._loop.time() - self._last_rx
+        if idle >= keepalive:
+            # nothing from the client for 1.5 x its keepalive: MQTT-3.1.2-24
+            self.close("keepalive")
+        else:
+            self._keepalive_timer = self._loop.call_later(keepalive - idle, self._check_keepalive)
+
+    def _dispatch(self, first: int, body: bytes) -> DisconnectPacket | None:
+        """Handle one packet; a DISCONNECT is returned, a protocol violation raised."""
+        kind = first >> 4
+        if kind == 3:
+            self._publish(first, body)
+        elif kind == 4:  # PUBACK
+            if self.link.outbox is not None:
+                self.link.outbox.acknowledge(_packet_id(body))
+        elif kind == 5:  # PUBREC
+            packet_id = _packet_id(body)
+            if self.link.outbox is not None:
+                self.link.outbox.received(packet_id)
+            self.link.write(wire.pubrel(packet_id))  # answers every PUBREC, known or not
+        elif kind == 6 and first & 0x0F == 2:  # PUBREL
+            packet_id = _packet_id(body)
+            self.qos2_received.discard(packet_id)
+            self.link.write(b"\x70\x02" + body[:2])  # PUBCOMP
+        elif kind == 7:  # PUBCOMP
+            if self.link.outbox is not None:
+                self.link.outbox.acknowledge(_packet_id(body))
+        elif kind == 8 and first & 0x0F == 2:
+            self.work.put_nowait(Subscription(*wire.decode_subscribe(body)))
+        elif kind == 10 and first & 0x0F == 2:
+            self.work.put_nowait(UnSubscription(*wire.decode_unsubscribe(body)))
+        elif kind == 12:
+            self.link.write(b"\xd0\x00")  # PINGRESP
+        elif kind == 14:
+            return DisconnectPacket()
+        else:
+            # CONNECT again (MQTT-3.1.0-2), packets only a server sends, reserved types, bad flags
+            raise ProtocolError(f"unexpected packet type {kind} (flags {first & 0x0F})")
+        return None
+
+    def _publish(self, first: int, body: bytes) -> None:
+        qos = (first >> 1) & 0x03
+        if qos == 3:
+            raise ProtocolError("PUBLISH with QoS 3")
+        size = (body[0] << 8) | body[1]
+        topic = body[2 : 2 + size].decode("utf-8")
+        if qos == 0:
+            self.work.put_nowait(Incoming(topic, body[2 + size :], 0, bool(first & 1)))
+            return
+        packet_id = (body[2 + size] << 8) | body[3 + size]
+        message = Incoming(topic, body[4 + size :], qos, bool(first & 1))
+        if qos == 1:
+            self.work.put_nowait(message)
+            self.link.write(b"\x40\x02" + body[2 + size : 4 + size])  # PUBACK
+            return
+        if packet_id not in self.qos2_received:  # a DUP of a delivered one is not delivered again
+            self.qos2_received.add(packet_id)
+            self.work.put_nowait(message)
+        self.link.write(b"\x50\x02" + body[2 + size : 4 + size])  # PUBREC
+
+    # -- the rest ---------------------------------------------------------------------------
+    async def stop(self) -> None:
+        await super().stop()
+        self._end(None)
+
+    def close(self, reason: str) -> None:
+        """Drop the connection; the reader sees it and the broker runs the disconnect path."""
+        self.close_reason = self.close_reason or reason
+        self.link.abort()
+
+
+def _packet_id(body: bytes) -> int:
+    if len(body) != 2:
+        raise ProtocolError(f"an acknowledgement of {len(body)} bytes, not 2")
+    return (body[0] << 8) | body[1]
