@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -40,6 +41,8 @@ if TYPE_CHECKING:
 
     from broker.metrics import BrokerMetrics
     from broker.outbox import Outbox
+
+log = logging.getLogger("broker")
 
 # the reader pauses while more than this much incoming work waits to be routed
 WORK_HIGH = 1000
@@ -261,7 +264,8 @@ class FieldlineHandler(BrokerProtocolHandler):
             pass
         except (ProtocolError, MQTTError, UnicodeDecodeError, IndexError, ValueError) as exc:
             self.close_reason = self.close_reason or "protocol-error"
-            self.logger.info("event=protocol_error detail=%r", str(exc))
+            client = self.session.client_id if self.session is not None else None
+            log.info("event=protocol_error client=%s detail=%r", client, str(exc))
         except (ConnectionError, OSError):
             pass
         finally:
@@ -318,11 +322,17 @@ class FieldlineHandler(BrokerProtocolHandler):
         if qos == 3:
             raise ProtocolError("PUBLISH with QoS 3")
         size = (body[0] << 8) | body[1]
+        if 2 + size + (2 if qos else 0) > len(body):
+            raise ProtocolError("a PUBLISH shorter than its topic and packet id")
         topic = body[2 : 2 + size].decode("utf-8")
+        if "\x00" in topic:
+            raise ProtocolError("a topic name with a NUL character (MQTT-4.7.3-2)")
         if qos == 0:
             self.work.put_nowait(Incoming(topic, body[2 + size :], 0, bool(first & 1)))
             return
         packet_id = (body[2 + size] << 8) | body[3 + size]
+        if packet_id == 0:
+            raise ProtocolError("a QoS 1 or 2 PUBLISH with packet id 0 (MQTT-2.3.1-1)")
         message = Incoming(topic, body[4 + size :], qos, bool(first & 1))
         if qos == 1:
             self.work.put_nowait(message)

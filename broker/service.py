@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import resource
 import signal
 from typing import Any
 
@@ -90,8 +91,23 @@ class BrokerService:
         await self.stop()
 
 
+def raise_file_limit(max_connections: int) -> int:
+    """Every connection is a file descriptor: lift the soft limit to the hard one."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft < hard:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+    if hard < max_connections:
+        log.warning(
+            "event=file_limit limit=%d max_connections=%d hint='raise LimitNOFILE or ulimit -n'",
+            hard,
+            max_connections,
+        )
+    return hard
+
+
 async def serve(service: BrokerService) -> None:
     """Run until SIGTERM or SIGINT, then stop gracefully (the runner owns the signals)."""
+    raise_file_limit(service.options.max_connections)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
