@@ -14,6 +14,7 @@ from certs.errors import CertsError
 from fieldline import __version__
 from fieldline.db_cli import app as db_app
 from fieldline.errors import FieldlineError
+from ingest_worker.cli import app as ingest_app
 from ingest_worker.errors import StorageError
 from schemas.cli import app as schemas_app
 from schemas.errors import SchemaError
@@ -27,6 +28,7 @@ app = typer.Typer(
 )
 app.add_typer(certs_app, name="certs")
 app.add_typer(broker_app, name="broker")
+app.add_typer(ingest_app, name="ingest")
 app.add_typer(schemas_app, name="schemas")
 app.add_typer(db_app, name="db")
 

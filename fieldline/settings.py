@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 from functools import lru_cache
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 from pydantic_settings import (
@@ -45,6 +45,32 @@ class BrokerSettings(_Section):
     metrics_bind: str = "127.0.0.1"
 
 
+class IngestSettings(_Section):
+    """The ingest worker: who it is on the broker, how it batches, when it gives up waiting."""
+
+    identity: str = Field(default="ingest-1", description="its `service` certificate's id")
+    client: Literal["lean", "paho"] = Field(default="lean", description="MQTT receive path")
+    protocol: Literal["auto", "5", "3.1.1"] = Field(
+        default="auto", description="auto: MQTT 5, or 3.1.1 where the broker refuses 5"
+    )
+    share_group: str | None = Field(
+        default=None, description="subscribe as $share/<group>/... so workers split the load"
+    )
+    receive_maximum: int = Field(
+        default=1000, ge=1, le=65535, description="unacknowledged messages at once; <= broker's"
+    )
+    session_expiry_s: int = Field(default=7 * 24 * 3600, ge=0)
+    batch_max_rows: int = Field(default=20_000, ge=1)
+    batch_max_wait_ms: int = Field(default=50, ge=1, description="oldest message in a batch")
+    writers: int = Field(default=2, ge=1, le=16, description="database connections writing")
+    queue_max: int = Field(default=5000, ge=10, description="received, not yet acknowledged")
+    offline_after_s: float = Field(default=20.0, gt=0, description="silence that means offline")
+    max_future_skew_s: float = Field(default=300.0, ge=0)
+    retention_every_s: float = Field(default=3600.0, gt=0)
+    metrics_port: int = Field(default=9884, ge=0, le=65535, description="0 turns it off")
+    metrics_bind: str = "127.0.0.1"
+
+
 class PostgresSettings(_Section):
     """The embedded PostgreSQL cluster under FIELDLINE_HOME/pg (unless database_url is set)."""
 
@@ -70,6 +96,7 @@ class Settings(BaseSettings):
     )
     log_level: str = "INFO"
     broker: BrokerSettings = BrokerSettings()
+    ingest: IngestSettings = IngestSettings()
     postgres: PostgresSettings = PostgresSettings()
 
     @field_validator("database_url")

@@ -1,0 +1,91 @@
+"""The worker's schedules: devices that went silent are marked offline; old data is dropped."""
+
+from __future__ import annotations
+
+import logging
+
+import asyncpg
+
+from ingest_worker.migrate import RetentionMode, list_tenants, quote_ident
+
+log = logging.getLogger("ingest")
+
+_VALUE_TABLES = ("numeric_values", "text_values", "events")
+
+
+async def mark_silent_devices(conn: asyncpg.Connection, offline_after_s: float) -> dict[str, int]:
+    """Devices online but unheard for `offline_after_s` go offline, with a presence event.
+
+    Decided from `devices.last_seen` in the database, so several workers sharing the load
+    agree: a device is silent only if no worker has heard it.
+    """
+    marked: dict[str, int] = {}
+    for tenant in await list_tenants(conn):
+        schema = quote_ident(tenant.schema_name)
+        rows = await conn.fetch(
+            f"""
+            WITH gone AS (
+                UPDATE {schema}.devices SET status = 'offline'
+                WHERE status = 'online' AND last_seen < now() - make_interval(secs => $1)
+                RETURNING id, last_seen
+            )
+            INSERT INTO {schema}.events (time, device_id, kind, severity, body)
+            SELECT now(), id, 'presence', 'warning',
+                   jsonb_build_object('from', 'online', 'to', 'offline', 'cause', 'timeout',
+                                      'last_seen', last_seen, 'after_s', $1::float8)
+            FROM gone
+            ON CONFLICT DO NOTHING
+            RETURNING device_id
+            """,
+            offline_after_s,
+        )
+        if rows:
+            marked[tenant.id] = len(rows)
+            log.info(
+                "event=devices_offline tenant=%s devices=%s cause=timeout",
+                tenant.id, ",".join(r["device_id"] for r in rows),
+            )  # fmt: skip
+    return marked
+
+
+async def apply_retention(conn: asyncpg.Connection, mode: RetentionMode) -> dict[str, int]:
+    """Each tenant's `retention_days`: drop_chunks on TimescaleDB's Apache build, a retention
+    policy where the licence has them, DELETE without TimescaleDB. Chunks (or rows) dropped."""
+    dropped: dict[str, int] = {}
+    for tenant in await list_tenants(conn):
+        if tenant.retention_days is None:
+            continue
+        schema = quote_ident(tenant.schema_name)
+        count = 0
+        for table in _VALUE_TABLES:
+            name = f"{schema}.{table}"
+            if mode is RetentionMode.DROP_CHUNKS:
+                rows = await conn.fetch(
+                    "SELECT drop_chunks($1::regclass, "
+                    "older_than => now() - make_interval(days => $2))",
+                    name,
+                    tenant.retention_days,
+                )
+                count += len(rows)
+            elif mode is RetentionMode.POLICY:
+                await conn.execute(
+                    "SELECT add_retention_policy($1::regclass, make_interval(days => $2), "
+                    "if_not_exists => true)",
+                    name,
+                    tenant.retention_days,
+                )
+            else:
+                status = await conn.execute(
+                    f"DELETE FROM {name} WHERE time < now() - make_interval(days => $1)",
+                    tenant.retention_days,
+                )
+                count += int(status.split()[-1])
+        if count:
+            dropped[tenant.id] = count
+            log.info(
+                "event=retention tenant=%s days=%d removed=%d",
+                tenant.id,
+                tenant.retention_days,
+                count,
+            )
+    return dropped

@@ -1,0 +1,120 @@
+"""Prometheus metrics of an ingest worker, in a registry of its own."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from prometheus_client.registry import Collector
+
+
+class IngestMetrics:
+    """Messages in, rows written, batches, commit latency, queue depth, dead letters, lag."""
+
+    def __init__(self, registry: CollectorRegistry | None = None) -> None:
+        self.registry = registry or CollectorRegistry()
+        r = self.registry
+        # per-message values are plain numbers read at scrape time (no lock per message)
+        self.received = 0
+        self.pending = 0
+        self.connected = 0
+        self.last_commit = 0.0
+        r.register(_Live(self))
+        self.rows = Counter(
+            "fieldline_ingest_rows_written_total",
+            "Rows committed, by table.",
+            ["table"],
+            registry=r,
+        )
+        self.dead_letters = Counter(
+            "fieldline_ingest_dead_letters_total",
+            "Messages acknowledged into fieldline.dead_letters, by reason.",
+            ["reason"],
+            registry=r,
+        )
+        self.batch_rows = Histogram(
+            "fieldline_ingest_batch_rows",
+            "Rows per batch handed to a writer.",
+            buckets=(1, 10, 100, 500, 1000, 2000, 5000, 10000, 20000, 50000),
+            registry=r,
+        )
+        self.commit_seconds = Histogram(
+            "fieldline_ingest_commit_seconds",
+            "Time to write and commit one batch.",
+            buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5),
+            registry=r,
+        )
+        self.lag_seconds = Histogram(
+            "fieldline_ingest_lag_seconds",
+            "From a message's receipt by the worker to the commit of its rows.",
+            buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10),
+            registry=r,
+        )
+        self.publish_lag_seconds = Histogram(
+            "fieldline_ingest_publish_to_commit_seconds",
+            "From the device's `ts` to the commit (includes clock skew and device buffering).",
+            buckets=(0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 60, 600),
+            registry=r,
+        )
+        self.retries = Counter(
+            "fieldline_ingest_db_retries_total",
+            "Batches retried after a transient database error.",
+            registry=r,
+        )
+        self.seq_gaps = Counter(
+            "fieldline_ingest_seq_gaps_total",
+            "Messages missing by the devices' `seq` counters.",
+            registry=r,
+        )
+        self.presence = Counter(
+            "fieldline_ingest_presence_transitions_total",
+            "Device presence changes written as events, by new state.",
+            ["to"],
+            registry=r,
+        )
+        self.reconnects = Counter(
+            "fieldline_ingest_broker_connects_total",
+            "Connections made to the broker (the first one and every reconnect).",
+            registry=r,
+        )
+        self.retention_runs = Counter(
+            "fieldline_ingest_retention_runs_total",
+            "Retention passes, by result.",
+            ["result"],
+            registry=r,
+        )
+        self.up = Gauge("fieldline_ingest_up", "1 while the worker runs.", registry=r)
+
+
+class _Live(Collector):
+    def __init__(self, metrics: IngestMetrics) -> None:
+        self._m = metrics
+
+    def collect(self) -> Iterator[CounterMetricFamily | GaugeMetricFamily]:
+        m = self._m
+        yield CounterMetricFamily(
+            "fieldline_ingest_messages_received",
+            "Messages received from the broker (redeliveries included).",
+            value=m.received,
+        )
+        yield GaugeMetricFamily(
+            "fieldline_ingest_queue_depth",
+            "Messages received and not yet acknowledged (the worker's queue).",
+            value=m.pending,
+        )
+        yield GaugeMetricFamily(
+            "fieldline_ingest_acks_pending",
+            "Messages whose rows are not committed yet, so not acknowledged to the broker.",
+            value=m.pending,
+        )
+        yield GaugeMetricFamily(
+            "fieldline_ingest_broker_connected",
+            "1 while connected to the broker.",
+            value=m.connected,
+        )
+        yield GaugeMetricFamily(
+            "fieldline_ingest_last_commit_timestamp_seconds",
+            "When the last batch committed (Unix time; 0 before the first).",
+            value=m.last_commit,
+        )

@@ -1,0 +1,153 @@
+"""Between the receiver and the writers: decode, batch per tenant, acknowledge in order.
+
+Every received message waits in `pending`, in receive order, until its batch commits; then
+the longest committed prefix is acknowledged, so PUBACKs leave in the order the PUBLISHes
+came (MQTT 4.6) and never before the rows are in the database. When `pending` reaches
+`queue_max` the receiver stops reading (the broker's window fills and it stops sending),
+so memory is bounded whatever the publishers do.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from ingest_worker.decode import Decoded, decode_message
+from ingest_worker.metrics import IngestMetrics
+from schemas.limits import Limits
+
+# a batch is handed to a writer once nothing has arrived for this long (the broker's window
+# may be full: waiting for more would only wait for our own acknowledgements)
+IDLE_FLUSH_S = 0.002
+
+
+@dataclass
+class OpenBatch:
+    items: list[Decoded] = field(default_factory=list)
+    rows: int = 0
+    started: float = 0.0
+
+
+class Pipeline:
+    """Decoded messages on their way to the writers, and their acknowledgements on the way back."""
+
+    def __init__(
+        self,
+        *,
+        limits: Limits,
+        max_rows: int,
+        max_wait_s: float,
+        queue_max: int,
+        ack: Callable[[Any], None],
+        pause: Callable[[], None],
+        resume: Callable[[], None],
+        metrics: IngestMetrics,
+    ) -> None:
+        self.limits = limits
+        self.max_rows = max_rows
+        self.max_wait_s = max_wait_s
+        self.queue_max = queue_max
+        self._ack, self._pause, self._resume = ack, pause, resume
+        self.metrics = metrics
+        self.pending: deque[Decoded] = deque()
+        self.open: dict[str | None, OpenBatch] = {}
+        self.paused = False
+        self.stopping = False
+        self._last_arrival = 0.0
+        self._wake = asyncio.Event()
+        self._drained = asyncio.Event()
+        self._drained.set()
+
+    # -- in -----------------------------------------------------------------------------------
+    def accept(self, source: Any, topic: str, payload: bytes, received_at: float) -> None:
+        """A message from the receiver (on the event loop's thread)."""
+        item = decode_message(source, topic, payload, received_at, self.limits)
+        self.metrics.received += 1
+        self.pending.append(item)
+        self._drained.clear()
+        now = time.monotonic()
+        self._last_arrival = now
+        if item.ignored:
+            item.done = True
+        else:
+            # refused at decode: to the tenant-less batch, which holds dead letters only
+            key = None if item.dead else item.tenant
+            batch = self.open.get(key)
+            if batch is None:
+                batch = self.open[key] = OpenBatch(started=now)
+            batch.items.append(item)
+            batch.rows += item.rows
+            if batch.rows >= self.max_rows:
+                self._wake.set()
+        if len(self.pending) >= self.queue_max and not self.paused:
+            self.paused = True
+            self._pause()
+        self.release()
+
+    # -- to the writers -----------------------------------------------------------------------
+    def ready(self) -> tuple[str | None, list[Decoded]] | None:
+        """The batch to write now, if any: full, old enough, idle, or we are stopping."""
+        if not self.open:
+            return None
+        now = time.monotonic()
+        idle = now - self._last_arrival >= IDLE_FLUSH_S
+        for key, batch in self.open.items():
+            if (
+                self.stopping
+                or idle
+                or batch.rows >= self.max_rows
+                or now - batch.started >= self.max_wait_s
+            ):
+                del self.open[key]
+                return key, batch.items
+        return None
+
+    async def next_batch(self) -> tuple[str | None, list[Decoded]] | None:
+        """Wait for a batch to write; None when stopping and nothing is left."""
+        while True:
+            got = self.ready()
+            if got is not None:
+                self.metrics.batch_rows.observe(sum(i.rows for i in got[1]))
+                return got
+            if self.stopping and not self.open:
+                return None
+            self._wake.clear()
+            # a full batch wakes us at once; otherwise look again when it may be due
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._wake.wait(), IDLE_FLUSH_S)
+
+    # -- back -------------------------------------------------------------------------------
+    def committed(self, items: list[Decoded]) -> None:
+        for item in items:
+            item.done = True
+        self.release()
+
+    def release(self) -> None:
+        """Acknowledge the committed prefix of `pending`, in receive order."""
+        pending = self.pending
+        while pending and pending[0].done:
+            self._ack(pending.popleft().source)
+        self.metrics.pending = len(pending)
+        if self.paused and len(pending) <= self.queue_max // 2:
+            self.paused = False
+            self._resume()
+        if not pending:
+            self._drained.set()
+
+    async def drain(self, timeout: float) -> bool:
+        """Stop batching by time: write everything, wait until it is all acknowledged."""
+        self.stopping = True
+        self._wake.set()
+        try:
+            await asyncio.wait_for(self._drained.wait(), timeout)
+        except TimeoutError:
+            return False
+        return True
+
+    def wake(self) -> None:
+        self._wake.set()

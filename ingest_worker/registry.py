@@ -1,0 +1,53 @@
+"""What the worker knows about tenants, devices and metrics, so a batch needs no lookups.
+
+Filled from the database on first sight and updated only after a batch commits: a rolled
+back transaction must not leave ids in the cache that the database does not have.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from dataclasses import dataclass, field
+
+import asyncpg
+
+from ingest_worker.migrate import add_tenant, quote_ident, tenant_schema
+from schemas.messages import MetricKind
+
+
+@dataclass(frozen=True, slots=True)
+class MetricRef:
+    id: int
+    kind: MetricKind
+    unit: str | None
+
+
+@dataclass
+class Registry:
+    """Caches shared by the worker's writers (one event loop: no locks needed but for DDL)."""
+
+    chunk_interval: str = "1 day"
+    schemas: dict[str, str] = field(default_factory=dict)  # tenant -> quoted schema name
+    owners: dict[str, str] = field(default_factory=dict)  # device -> its tenant
+    metrics: dict[tuple[str, str, str], MetricRef] = field(default_factory=dict)
+    sequences: dict[tuple[str, str], tuple[int | None, int | None]] = field(default_factory=dict)
+    _tenant_lock: asyncio.Lock = field(default_factory=asyncio.Lock)
+
+    async def schema(self, conn: asyncpg.Connection, tenant: str) -> str:
+        """The tenant's quoted schema, created (with its tables) on first sight."""
+        known = self.schemas.get(tenant)
+        if known is not None:
+            return known
+        async with self._tenant_lock:  # DDL once, even with several writers
+            if tenant not in self.schemas:
+                exists = await conn.fetchval(
+                    "SELECT schema_name FROM fieldline.tenants WHERE id = $1", tenant
+                )
+                if exists is None:
+                    await add_tenant(conn, tenant, chunk_interval=self.chunk_interval)
+                self.schemas[tenant] = quote_ident(tenant_schema(tenant))
+        return self.schemas[tenant]
+
+    def forget_tenant(self, tenant: str) -> None:
+        """After a failure that may mean the schema went away: ask the database again."""
+        self.schemas.pop(tenant, None)

@@ -1,0 +1,279 @@
+"""The ingest worker as a service: receive, decode, batch, write, acknowledge; drain on stop.
+
+`IngestWorker` is an async context manager (or start()/stop()). The runner (`serve`) owns the
+signals: on SIGTERM or SIGINT the worker stops reading, writes and commits what it holds,
+acknowledges it, disconnects (its session stays on the broker) and closes the database.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import signal
+import ssl
+import time
+from dataclasses import dataclass
+from datetime import timedelta
+from pathlib import Path
+from typing import Any
+
+import asyncpg
+from prometheus_client import start_http_server
+
+from ingest_worker.database import connect
+from ingest_worker.decode import Decoded
+from ingest_worker.errors import StorageError
+from ingest_worker.maintenance import apply_retention, mark_silent_devices
+from ingest_worker.metrics import IngestMetrics
+from ingest_worker.migrate import RetentionMode, detect_capabilities, migrate_all
+from ingest_worker.pipeline import Pipeline
+from ingest_worker.receive import BrokerTarget, LeanReceiver, PahoReceiver
+from ingest_worker.registry import Registry
+from ingest_worker.writer import is_transient, write_narrowed
+from schemas.limits import Limits
+from schemas.topics import Kind, service_filters, shared
+
+log = logging.getLogger("ingest")
+
+
+class IngestError(StorageError):
+    """The worker cannot start: its certificate, the broker or the database is missing."""
+
+
+@dataclass(frozen=True)
+class WorkerConfig:
+    dsn: str
+    target: BrokerTarget
+    client: str = "lean"
+    batch_max_rows: int = 20_000
+    batch_max_wait_s: float = 0.05
+    writers: int = 2
+    queue_max: int = 5000
+    offline_after_s: float = 20.0
+    max_future_skew_s: float = 300.0
+    retention_every_s: float = 3600.0
+    chunk_interval: str = "1 day"
+    metrics_port: int = 0
+    metrics_bind: str = "127.0.0.1"
+    drain_timeout_s: float = 30.0
+
+
+def client_context(pki_dir: Path, identity: str) -> ssl.SSLContext:
+    """TLS with the worker's own certificate, from FIELDLINE_HOME/pki/issued/<identity>/."""
+    bundle = pki_dir / "issued" / identity
+    files = [bundle / name for name in ("ca.pem", "cert.pem", "key.pem")]
+    missing = [str(f) for f in files if not f.is_file()]
+    if missing:
+        raise IngestError(
+            f"the worker's certificate bundle is missing ({', '.join(missing)}): "
+            f"`fieldline certs issue {identity} --tenant platform --role service`"
+        )
+    context = ssl.create_default_context(cafile=str(files[0]))
+    context.load_cert_chain(str(files[1]), str(files[2]))
+    return context
+
+
+def subscriptions(share_group: str | None) -> tuple[str, ...]:
+    """The service's four filters, as `$share/<group>/...` when workers split the load."""
+    filters = service_filters()
+    return tuple(shared(share_group, f) for f in filters) if share_group else filters
+
+
+class IngestWorker:
+    """One worker process: a broker session, `writers` database connections, the schedules."""
+
+    def __init__(self, config: WorkerConfig, metrics: IngestMetrics | None = None) -> None:
+        self.config = config
+        self.metrics = metrics or IngestMetrics()
+        receiver_class = PahoReceiver if config.client == "paho" else LeanReceiver
+        self.receiver = receiver_class(config.target, self.metrics)
+        limits = Limits(max_future_skew=timedelta(seconds=config.max_future_skew_s))
+        self.pipeline = Pipeline(
+            limits=limits,
+            max_rows=config.batch_max_rows,
+            max_wait_s=config.batch_max_wait_s,
+            queue_max=config.queue_max,
+            ack=self.receiver.ack,
+            pause=self.receiver.pause,
+            resume=self.receiver.resume,
+            metrics=self.metrics,
+        )
+        self.registry = Registry(chunk_interval=config.chunk_interval)
+        self._tasks: list[asyncio.Task[Any]] = []
+        self._receiving: asyncio.Task[None] | None = None
+        self._http: Any = None
+        self._retention = RetentionMode.DELETE
+
+    async def __aenter__(self) -> IngestWorker:
+        await self.start()
+        return self
+
+    async def __aexit__(self, *_exc: object) -> None:
+        await self.stop()
+
+    async def start(self) -> None:
+        conn = await self._connect_db()
+        try:
+            report = await migrate_all(conn)  # the shared schema and every tenant, up to date
+            for warning in report.warnings:
+                log.warning("event=migration_warning detail=%r", warning)
+            self._retention = (await detect_capabilities(conn)).retention
+        finally:
+            await conn.close()
+        if self.config.metrics_port:
+            self._http, _thread = start_http_server(
+                self.config.metrics_port, self.config.metrics_bind, registry=self.metrics.registry
+            )
+        self.metrics.up.set(1)
+        loop = asyncio.get_running_loop()
+        self._tasks = [loop.create_task(self._writer(n)) for n in range(self.config.writers)]
+        self._tasks.append(loop.create_task(self._maintain()))
+        self._receiving = loop.create_task(self.receiver.run(self.pipeline.accept))
+        log.info(
+            "event=started client=%s writers=%d batch_rows=%d receive_maximum=%d",
+            self.config.client, self.config.writers, self.config.batch_max_rows,
+            self.config.target.receive_maximum,
+        )  # fmt: skip
+
+    async def wait_connected(self, timeout: float) -> None:
+        """Until the first broker session is up (tests and `fieldline up` wait on this)."""
+        await asyncio.wait_for(self.receiver.ready.wait(), timeout)
+
+    async def stop(self) -> None:
+        """Stop reading, commit and acknowledge what is held, disconnect, close."""
+        self.receiver.pause()
+        drained = await self.pipeline.drain(self.config.drain_timeout_s)
+        if not drained:
+            log.warning(
+                "event=drain_timeout pending=%d detail='unacknowledged messages will be "
+                "redelivered by the broker'",
+                len(self.pipeline.pending),
+            )
+        await self.receiver.stop()
+        if self._receiving is not None:
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await asyncio.wait_for(self._receiving, 10)
+        for task in self._tasks:
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        if self._http is not None:
+            self._http.shutdown()
+        self.metrics.up.set(0)
+        log.info("event=stopped drained=%s", drained)
+
+    async def _connect_db(self) -> asyncpg.Connection:
+        return await connect(self.config.dsn)
+
+    # -- writing ----------------------------------------------------------------------------
+    async def _writer(self, index: int) -> None:
+        conn: asyncpg.Connection | None = None
+        try:
+            while True:
+                got = await self.pipeline.next_batch()
+                if got is None:
+                    return
+                tenant, items = got
+                conn = await self._write_until_committed(conn, tenant, items)
+        finally:
+            if conn is not None:
+                with contextlib.suppress(Exception):
+                    await conn.close()
+
+    async def _write_until_committed(
+        self, conn: asyncpg.Connection | None, tenant: str | None, items: list[Decoded]
+    ) -> asyncpg.Connection | None:
+        """Write the batch; a transient failure is retried (for as long as it takes) with
+        nothing acknowledged, and the connection replaced."""
+        backoff = 0.1
+        while True:
+            try:
+                if conn is None or conn.is_closed():
+                    conn = await self._connect_db()
+                started = time.monotonic()
+                written = await write_narrowed(conn, self.registry, tenant, items)
+                break
+            except (StorageError, asyncpg.PostgresError, OSError, TimeoutError,
+                    asyncpg.InterfaceError) as exc:  # fmt: skip
+                if isinstance(exc, asyncpg.PostgresError) and not is_transient(exc):
+                    # the narrowing itself failed: even the dead letter cannot be written
+                    log.error(
+                        "event=unwritable tenant=%s messages=%d error=%r",
+                        tenant,
+                        len(items),
+                        str(exc),
+                    )
+                    self.metrics.dead_letters.labels("unwritable").inc(len(items))
+                    self.pipeline.committed(items)
+                    return conn
+                self.metrics.retries.inc()
+                if tenant is not None:
+                    self.registry.forget_tenant(tenant)
+                log.warning(
+                    "event=db_retry tenant=%s messages=%d error=%r retry_in=%.1fs",
+                    tenant, len(items), str(exc)[:200], backoff,
+                )  # fmt: skip
+                if conn is not None:
+                    with contextlib.suppress(Exception):
+                        await conn.close()
+                conn = None
+                await asyncio.sleep(backoff)
+                backoff = min(backoff * 2, 5.0)
+        now = time.time()
+        self.metrics.commit_seconds.observe(time.monotonic() - started)
+        self.metrics.last_commit = now
+        self.metrics.rows.labels("numeric_values").inc(written.numeric)
+        self.metrics.rows.labels("text_values").inc(written.text)
+        self.metrics.rows.labels("events").inc(written.events)
+        self.metrics.rows.labels("commands").inc(written.results)
+        if written.gaps:
+            self.metrics.seq_gaps.inc(written.gaps)
+        for _device, _old, new in written.transitions:
+            self.metrics.presence.labels(new).inc()
+        for item in items:
+            self.metrics.lag_seconds.observe(now - item.received_at.timestamp())
+            if item.dead_reason is not None:
+                self.metrics.dead_letters.labels(item.dead_reason).inc()
+            elif item.kind is Kind.TELEMETRY and item.readings and not item.readings[-1][2]:
+                self.metrics.publish_lag_seconds.observe(now - item.readings[-1][0].timestamp())
+        self.pipeline.committed(items)
+        return conn
+
+    # -- schedules --------------------------------------------------------------------------
+    async def _maintain(self) -> None:
+        conn: asyncpg.Connection | None = None
+        every = max(0.5, self.config.offline_after_s / 4)
+        next_retention = time.monotonic() + 5.0
+        while True:
+            await asyncio.sleep(every)
+            try:
+                if conn is None or conn.is_closed():
+                    conn = await self._connect_db()
+                for tenant, count in (
+                    await mark_silent_devices(conn, self.config.offline_after_s)
+                ).items():
+                    self.metrics.presence.labels("offline").inc(count)
+                    del tenant
+                if time.monotonic() >= next_retention:
+                    next_retention = time.monotonic() + self.config.retention_every_s
+                    await apply_retention(conn, self._retention)
+                    self.metrics.retention_runs.labels("ok").inc()
+            except (StorageError, asyncpg.PostgresError, OSError, asyncpg.InterfaceError) as exc:
+                log.warning("event=maintenance_failed error=%r", str(exc)[:200])
+                self.metrics.retention_runs.labels("failed").inc()
+                if conn is not None:
+                    with contextlib.suppress(Exception):
+                        await conn.close()
+                conn = None
+
+
+async def serve(worker: IngestWorker) -> None:
+    """Run until SIGTERM or SIGINT, then drain and stop (the runner owns the signals)."""
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    async with worker:
+        log.info("event=ready")
+        await stop.wait()
+        log.info("event=stopping")
