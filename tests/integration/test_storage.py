@@ -17,13 +17,18 @@ import pytest
 from ingest_worker.errors import StorageError
 from ingest_worker.migrate import (
     RetentionMode,
+    Scope,
     add_tenant,
     list_tenants,
+    load_migrations,
     migrate_all,
     migrate_shared,
     reader_role,
 )
 from tests.fixtures.postgres import start_cluster, stop_cluster
+
+SHARED = load_migrations(Scope.SHARED)
+TENANT = load_migrations(Scope.TENANT)
 
 pytestmark = pytest.mark.integration
 
@@ -220,7 +225,8 @@ def test_concurrent_migrators_do_not_collide(timescale_dsn: str) -> None:
 
     async def check(conn: asyncpg.Connection) -> None:
         rows = await conn.fetch("SELECT scope FROM fieldline.schema_migrations ORDER BY scope")
-        assert [r["scope"] for r in rows] == ["fieldline", "tenant:acme"]
+        expected = ["fieldline"] * len(SHARED) + ["tenant:acme"] * len(TENANT)
+        assert [r["scope"] for r in rows] == expected  # each migration once, not three times
 
     run(_with(timescale_dsn, check))
 
@@ -264,7 +270,7 @@ def test_without_timescaledb_tables_are_plain_with_a_warning() -> None:
             hyper = await conn.fetch(
                 "SELECT hypertables FROM fieldline.schema_migrations ORDER BY scope"
             )
-            assert [r["hypertables"] for r in hyper] == [False, False]
+            assert [r["hypertables"] for r in hyper] == [False] * (len(SHARED) + len(TENANT))
 
         run(_with(cluster.dsn(), work))
     finally:
@@ -275,9 +281,11 @@ def test_migrate_shared_reports_capabilities(timescale_dsn: str) -> None:
     async def work(conn: asyncpg.Connection) -> None:
         first = await migrate_shared(conn)
         second = await migrate_shared(conn)
-        assert first.applied == ["fieldline:0001_core"]
+        labels = [f"fieldline:{m.version:04d}_{m.name}" for m in SHARED]
+        assert labels[0] == "fieldline:0001_core"
+        assert first.applied == labels
         assert second.applied == []
-        assert second.skipped == ["fieldline:0001_core"]
+        assert second.skipped == labels
 
     run(_with(timescale_dsn, work))
 
