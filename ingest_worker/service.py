@@ -244,27 +244,35 @@ class IngestWorker:
         conn: asyncpg.Connection | None = None
         every = max(0.5, self.config.offline_after_s / 4)
         next_retention = time.monotonic() + 5.0
-        while True:
-            await asyncio.sleep(every)
-            try:
-                if conn is None or conn.is_closed():
-                    conn = await self._connect_db()
-                for tenant, count in (
-                    await mark_silent_devices(conn, self.config.offline_after_s)
-                ).items():
-                    self.metrics.presence.labels("offline").inc(count)
-                    del tenant
-                if time.monotonic() >= next_retention:
-                    next_retention = time.monotonic() + self.config.retention_every_s
-                    await apply_retention(conn, self._retention)
-                    self.metrics.retention_runs.labels("ok").inc()
-            except (StorageError, asyncpg.PostgresError, OSError, asyncpg.InterfaceError) as exc:
-                log.warning("event=maintenance_failed error=%r", str(exc)[:200])
-                self.metrics.retention_runs.labels("failed").inc()
-                if conn is not None:
-                    with contextlib.suppress(Exception):
-                        await conn.close()
-                conn = None
+        try:
+            while True:
+                await asyncio.sleep(every)
+                try:
+                    if conn is None or conn.is_closed():
+                        conn = await self._connect_db()
+                    marked = await mark_silent_devices(conn, self.config.offline_after_s)
+                    if marked:
+                        self.metrics.presence.labels("offline").inc(sum(marked.values()))
+                    if time.monotonic() >= next_retention:
+                        next_retention = time.monotonic() + self.config.retention_every_s
+                        await apply_retention(conn, self._retention)
+                        self.metrics.retention_runs.labels("ok").inc()
+                except (
+                    StorageError,
+                    asyncpg.PostgresError,
+                    OSError,
+                    asyncpg.InterfaceError,
+                ) as exc:
+                    log.warning("event=maintenance_failed error=%r", str(exc)[:200])
+                    self.metrics.retention_runs.labels("failed").inc()
+                    if conn is not None:
+                        with contextlib.suppress(Exception):
+                            await conn.close()
+                    conn = None
+        finally:
+            if conn is not None:
+                with contextlib.suppress(Exception):
+                    await conn.close()
 
 
 async def serve(worker: IngestWorker) -> None:
