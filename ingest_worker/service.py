@@ -243,7 +243,7 @@ class IngestWorker:
     async def _maintain(self) -> None:
         conn: asyncpg.Connection | None = None
         every = max(0.5, self.config.offline_after_s / 4)
-        next_retention = time.monotonic() + 5.0
+        next_retention = time.monotonic() + min(5.0, self.config.retention_every_s)
         try:
             while True:
                 await asyncio.sleep(every)

@@ -40,14 +40,42 @@ async def test_known_messages_become_exactly_the_expected_rows(
     command = str(uuid.uuid4())
     dev1 = [
         ("fl/acme/dev-1/status", j({"state": "online", "boot": 3, "fw": "1.2.0"})),
-        ("fl/acme/dev-1/telemetry", j({"ts": t0, "seq": 1, "boot": 3, "metrics": {
-            "temperature": {"v": 21.5, "u": "degC"}, "running": True, "mode": "auto"}})),
-        ("fl/acme/dev-1/telemetry", j({"samples": [
-            {"ts": t0 + 1000 * i, "seq": 1 + i, "metrics": {"temperature": 20.0 + i, "running": False}}
-            for i in range(1, 4)]})),
-        ("fl/acme/dev-1/events", j({"ts": t0, "kind": "door", "severity": "warning", "message": "open"})),
+        (
+            "fl/acme/dev-1/telemetry",
+            j(
+                {
+                    "ts": t0,
+                    "seq": 1,
+                    "boot": 3,
+                    "metrics": {
+                        "temperature": {"v": 21.5, "u": "degC"},
+                        "running": True,
+                        "mode": "auto",
+                    },
+                }
+            ),
+        ),
+        (
+            "fl/acme/dev-1/telemetry",
+            j(
+                {
+                    "samples": [
+                        {
+                            "ts": t0 + 1000 * i,
+                            "seq": 1 + i,
+                            "metrics": {"temperature": 20.0 + i, "running": False},
+                        }
+                        for i in range(1, 4)
+                    ]
+                }
+            ),
+        ),
+        (
+            "fl/acme/dev-1/events",
+            j({"ts": t0, "kind": "door", "severity": "warning", "message": "open"}),
+        ),
         ("fl/acme/dev-1/cmd-res", j({"id": command, "status": "ok", "detail": "reset done"})),
-    ]  # fmt: skip
+    ]
     dev2 = [("fl/acme/dev-2/telemetry", j({"metrics": {"humidity": 45.1}}))]  # no ts: stamped
     dev9 = [
         (
@@ -80,19 +108,29 @@ async def test_known_messages_become_exactly_the_expected_rows(
         ("dev-1", "temperature", "degC", "numeric"),
         ("dev-2", "humidity", None, "numeric"),
     ]
-    values = await fetch(q, """
+    values = await fetch(
+        q,
+        """
         SELECT m.name, v.value, v.received, (extract(epoch FROM v.time) * 1000)::bigint AS ms
         FROM tenant_acme.numeric_values v JOIN tenant_acme.metrics m ON m.id = v.metric_id
-        WHERE m.device_id = 'dev-1' ORDER BY m.name, v.time""")  # fmt: skip
+        WHERE m.device_id = 'dev-1' ORDER BY m.name, v.time""",
+    )
     assert [(r["name"], r["value"], r["received"], r["ms"] - t0) for r in values] == [
-        ("running", 1.0, False, 0), ("running", 0.0, False, 1000),
-        ("running", 0.0, False, 2000), ("running", 0.0, False, 3000),
-        ("temperature", 21.5, False, 0), ("temperature", 21.0, False, 1000),
-        ("temperature", 22.0, False, 2000), ("temperature", 23.0, False, 3000),
-    ]  # fmt: skip
+        ("running", 1.0, False, 0),
+        ("running", 0.0, False, 1000),
+        ("running", 0.0, False, 2000),
+        ("running", 0.0, False, 3000),
+        ("temperature", 21.5, False, 0),
+        ("temperature", 21.0, False, 1000),
+        ("temperature", 22.0, False, 2000),
+        ("temperature", 23.0, False, 3000),
+    ]
     assert await fetch(q, "SELECT value FROM tenant_acme.text_values") == [("auto",)]
-    stamped = await fetch(q, "SELECT value, received FROM tenant_acme.numeric_values v "
-                             "JOIN tenant_acme.metrics m ON m.id = v.metric_id WHERE m.device_id = 'dev-2'")  # fmt: skip
+    stamped = await fetch(
+        q,
+        "SELECT value, received FROM tenant_acme.numeric_values v "
+        "JOIN tenant_acme.metrics m ON m.id = v.metric_id WHERE m.device_id = 'dev-2'",
+    )
     assert [tuple(r) for r in stamped] == [(45.1, True)]
     devices = await fetch(
         q, "SELECT id, status, fw, boot, seq, seq_gaps FROM tenant_acme.devices ORDER BY id"
@@ -115,8 +153,11 @@ async def test_known_messages_become_exactly_the_expected_rows(
     assert [(c[0], c[1], c[2], json.loads(c[3])) for c in commands] == [
         (command, "dev-1", "ok", {"status": "ok", "detail": "reset done"})
     ]
-    globex = await fetch(q, "SELECT m.name, m.unit, v.value FROM tenant_globex.numeric_values v "
-                            "JOIN tenant_globex.metrics m ON m.id = v.metric_id")  # fmt: skip
+    globex = await fetch(
+        q,
+        "SELECT m.name, m.unit, v.value FROM tenant_globex.numeric_values v "
+        "JOIN tenant_globex.metrics m ON m.id = v.metric_id",
+    )
     assert [tuple(r) for r in globex] == [("pressure", "bar", 1.2)]
     owners = await fetch(q, "SELECT device_id, tenant_id FROM fieldline.device_owners ORDER BY 1")
     assert [tuple(r) for r in owners] == [("dev-1", "acme"), ("dev-2", "acme"), ("dev-9", "globex")]
@@ -132,32 +173,70 @@ def _bad_inputs() -> list[tuple[str, str, bytes, str]]:
         node["x"] = {}
         node = node["x"]
     return [
-        ("device", "fl/acme/dev-1/telemetry", b"\xff\xfe{\"metrics\":{}}", "not_utf8"),
+        ("device", "fl/acme/dev-1/telemetry", b'\xff\xfe{"metrics":{}}', "not_utf8"),
         ("device", "fl/acme/dev-1/telemetry", b"[1, 2, 3]", "not_object"),
         ("device", "fl/acme/dev-1/telemetry", b"hello", "bad_json"),
         ("device", "fl/acme/dev-1/telemetry", b"", "empty"),
         ("device", "fl/acme/dev-1/telemetry", b'{"metrics": {"t": 1e999}}', "invalid"),
-        ("device", "fl/acme/dev-1/telemetry", b'{"metrics": {"t": 123456789012345678901234567890}}', "invalid"),
+        (
+            "device",
+            "fl/acme/dev-1/telemetry",
+            b'{"metrics": {"t": 123456789012345678901234567890}}',
+            "invalid",
+        ),
         ("device", "fl/acme/dev-1/telemetry", b'{"metrics": {"t": NaN}}', "invalid"),
         ("device", "fl/acme/dev-1/telemetry", b'{"metrics": {"t": -Infinity}}', "invalid"),
-        ("device", "fl/acme/dev-1/telemetry", b'{"metrics": {"t": "' + b"x" * 1_000_000 + b'"}}', "too_large"),
+        (
+            "device",
+            "fl/acme/dev-1/telemetry",
+            b'{"metrics": {"t": "' + b"x" * 1_000_000 + b'"}}',
+            "too_large",
+        ),
         ("device", "fl/acme/dev-1/events", j({"kind": "deep", "data": deep}), "too_deep"),
-        ("device", "fl/acme/dev-1/telemetry", j({"metrics": {"t": 1}, "colour": "red"}), "unknown_field"),
-        ("device", "fl/acme/dev-1/telemetry", j({"ts": t + 86_400_000, "metrics": {"t": 1}}), "future_timestamp"),
-        ("device", "fl/acme/dev-1/telemetry", j({"ts": 1_700_000_000, "metrics": {"t": 1}}), "bad_timestamp"),
-        ("device", "fl/acme/dev-1/telemetry", j({"metrics": {f"m{i}": i for i in range(300)}}), "too_many_metrics"),
+        (
+            "device",
+            "fl/acme/dev-1/telemetry",
+            j({"metrics": {"t": 1}, "colour": "red"}),
+            "unknown_field",
+        ),
+        (
+            "device",
+            "fl/acme/dev-1/telemetry",
+            j({"ts": t + 86_400_000, "metrics": {"t": 1}}),
+            "future_timestamp",
+        ),
+        (
+            "device",
+            "fl/acme/dev-1/telemetry",
+            j({"ts": 1_700_000_000, "metrics": {"t": 1}}),
+            "bad_timestamp",
+        ),
+        (
+            "device",
+            "fl/acme/dev-1/telemetry",
+            j({"metrics": {f"m{i}": i for i in range(300)}}),
+            "too_many_metrics",
+        ),
         ("device", "fl/acme/dev-1/telemetry", j({"metrics": "21.5"}), "invalid"),
-        ("device", "fl/acme/dev-1/telemetry",
-         j({"samples": [{"ts": t - 10_000 + i, "metrics": {"t": i}} for i in range(1001)]}),
-         "too_many_samples"),
+        (
+            "device",
+            "fl/acme/dev-1/telemetry",
+            j({"samples": [{"ts": t - 10_000 + i, "metrics": {"t": i}} for i in range(1001)]}),
+            "too_many_samples",
+        ),
         ("device", "fl/acme/dev-1/telemetry", j({"metrics": {"t": {"x": 1}}}), "invalid"),
         ("device", "fl/acme/dev-1/status", j({"state": "sleeping"}), "invalid"),
         ("device", "fl/acme/dev-1/cmd-res", j({"id": "not-a-uuid", "status": "ok"}), "invalid"),
-        ("device", "fl/acme/dev-1/telemetry", j({"ts": t, "metrics": {"good": "now text"}}), "metric_kind_changed"),
+        (
+            "device",
+            "fl/acme/dev-1/telemetry",
+            j({"ts": t, "metrics": {"good": "now text"}}),
+            "metric_kind_changed",
+        ),
         ("admin", "fl/Acme/dev-1/telemetry", j({"metrics": {"t": 1}}), "bad_topic"),
         ("admin", "fl/acme/dev 1/telemetry", j({"metrics": {"t": 1}}), "bad_topic"),
         ("admin", "fl/globex/dev-1/telemetry", j({"ts": t, "metrics": {"t": 1}}), "wrong_tenant"),
-    ]  # fmt: skip
+    ]
 
 
 async def test_bad_input_is_dead_lettered_while_good_traffic_flows(
@@ -219,7 +298,7 @@ async def test_presence_follows_status_will_and_silence(
         await worker.wait_connected(15)
         # dev-1 says it is online, then drops dead: its Will says offline
         device = await asyncio.to_thread(raw, broker, pki.device)
-        present, rc = await asyncio.to_thread(
+        _present, rc = await asyncio.to_thread(
             device.connect, "dev-1", will=("fl/acme/dev-1/status", j({"state": "offline"}), 1, True)
         )
         assert rc == 0
@@ -238,8 +317,10 @@ async def test_presence_follows_status_will_and_silence(
         await wait_for(lambda: _status(timescale_dsn, "dev-2", "offline"), 10, "dev-2 timing out")
         assert time.monotonic() - started >= 1.0
         del worker
-    events = await fetch(timescale_dsn, "SELECT device_id, body FROM tenant_acme.events "
-                                        "WHERE kind = 'presence' ORDER BY time")  # fmt: skip
+    events = await fetch(
+        timescale_dsn,
+        "SELECT device_id, body FROM tenant_acme.events WHERE kind = 'presence' ORDER BY time",
+    )
     transitions = [
         (e["device_id"], json.loads(e["body"])["to"], json.loads(e["body"])["cause"])
         for e in events
