@@ -57,13 +57,15 @@ class IngestSettings(_Section):
         default=None, description="subscribe as $share/<group>/... so workers split the load"
     )
     receive_maximum: int = Field(
-        default=1000, ge=1, le=65535, description="unacknowledged messages at once; <= broker's"
+        default=10000, ge=1, le=65535, description="unacknowledged messages at once; <= broker's"
     )
     session_expiry_s: int = Field(default=7 * 24 * 3600, ge=0)
     batch_max_rows: int = Field(default=20_000, ge=1)
-    batch_max_wait_ms: int = Field(default=50, ge=1, description="oldest message in a batch")
+    batch_max_wait_ms: float = Field(
+        default=5.0, gt=0, description="a free writer waits this long for a batch to fill"
+    )
     writers: int = Field(default=2, ge=1, le=16, description="database connections writing")
-    queue_max: int = Field(default=5000, ge=10, description="received, not yet acknowledged")
+    queue_max: int = Field(default=20000, ge=10, description="received, not yet acknowledged")
     offline_after_s: float = Field(default=20.0, gt=0, description="silence that means offline")
     max_future_skew_s: float = Field(default=300.0, ge=0)
     retention_every_s: float = Field(default=3600.0, gt=0)

@@ -16,13 +16,12 @@ from schemas.limits import Limits
 from schemas.messages import (
     CommandResult,
     Event,
-    Reading,
+    MetricValue,
     Status,
     decode_command_result,
     decode_event,
     decode_status,
     decode_telemetry,
-    reading,
 )
 from schemas.topics import Kind, parse
 
@@ -45,8 +44,10 @@ class Decoded:
     tenant: str | None = None
     device: str | None = None
     kind: Kind | None = None
-    # telemetry: (time, reading, stamped with the receive time because the device sent no ts)
-    readings: list[tuple[datetime, Reading, bool]] = field(default_factory=list)
+    # telemetry: (time, stamped with the receive time because the device sent no ts, metrics)
+    # with the metrics as validated: name -> bool | int | float | str | Quantity
+    samples: list[tuple[datetime, bool, dict[str, MetricValue]]] = field(default_factory=list)
+    nrows: int = 1
     seq: int | None = None  # the highest seq the message carries
     first_seq: int | None = None
     boot: int | None = None
@@ -66,13 +67,14 @@ class Decoded:
         """Make this message a dead letter (it is acknowledged and kept with the reason)."""
         # PostgreSQL text holds no NUL; the message may quote the offending input
         self.dead_reason, self.dead_error = reason, error.replace("\x00", "\\u0000")
-        self.readings = []
+        self.samples = []
+        self.nrows = 1
         self.status = self.event = self.result = None
 
     @property
     def rows(self) -> int:
         """How many rows it writes (for batch sizing)."""
-        return len(self.readings) + 1
+        return self.nrows
 
 
 def decode_message(
@@ -91,15 +93,16 @@ def decode_message(
         if parsed.kind is Kind.TELEMETRY:
             telemetry = decode_telemetry(payload, limits=limits, now=now)
             item.boot = telemetry.boot
-            out = item.readings
+            out = item.samples
+            rows = 1
             for ts, seq, metrics in telemetry.iter_samples():
-                when, stamped = (ts, False) if ts is not None else (now, True)
-                for name, value in metrics.items():
-                    out.append((when, reading(name, value), stamped))
+                out.append((ts, False, metrics) if ts is not None else (now, True, metrics))
+                rows += len(metrics)
                 if seq is not None:
                     if item.first_seq is None:
                         item.first_seq = seq
                     item.seq = seq
+            item.nrows = rows
         elif parsed.kind is Kind.STATUS:
             if not payload:
                 item.ignored = True  # an empty retained message clears the retained status

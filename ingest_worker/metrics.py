@@ -54,7 +54,27 @@ class IngestMetrics:
         self.publish_lag_seconds = Histogram(
             "fieldline_ingest_publish_to_commit_seconds",
             "From the device's `ts` to the commit (includes clock skew and device buffering).",
-            buckets=(0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 60, 600),
+            buckets=(
+                0.002,
+                0.005,
+                0.01,
+                0.015,
+                0.02,
+                0.025,
+                0.03,
+                0.04,
+                0.05,
+                0.075,
+                0.1,
+                0.25,
+                0.5,
+                1,
+                2.5,
+                5,
+                10,
+                60,
+                600,
+            ),
             registry=r,
         )
         self.retries = Counter(

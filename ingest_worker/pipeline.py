@@ -21,10 +21,6 @@ from ingest_worker.decode import Decoded, decode_message
 from ingest_worker.metrics import IngestMetrics
 from schemas.limits import Limits
 
-# a batch is handed to a writer once nothing has arrived for this long (the broker's window
-# may be full: waiting for more would only wait for our own acknowledgements)
-IDLE_FLUSH_S = 0.002
-
 
 @dataclass
 class OpenBatch:
@@ -56,9 +52,9 @@ class Pipeline:
         self.metrics = metrics
         self.pending: deque[Decoded] = deque()
         self.open: dict[str | None, OpenBatch] = {}
+        self.sealed: deque[tuple[str | None, list[Decoded]]] = deque()
         self.paused = False
         self.stopping = False
-        self._last_arrival = 0.0
         self._wake = asyncio.Event()
         self._drained = asyncio.Event()
         self._drained.set()
@@ -70,8 +66,6 @@ class Pipeline:
         self.metrics.received += 1
         self.pending.append(item)
         self._drained.clear()
-        now = time.monotonic()
-        self._last_arrival = now
         if item.ignored:
             item.done = True
         else:
@@ -79,10 +73,14 @@ class Pipeline:
             key = None if item.dead else item.tenant
             batch = self.open.get(key)
             if batch is None:
-                batch = self.open[key] = OpenBatch(started=now)
+                batch = self.open[key] = OpenBatch(started=time.monotonic())
             batch.items.append(item)
             batch.rows += item.rows
             if batch.rows >= self.max_rows:
+                # sealed: the next messages start a new batch, which another writer can take
+                # while this one is written (a full batch never grows past max_rows)
+                del self.open[key]
+                self.sealed.append((key, batch.items))
                 self._wake.set()
         if len(self.pending) >= self.queue_max and not self.paused:
             self.paused = True
@@ -91,18 +89,16 @@ class Pipeline:
 
     # -- to the writers -----------------------------------------------------------------------
     def ready(self) -> tuple[str | None, list[Decoded]] | None:
-        """The batch to write now, if any: full, old enough, idle, or we are stopping."""
+        """The batch a free writer should take now: a sealed (full) one, else the oldest open
+        one once it is `max_wait_s` old (or at once when stopping). Writers that are busy
+        let batches grow, so batches are small under light load and full under heavy load."""
+        if self.sealed:
+            return self.sealed.popleft()
         if not self.open:
             return None
         now = time.monotonic()
-        idle = now - self._last_arrival >= IDLE_FLUSH_S
         for key, batch in self.open.items():
-            if (
-                self.stopping
-                or idle
-                or batch.rows >= self.max_rows
-                or now - batch.started >= self.max_wait_s
-            ):
+            if self.stopping or now - batch.started >= self.max_wait_s:
                 del self.open[key]
                 return key, batch.items
         return None
@@ -114,12 +110,12 @@ class Pipeline:
             if got is not None:
                 self.metrics.batch_rows.observe(sum(i.rows for i in got[1]))
                 return got
-            if self.stopping and not self.open:
+            if self.stopping and not self.open and not self.sealed:
                 return None
             self._wake.clear()
             # a full batch wakes us at once; otherwise look again when it may be due
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._wake.wait(), IDLE_FLUSH_S)
+                await asyncio.wait_for(self._wake.wait(), self.max_wait_s)
 
     # -- back -------------------------------------------------------------------------------
     def committed(self, items: list[Decoded]) -> None:

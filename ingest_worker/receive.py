@@ -248,7 +248,10 @@ class PahoReceiver:
         def on_message_(_c: Any, _u: Any, msg: Any) -> None:
             self._room.acquire()  # blocks paho's thread while the pipeline has paused us
             self._room.release()
-            loop.call_soon_threadsafe(on_message, msg, msg.topic, msg.payload, time.time())
+            if self._stopped.is_set():
+                return  # unacknowledged: the broker sends it again to the next session
+            with contextlib.suppress(RuntimeError):  # the loop may be closing
+                loop.call_soon_threadsafe(on_message, msg, msg.topic, msg.payload, time.time())
 
         client.on_connect = on_connect
         client.on_disconnect = on_disconnect
@@ -276,3 +279,4 @@ class PahoReceiver:
 
     async def stop(self) -> None:
         self._stopped.set()
+        self.resume()  # a callback blocked on the pause would keep paho's thread from ending

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 from dataclasses import dataclass, field
+from datetime import datetime
 
 import asyncpg
 
@@ -29,8 +30,9 @@ class Registry:
     chunk_interval: str = "1 day"
     schemas: dict[str, str] = field(default_factory=dict)  # tenant -> quoted schema name
     owners: dict[str, str] = field(default_factory=dict)  # device -> its tenant
-    metrics: dict[tuple[str, str, str], MetricRef] = field(default_factory=dict)
-    sequences: dict[tuple[str, str], tuple[int | None, int | None]] = field(default_factory=dict)
+    # (tenant, device) -> (status, last_seen) as last written
+    devices: dict[tuple[str, str], tuple[str, datetime]] = field(default_factory=dict)
+    metrics: dict[tuple[str, str], dict[str, MetricRef]] = field(default_factory=dict)  # by device
     _tenant_lock: asyncio.Lock = field(default_factory=asyncio.Lock)
 
     async def schema(self, conn: asyncpg.Connection, tenant: str) -> str:

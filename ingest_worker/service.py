@@ -47,7 +47,7 @@ class WorkerConfig:
     target: BrokerTarget
     client: str = "lean"
     batch_max_rows: int = 20_000
-    batch_max_wait_s: float = 0.05
+    batch_max_wait_s: float = 0.005
     writers: int = 2
     queue_max: int = 5000
     offline_after_s: float = 20.0
@@ -234,8 +234,8 @@ class IngestWorker:
             self.metrics.lag_seconds.observe(now - item.received_at.timestamp())
             if item.dead_reason is not None:
                 self.metrics.dead_letters.labels(item.dead_reason).inc()
-            elif item.kind is Kind.TELEMETRY and item.readings and not item.readings[-1][2]:
-                self.metrics.publish_lag_seconds.observe(now - item.readings[-1][0].timestamp())
+            elif item.kind is Kind.TELEMETRY and item.samples and not item.samples[-1][1]:
+                self.metrics.publish_lag_seconds.observe(now - item.samples[-1][0].timestamp())
         self.pipeline.committed(items)
         return conn
 

@@ -13,17 +13,20 @@ messages that cause them, which become dead letters.
 from __future__ import annotations
 
 import json
+import weakref
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from datetime import datetime
+from datetime import datetime, timedelta
 from typing import Any
 
 import asyncpg
 
 from ingest_worker.decode import DB_REJECTED, KIND_CHANGED, WRONG_TENANT, Decoded
 from ingest_worker.registry import MetricRef, Registry
-from schemas.messages import MetricKind
+from schemas.messages import MetricKind, Quantity
 
+# how stale `devices.last_seen` may get (presence times out after ingest.offline_after_s)
+LAST_SEEN_RESOLUTION = timedelta(seconds=1)
 # SQLSTATE classes after which the same transaction may well succeed later
 _TRANSIENT_CLASSES = ("08", "40", "53", "57", "58")
 
@@ -47,9 +50,9 @@ class Written:
     dead: int = 0
     gaps: int = 0
     transitions: list[tuple[str, str | None, str]] = field(default_factory=list)
-    metrics: dict[tuple[str, str, str], MetricRef] = field(default_factory=dict)
+    metrics: dict[tuple[str, str], dict[str, MetricRef]] = field(default_factory=dict)
     owners: dict[str, str] = field(default_factory=dict)
-    sequences: dict[tuple[str, str], tuple[int | None, int | None]] = field(default_factory=dict)
+    devices: dict[tuple[str, str], tuple[str, datetime]] = field(default_factory=dict)
 
     @property
     def rows(self) -> int:
@@ -69,9 +72,11 @@ async def write_batch(
     async with conn.transaction():
         if schema is not None and tenant is not None:
             await _check_owners(conn, registry, tenant, items, out)
-            await _resolve_metrics(conn, registry, schema, tenant, items, out)
+            numeric, text = await _readings(conn, registry, schema, tenant, items, out)
+            await _values(conn, schema, numeric, text, out)
+            # device rows last: their row locks are then held only until the commit, so a
+            # second writer with the same devices waits for a commit, not for a whole batch
             await _devices(conn, registry, schema, tenant, items, out)
-            await _values(conn, registry, schema, tenant, items, out)
             await _events(conn, schema, items, out)
             await _results(conn, schema, items, out)
         await _dead_letters(conn, items, out)
@@ -80,9 +85,10 @@ async def write_batch(
 
 def apply(registry: Registry, written: Written) -> None:
     """After the commit: remember what the database now has."""
-    registry.metrics.update(written.metrics)
+    for device, refs in written.metrics.items():
+        registry.metrics.setdefault(device, {}).update(refs)
     registry.owners.update(written.owners)
-    registry.sequences.update(written.sequences)
+    registry.devices.update(written.devices)
 
 
 async def write_narrowed(
@@ -115,9 +121,10 @@ def _merge(a: Written, b: Written) -> Written:
         a.dead + b.dead, a.gaps + b.gaps, a.transitions + b.transitions,
     )  # fmt: skip
     for source in (a, b):
-        merged.metrics.update(source.metrics)
+        for device, refs in source.metrics.items():
+            merged.metrics.setdefault(device, {}).update(refs)
         merged.owners.update(source.owners)
-        merged.sequences.update(source.sequences)
+        merged.devices.update(source.devices)
     return merged
 
 
@@ -160,71 +167,200 @@ async def _check_owners(
             )
 
 
-async def _resolve_metrics(
+_KIND_OF: dict[type, MetricKind] = {
+    float: MetricKind.NUMERIC,
+    int: MetricKind.NUMERIC,
+    bool: MetricKind.BOOL,
+    str: MetricKind.TEXT,
+}
+_TEXT = MetricKind.TEXT
+_NO_REFS: dict[str, MetricRef] = {}
+Row = tuple[datetime, int, Any, bool]
+
+
+def _scalar(value: Any) -> tuple[float | str, MetricKind]:
+    """A validated scalar as stored: bools and ints as doubles, strings as text."""
+    kind = _KIND_OF[type(value)]
+    if kind is _TEXT:
+        return value, kind
+    return float(value), kind
+
+
+async def _readings(
     conn: asyncpg.Connection,
     registry: Registry,
     schema: str,
     tenant: str,
     items: Sequence[Decoded],
     out: Written,
-) -> None:
-    """Metric ids for every (device, name) of the batch, created on first sight."""
+) -> tuple[list[Row], list[Row]]:
+    """Rows for numeric_values and text_values, with metric ids (created on first sight).
+
+    One pass over the readings; metrics seen for the first time, or with a new unit or kind,
+    wait for one round trip that creates or updates them. A message that sends a metric with
+    another kind than it has (a number where text was) becomes a dead letter.
+    """
+    numeric: list[Row] = []
+    text: list[Row] = []
+    pending: list[tuple[Decoded, datetime, bool, str, Any, str | None, MetricKind]] = []
+    known, fresh = registry.metrics, out.metrics
+    for item in _live(items):
+        key = (tenant, item.device or "")
+        refs = known.get(key, _NO_REFS)
+        if fresh and key in fresh:  # created earlier in this (uncommitted) transaction
+            refs = {**refs, **fresh[key]}
+        for when, stamped, metrics in item.samples:
+            for name, v in metrics.items():
+                unit = None
+                if type(v) is Quantity:
+                    unit, v = v.u, v.v
+                value, kind = _scalar(v)
+                ref = refs.get(name)
+                if ref is not None and ref.kind is kind and (unit is None or unit == ref.unit):
+                    (text if kind is _TEXT else numeric).append((when, ref.id, value, stamped))
+                else:
+                    pending.append((item, when, stamped, name, value, unit, kind))
+    if not pending:
+        return numeric, text
+    resolved = await _resolve(conn, registry, schema, tenant, pending, out)
+    killed = False
+    for item, when, stamped, name, value, _unit, kind in pending:
+        if item.dead:
+            continue
+        ref = resolved[(item.device or "", name)]
+        if ref.kind is not kind:
+            item.kill(
+                KIND_CHANGED,
+                f"metric {name!r} of device {item.device!r} is {ref.kind.value}, this message "
+                f"sends it as {kind.value}; use a new metric name for a new kind",
+            )
+            killed = True
+            continue
+        (text if kind is _TEXT else numeric).append((when, ref.id, value, stamped))
+    if killed:
+        # rows of the messages just refused may already be in the lists: start again without
+        # them (all their metrics are known now, so this pass needs no round trip)
+        return await _readings(conn, registry, schema, tenant, items, out)
+    return numeric, text
+
+
+async def _resolve(
+    conn: asyncpg.Connection,
+    registry: Registry,
+    schema: str,
+    tenant: str,
+    pending: list[tuple[Decoded, datetime, bool, str, Any, str | None, MetricKind]],
+    out: Written,
+) -> dict[tuple[str, str], MetricRef]:
+    """Create the metrics not seen before, record new units; their refs, by (device, name)."""
     wanted: dict[tuple[str, str], tuple[str | None, MetricKind]] = {}
-    for item in _live(items):
-        for _when, r, _stamped in item.readings:
-            key = (item.device or "", r.name)
-            if (tenant, *key) not in registry.metrics and key not in wanted:
-                wanted[key] = (r.unit, r.kind)
-    if wanted:
-        devices, names = [k[0] for k in wanted], [k[1] for k in wanted]
-        units = [v[0] for v in wanted.values()]
-        kinds = [v[1].value for v in wanted.values()]
-        # the device row must exist before its metrics (foreign key)
-        await conn.execute(
-            f"INSERT INTO {schema}.devices (id) SELECT DISTINCT unnest($1::text[]) "
-            "ON CONFLICT (id) DO NOTHING",
-            devices,
-        )
-        await conn.execute(
-            f"INSERT INTO {schema}.metrics (device_id, name, unit, display_name, kind) "
-            "SELECT d, n, u, n, k FROM unnest($1::text[], $2::text[], $3::text[], $4::text[]) "
-            "AS t(d, n, u, k) ON CONFLICT (device_id, name) DO NOTHING",
-            devices, names, units, kinds,
-        )  # fmt: skip
-        rows = await conn.fetch(
-            f"SELECT m.device_id, m.name, m.id, m.kind, m.unit FROM {schema}.metrics m "
-            "JOIN unnest($1::text[], $2::text[]) AS t(d, n) ON m.device_id = t.d AND m.name = t.n",
-            devices,
-            names,
-        )
-        for row in rows:
-            ref = MetricRef(row["id"], MetricKind(row["kind"]), row["unit"])
-            out.metrics[(tenant, row["device_id"], row["name"])] = ref
-    changed_units: dict[int, str] = {}
-    for item in _live(items):
-        for _when, r, _stamped in item.readings:
-            metric = (tenant, item.device or "", r.name)
-            found = out.metrics.get(metric) or registry.metrics.get(metric)
-            if found is None:  # pragma: no cover - every wanted key was selected above
-                raise RuntimeError(f"metric {metric} has no id")
-            ref = found
-            if ref.kind is not r.kind:
-                item.kill(
-                    KIND_CHANGED,
-                    f"metric {r.name!r} of device {item.device!r} is {ref.kind.value}, this "
-                    f"message sends it as {r.kind.value}; use a new metric name for a new kind",
-                )
-                break
-            if r.unit is not None and r.unit != ref.unit:
-                changed_units[ref.id] = r.unit
-                out.metrics[metric] = MetricRef(ref.id, ref.kind, r.unit)
-    if changed_units:
+    for item, _when, _stamped, name, _value, unit, kind in pending:
+        key = (item.device or "", name)
+        if key not in wanted or unit is not None:
+            wanted[key] = (unit, kind)
+    devices, names = [k[0] for k in wanted], [k[1] for k in wanted]
+    # the device row must exist before its metrics (foreign key)
+    await conn.execute(
+        f"INSERT INTO {schema}.devices (id) SELECT DISTINCT unnest($1::text[]) "
+        "ON CONFLICT (id) DO NOTHING",
+        devices,
+    )
+    await conn.execute(
+        f"INSERT INTO {schema}.metrics (device_id, name, unit, display_name, kind) "
+        "SELECT d, n, u, n, k FROM unnest($1::text[], $2::text[], $3::text[], $4::text[]) "
+        "AS t(d, n, u, k) ON CONFLICT (device_id, name) DO NOTHING",
+        devices, names, [v[0] for v in wanted.values()], [v[1].value for v in wanted.values()],
+    )  # fmt: skip
+    rows = await conn.fetch(
+        f"SELECT m.device_id, m.name, m.id, m.kind, m.unit FROM {schema}.metrics m "
+        "JOIN unnest($1::text[], $2::text[]) AS t(d, n) ON m.device_id = t.d AND m.name = t.n",
+        devices,
+        names,
+    )
+    resolved: dict[tuple[str, str], MetricRef] = {}
+    new_units: dict[int, str] = {}
+    for row in rows:
+        key = (row["device_id"], row["name"])
+        ref = MetricRef(row["id"], MetricKind(row["kind"]), row["unit"])
+        unit = wanted[key][0]
+        if unit is not None and unit != ref.unit and wanted[key][1] is ref.kind:
+            new_units[ref.id] = unit
+            ref = MetricRef(ref.id, ref.kind, unit)
+        resolved[key] = ref
+        out.metrics.setdefault((tenant, key[0]), {})[key[1]] = ref
+    if new_units:
         await conn.execute(
             f"UPDATE {schema}.metrics m SET unit = t.u FROM unnest($1::int[], $2::text[]) "
             "AS t(i, u) WHERE m.id = t.i",
-            list(changed_units),
-            list(changed_units.values()),
+            list(new_units),
+            list(new_units.values()),
         )
+    return resolved
+
+
+@dataclass
+class _DeviceState:
+    """What one batch says about one device, in receive order."""
+
+    seen: datetime
+    at: datetime
+    status: str = "online"  # traffic from a device means it is there
+    by_status: bool = False
+    fw: str | None = None
+    boots: list[int] = field(default_factory=list)  # boot counters announced, in order
+    # (boot, first seq, last seq) of each message that carries a seq, in receive order
+    sequences: list[tuple[int | None, int, int]] = field(default_factory=list)
+
+
+def _device_states(live: list[Decoded]) -> dict[str, _DeviceState]:
+    states: dict[str, _DeviceState] = {}
+    for item in live:
+        device = item.device or ""
+        state = states.get(device)
+        if state is None:
+            state = states[device] = _DeviceState(item.received_at, item.received_at)
+        state.seen = max(state.seen, item.received_at)
+        if item.status is not None:
+            state.status, state.by_status = item.status.state.value, True
+            state.at = item.status.ts or item.received_at
+            state.fw = item.status.fw or state.fw
+            if item.status.boot is not None:
+                state.boots.append(item.status.boot)
+        else:
+            state.status, state.at = "online", item.received_at
+        if item.first_seq is not None and item.seq is not None:
+            state.sequences.append((item.boot, item.first_seq, item.seq))
+        elif item.boot is not None:
+            state.boots.append(item.boot)
+    return states
+
+
+def count_gaps(
+    boot: int | None, seq: int | None, state: _DeviceState
+) -> tuple[int | None, int | None, int]:
+    """New (boot, seq) and the messages missing between them, from the stored (boot, seq).
+
+    Messages from an older boot, or not past the stored seq, are redeliveries or stragglers:
+    they move nothing and count nothing. A newer boot restarts the count.
+    """
+    gaps = 0
+    for announced in state.boots:
+        if boot is None or announced > boot:
+            boot, seq = announced, None
+    for msg_boot, first, last in state.sequences:
+        if msg_boot is not None and boot is not None and msg_boot < boot:
+            continue
+        if msg_boot is not None and (boot is None or msg_boot > boot):
+            boot, seq = msg_boot, last
+            continue
+        if seq is None:
+            seq = last
+        elif first > seq + 1:
+            gaps += first - seq - 1
+            seq = last
+        elif last > seq:
+            seq = last
+    return boot, seq, gaps
 
 
 async def _devices(
@@ -235,85 +371,83 @@ async def _devices(
     items: Sequence[Decoded],
     out: Written,
 ) -> None:
-    """Device rows: last seen, presence, firmware, boot, sequence gaps; transitions as events."""
+    """Device rows: last seen, presence, firmware, boot, `seq` gaps; transitions as events.
+
+    The rows are read FOR UPDATE and written back at the end of the batch's transaction:
+    gaps are counted against what is committed, so two writers (or workers) never count the
+    same messages twice, and the locks are held only until the commit.
+    """
     live = _live(items)
     if not live:
         return
-    seen: dict[str, dict[str, Any]] = {}
-    for item in live:
-        assert item.device is not None
-        state = seen.setdefault(
-            item.device,
-            {"seen": item.received_at, "status": None, "fw": None, "boot": None, "seq": None,
-             "gaps": 0, "at": item.received_at},
-        )  # fmt: skip
-        state["seen"] = max(state["seen"], item.received_at)
-        if item.status is not None:
-            state["status"] = item.status.state.value
-            state["at"] = item.status.ts or item.received_at
-            state["fw"] = item.status.fw or state["fw"]
-            state["boot"] = item.status.boot if item.status.boot is not None else state["boot"]
-        else:
-            state["status"] = "online"  # traffic from a device means it is there
-            state["at"] = item.received_at
-        if item.boot is not None:
-            state["boot"] = item.boot
-    await _count_gaps(conn, registry, schema, tenant, live, seen, out)
-    ids = list(seen)
-    rows = await conn.fetch(
-        f"""
-        WITH new(id, seen, status, fw, boot, seq, gaps) AS (
-            SELECT * FROM unnest($1::text[], $2::timestamptz[], $3::text[], $4::text[],
-                                 $5::bigint[], $6::bigint[], $7::bigint[])
-        ),
-        old AS (SELECT d.id, d.status FROM {schema}.devices d JOIN new USING (id)),
-        up AS (
-            INSERT INTO {schema}.devices AS d (id, last_seen, status, fw, boot, seq, seq_gaps)
-            SELECT id, seen, status, fw, boot, seq, gaps FROM new
-            ON CONFLICT (id) DO UPDATE SET
-                last_seen = GREATEST(d.last_seen, EXCLUDED.last_seen),
-                status = EXCLUDED.status,
-                fw = COALESCE(EXCLUDED.fw, d.fw),
-                boot = COALESCE(EXCLUDED.boot, d.boot),
-                seq = COALESCE(EXCLUDED.seq, d.seq),
-                seq_gaps = d.seq_gaps + EXCLUDED.seq_gaps
-            RETURNING d.id, d.status
+    states = _device_states(live)
+    # a device heard within the last second, with nothing new to say, keeps its row as it is:
+    # every batch would otherwise lock (and rewrite) the rows of all its devices
+    cached = registry.devices
+    for device in list(states):
+        state, known = states[device], cached.get((tenant, device))
+        if (
+            known is not None
+            and not state.by_status
+            and not state.sequences
+            and not state.boots
+            and known[0] == "online"
+            and state.seen - known[1] < LAST_SEEN_RESOLUTION
+        ):
+            del states[device]
+    if not states:
+        return
+    ids = sorted(states)  # one lock order for every writer: no deadlocks between them
+    new = [d for d in ids if registry.owners.get(d) != tenant]
+    if new:  # a device whose ownership is cached was committed with its row
+        await conn.execute(
+            f"INSERT INTO {schema}.devices (id) SELECT unnest($1::text[]) "
+            "ON CONFLICT (id) DO NOTHING",
+            new,
         )
-        SELECT up.id, old.status AS old_status, up.status AS new_status
-        FROM up LEFT JOIN old USING (id)
-        WHERE old.status IS DISTINCT FROM up.status
+    current = {
+        row["id"]: row
+        for row in await conn.fetch(
+            f"SELECT id, status, boot, seq FROM {schema}.devices WHERE id = ANY($1::text[]) "
+            "ORDER BY id FOR UPDATE",
+            ids,
+        )
+    }
+    boots, seqs, gaps = [], [], []
+    for device in ids:
+        row = current[device]
+        boot, seq, added = count_gaps(row["boot"], row["seq"], states[device])
+        boots.append(boot)
+        seqs.append(seq)
+        gaps.append(added)
+        out.gaps += added
+    st = [states[d] for d in ids]
+    await conn.execute(
+        f"""
+        UPDATE {schema}.devices d SET
+            last_seen = GREATEST(d.last_seen, n.seen), status = n.status,
+            fw = COALESCE(n.fw, d.fw), boot = n.boot, seq = n.seq,
+            seq_gaps = d.seq_gaps + n.gaps
+        FROM unnest($1::text[], $2::timestamptz[], $3::text[], $4::text[], $5::bigint[],
+                    $6::bigint[], $7::bigint[]) AS n(id, seen, status, fw, boot, seq, gaps)
+        WHERE d.id = n.id
         """,
-        ids,
-        [seen[d]["seen"] for d in ids],
-        [seen[d]["status"] for d in ids],
-        [seen[d]["fw"] for d in ids],
-        [seen[d]["boot"] for d in ids],
-        [seen[d]["seq"] for d in ids],
-        [seen[d]["gaps"] for d in ids],
-    )
-    if rows:
-        times: list[datetime] = []
-        devices: list[str] = []
-        bodies: list[str] = []
-        for row in rows:
-            state = seen[row["id"]]
-            cause = (
-                "status"
-                if any(i.status is not None for i in live if i.device == row["id"])
-                else "traffic"
-            )
-            out.transitions.append((row["id"], row["old_status"], row["new_status"]))
-            times.append(state["at"])
-            devices.append(row["id"])
-            bodies.append(
-                json.dumps(
-                    {
-                        "from": row["old_status"] or "unknown",
-                        "to": row["new_status"],
-                        "cause": cause,
-                    }
-                )
-            )
+        ids, [s.seen for s in st], [s.status for s in st], [s.fw for s in st], boots, seqs, gaps,
+    )  # fmt: skip
+    times: list[datetime] = []
+    devices: list[str] = []
+    bodies: list[str] = []
+    for device, state in zip(ids, st, strict=True):
+        out.devices[(tenant, device)] = (state.status, state.seen)
+        old = current[device]["status"]
+        if old == state.status:
+            continue
+        out.transitions.append((device, old, state.status))
+        times.append(state.at)
+        devices.append(device)
+        cause = "status" if state.by_status else "traffic"
+        bodies.append(json.dumps({"from": old or "unknown", "to": state.status, "cause": cause}))
+    if times:
         await conn.execute(
             f"INSERT INTO {schema}.events (time, device_id, kind, severity, body) "
             "SELECT t, d, 'presence', 'info', b::jsonb "
@@ -323,99 +457,47 @@ async def _devices(
             devices,
             bodies,
         )
-        out.events += len(rows)
+        out.events += len(times)
 
 
-async def _count_gaps(
-    conn: asyncpg.Connection,
-    registry: Registry,
-    schema: str,
-    tenant: str,
-    live: list[Decoded],
-    seen: dict[str, dict[str, Any]],
-    out: Written,
+# Values go through COPY into a session's temporary staging table, then one INSERT ... ON
+# CONFLICT DO NOTHING into the hypertable: COPY does not die on a duplicate (which a redelivery
+# is), and it beats unnest() arrays, whose encoding asyncpg checks element by element.
+_STAGE = {
+    "numeric_values": ("fl_stage_numeric", "double precision"),
+    "text_values": ("fl_stage_text", "text"),
+}
+_COLUMNS = ["time", "metric_id", "value", "received"]
+_staged: weakref.WeakKeyDictionary[asyncpg.Connection, set[str]] = weakref.WeakKeyDictionary()
+
+
+async def _stage(
+    conn: asyncpg.Connection, table: str, schema: str, rows: list[tuple[Any, ...]]
 ) -> None:
-    """`seq` gaps per device, in receive order; a new `boot` starts counting afresh."""
-    with_seq = [i for i in live if i.first_seq is not None]
-    if not with_seq:
-        return
-    unknown = sorted(
-        {i.device or "" for i in with_seq} - {d for t, d in registry.sequences if t == tenant}
+    stage, value_type = _STAGE[table]
+    made = _staged.setdefault(conn, set())
+    if stage not in made:  # once per connection: temporary tables live as long as it
+        await conn.execute(
+            f"CREATE TEMP TABLE IF NOT EXISTS {stage} (time timestamptz, metric_id integer, "
+            f"value {value_type}, received boolean) ON COMMIT DELETE ROWS"
+        )
+        made.add(stage)
+    await conn.copy_records_to_table(stage, records=rows, columns=_COLUMNS)
+    await conn.execute(
+        f"INSERT INTO {schema}.{table} (time, metric_id, value, received) "
+        f"SELECT time, metric_id, value, received FROM {stage} ON CONFLICT DO NOTHING"
     )
-    last: dict[str, tuple[int | None, int | None]] = {
-        d: registry.sequences[(tenant, d)] for t, d in registry.sequences if t == tenant
-    }
-    if unknown:
-        for row in await conn.fetch(
-            f"SELECT id, boot, seq FROM {schema}.devices WHERE id = ANY($1)", unknown
-        ):
-            last[row["id"]] = (row["boot"], row["seq"])
-    for item in with_seq:
-        device = item.device or ""
-        boot, seq = last.get(device, (None, None))
-        if item.boot is not None and item.boot != boot:
-            boot, seq = item.boot, None  # a restart: seq starts again
-        assert item.first_seq is not None
-        assert item.seq is not None
-        if seq is not None and item.first_seq > seq + 1:
-            gap = item.first_seq - seq - 1
-            seen[device]["gaps"] += gap
-            out.gaps += gap
-        if seq is None or item.seq > seq:
-            seq = item.seq
-        last[device] = (boot, seq)
-        seen[device]["seq"] = seq
-        out.sequences[(tenant, device)] = (boot, seq)
 
 
 async def _values(
-    conn: asyncpg.Connection,
-    registry: Registry,
-    schema: str,
-    tenant: str,
-    items: Sequence[Decoded],
-    out: Written,
+    conn: asyncpg.Connection, schema: str, numeric: list[Row], text: list[Row], out: Written
 ) -> None:
-    n_time: list[datetime] = []
-    n_id: list[int] = []
-    n_value: list[float] = []
-    n_recv: list[bool] = []
-    t_time: list[datetime] = []
-    t_id: list[int] = []
-    t_value: list[str] = []
-    t_recv: list[bool] = []
-    metrics, cached = out.metrics, registry.metrics
-    for item in _live(items):
-        device = item.device or ""
-        for when, r, stamped in item.readings:
-            key = (tenant, device, r.name)
-            ref = metrics.get(key) or cached[key]
-            if r.kind is MetricKind.TEXT:
-                t_time.append(when)
-                t_id.append(ref.id)
-                t_value.append(str(r.value))
-                t_recv.append(stamped)
-            else:
-                n_time.append(when)
-                n_id.append(ref.id)
-                n_value.append(float(r.value))
-                n_recv.append(stamped)
-    if n_time:
-        await conn.execute(
-            f"INSERT INTO {schema}.numeric_values (time, metric_id, value, received) "
-            "SELECT * FROM unnest($1::timestamptz[], $2::int[], $3::float8[], $4::bool[]) "
-            "ON CONFLICT DO NOTHING",
-            n_time, n_id, n_value, n_recv,
-        )  # fmt: skip
-        out.numeric = len(n_time)
-    if t_time:
-        await conn.execute(
-            f"INSERT INTO {schema}.text_values (time, metric_id, value, received) "
-            "SELECT * FROM unnest($1::timestamptz[], $2::int[], $3::text[], $4::bool[]) "
-            "ON CONFLICT DO NOTHING",
-            t_time, t_id, t_value, t_recv,
-        )  # fmt: skip
-        out.text = len(t_time)
+    if numeric:
+        await _stage(conn, "numeric_values", schema, numeric)
+        out.numeric = len(numeric)
+    if text:
+        await _stage(conn, "text_values", schema, text)
+        out.text = len(text)
 
 
 async def _events(

@@ -381,3 +381,33 @@ async def test_paho_devices_end_to_end(broker: BrokerUnderTest, timescale_dsn: s
         await wait_for(
             lambda: _count(timescale_dsn, "tenant_acme.numeric_values", 50), 10, "50 rows"
         )
+
+
+async def test_seq_gaps_are_counted_once_and_a_new_boot_starts_afresh(
+    broker: BrokerUnderTest, timescale_dsn: str
+) -> None:
+    pki = broker.pki
+    t0 = now_ms() - 60_000
+
+    def msg(i: int, seq: int, boot: int) -> tuple[str, bytes]:
+        return (
+            "fl/acme/dev-1/telemetry",
+            j({"ts": t0 + i, "seq": seq, "boot": boot, "metrics": {"v": i}}),
+        )
+
+    # boot 1: seq 1, 2, 5 (3 and 4 lost), then 9 (6, 7, 8 lost); boot 2 restarts at 1: no gap
+    first = [msg(0, 1, 1), msg(1, 2, 1), msg(2, 5, 1)]
+    second = [msg(3, 9, 1), msg(4, 1, 2), msg(5, 2, 2)]
+    async with IngestWorker(worker_config(broker, timescale_dsn)) as worker:
+        await worker.wait_connected(15)
+        await asyncio.to_thread(burst, broker, pki.device, first)
+        await wait_for(lambda: _count(timescale_dsn, "tenant_acme.numeric_values", 3), 10, "3 rows")
+        await asyncio.to_thread(burst, broker, pki.device, second)
+        await wait_for(lambda: _count(timescale_dsn, "tenant_acme.numeric_values", 6), 10, "6 rows")
+        # the same messages again (a redelivery): nothing counted twice
+        await asyncio.to_thread(burst, broker, pki.device, first + second)
+        await wait_for(lambda: _received(worker, 12), 10, "the redelivery")
+        await asyncio.sleep(0.3)
+        assert worker.metrics.seq_gaps._value.get() == 5
+    row = await fetch(timescale_dsn, "SELECT boot, seq, seq_gaps FROM tenant_acme.devices")
+    assert [tuple(r) for r in row] == [(2, 2, 5)]

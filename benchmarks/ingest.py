@@ -1,0 +1,562 @@
+"""Ingest throughput, latency and memory: paho and insert ceilings against the worker end to end.
+
+    python -m benchmarks.ingest                        # ~10 min
+    python -m benchmarks.ingest --messages 100000 --live-seconds 5
+
+Publisher (mosquitto_pub, a C client, 4 devices), Mosquitto with the rendered config,
+the worker and PostgreSQL + TimescaleDB all run on this machine. It measures:
+
+(a) a bare paho-mqtt QoS 1 subscriber that only acknowledges: draining a backlog, and live;
+(b) the idempotent insert alone (`INSERT ... SELECT FROM unnest ... ON CONFLICT DO NOTHING`,
+    the worker's batch size, the worker's number of connections) for the same rows;
+(c) `fieldline ingest run` end to end, lean receive path: draining a backlog of
+    --messages single messages (10 metrics each) and of --backlog-messages backlog messages
+    (100 samples each), and live traffic at full speed;
+(d) the same with `--client paho`;
+and the publish-to-commit latency at a steady --rate msg/s, and the worker's peak RSS.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import urllib.request
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import asyncpg
+import paho.mqtt.client as mqtt
+from paho.mqtt.enums import CallbackAPIVersion, MQTTProtocolVersion
+
+from benchmarks.broker import free_port
+from broker.mosquitto import MosquittoOptions, write_mosquitto_files
+from certs import Pki, Role
+from fieldline.pgcluster import EmbeddedPostgres
+from ingest_worker.mqtt import MQTT311, open_subscriber
+from ingest_worker.service import client_context
+
+REPO = Path(__file__).resolve().parents[1]
+TENANT = "bench"
+PUBLISHERS = 4
+METRICS = 10
+
+
+# -- set-up ----------------------------------------------------------------------------------
+def prepare_pki(home: Path) -> Pki:
+    pki = Pki(home / "pki")
+    if not pki.exists():
+        pki.init_ca(name="fieldline ingest bench CA")
+        pki.issue_server("broker", hosts=["localhost"], ips=["127.0.0.1"])
+        pki.issue("ingest-1", tenant="platform", role=Role.SERVICE)
+        pki.issue("bench-paho", tenant="platform", role=Role.SERVICE)
+        pki.issue_many([f"pub-{i}" for i in range(PUBLISHERS)], tenant=TENANT, role=Role.DEVICE)
+    return pki
+
+
+@dataclass
+class Stack:
+    pki: Pki
+    home: Path
+    port: int
+    mosquitto: subprocess.Popen[bytes]
+    pg: EmbeddedPostgres
+    dsn: str
+    scratch: Path
+    tag: int = 0
+
+    def next_tag(self) -> int:
+        """Each phase publishes rows of its own (its own ts range): nothing collides."""
+        self.tag += 1
+        return self.tag
+
+
+def start_stack(home: Path) -> Stack:
+    pki = prepare_pki(home)
+    port = free_port()
+    options = MosquittoOptions(
+        bind="127.0.0.1",
+        port=port,
+        run_as="root" if os.geteuid() == 0 else None,
+        max_queued_messages=700_000,
+        max_queued_bytes=2 * 1024**3,
+        log_dest=f"file {home / 'mosquitto.log'}",
+    )
+    files = write_mosquitto_files(pki, home / "mosquitto", options=options)
+    mosquitto = subprocess.Popen(
+        ["mosquitto", "-c", str(files.config)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
+    scratch = Path(tempfile.mkdtemp(prefix="fl-bench-pg-"))
+    scratch.chmod(0o711)
+    pg = EmbeddedPostgres(scratch / "pg")
+    asyncio.run(pg.start())
+    time.sleep(0.5)
+    return Stack(pki, home, port, mosquitto, pg, pg.dsn(), scratch)
+
+
+def stop_stack(stack: Stack) -> None:
+    stack.mosquitto.send_signal(signal.SIGTERM)
+    stack.mosquitto.wait(30)
+    asyncio.run(stack.pg.stop())
+    shutil.rmtree(stack.scratch, ignore_errors=True)
+
+
+# -- publishing ------------------------------------------------------------------------------
+def lines(tag: int, device: int, n: int, samples: int) -> bytes:
+    """n payloads, one per line: single messages of 10 metrics, or backlogs of `samples`."""
+    base = 1_700_000_000_000 + tag * 10_000_000_000 + device * 1_000_000_000
+    out = []
+    if samples == 1:
+        for i in range(n):
+            metrics = ",".join(f'"m{k}":{(i + k) % 1000}.5' for k in range(METRICS))
+            out.append(f'{{"ts":{base + i},"seq":{i},"metrics":{{{metrics}}}}}')
+    else:
+        for i in range(n):
+            start = base + i * samples
+            body = ",".join(
+                f'{{"ts":{start + s},"metrics":{{"level":{(i + s) % 1000}.25}}}}'
+                for s in range(samples)
+            )
+            out.append(f'{{"samples":[{body}]}}')
+    return ("\n".join(out) + "\n").encode()
+
+
+def publish(stack: Stack, tag: int, total: int, samples: int = 1) -> float:
+    """mosquitto_pub -l from 4 devices at full speed; returns seconds taken."""
+    per = total // PUBLISHERS
+    procs = []
+    started = time.monotonic()
+    for d in range(PUBLISHERS):
+        ident = f"pub-{d}"
+        bundle = stack.pki.root / "issued" / ident
+        proc = subprocess.Popen(
+            ["mosquitto_pub", "-h", "127.0.0.1", "-p", str(stack.port), "-i", ident,
+             "--cafile", str(stack.pki.ca_cert_path), "--cert", str(bundle / "cert.pem"),
+             "--key", str(bundle / "key.pem"), "-t", f"fl/{TENANT}/{ident}/telemetry",
+             "-q", "1", "-M", "1000", "-l"],
+            stdin=subprocess.PIPE, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+        )  # fmt: skip
+        procs.append((proc, lines(tag, d, per, samples)))
+    writers = [threading.Thread(target=_feed, args=p) for p in procs]
+    for w in writers:
+        w.start()
+    for w in writers:
+        w.join()
+    for proc, _data in procs:
+        proc.wait(600)
+        if proc.returncode:
+            raise SystemExit(
+                f"mosquitto_pub failed: {proc.stderr.read().decode() if proc.stderr else ''}"
+            )
+    return time.monotonic() - started
+
+
+def _feed(proc: subprocess.Popen[bytes], data: bytes) -> None:
+    assert proc.stdin is not None
+    proc.stdin.write(data)
+    proc.stdin.close()
+
+
+# -- (a) paho, acknowledging only --------------------------------------------------------------
+class PahoCounter:
+    """A bare paho-mqtt 2 QoS 1 subscriber on fl/+/+/telemetry that only acknowledges."""
+
+    def __init__(self, stack: Stack) -> None:
+        self.count = 0
+        bundle = stack.pki.root / "issued" / "bench-paho"
+        self.client = mqtt.Client(
+            CallbackAPIVersion.VERSION2, client_id="bench-paho", clean_session=False,
+            protocol=MQTTProtocolVersion.MQTTv311,
+        )  # fmt: skip
+        self.client.tls_set(
+            str(stack.pki.ca_cert_path), str(bundle / "cert.pem"), str(bundle / "key.pem")
+        )
+        self.client.max_inflight_messages_set(1000)
+        self.client.on_message = self._on_message
+        self.subscribed = threading.Event()
+        self.client.on_subscribe = lambda *_a: self.subscribed.set()
+        self.client.on_connect = lambda c, *_a: c.subscribe("fl/+/+/telemetry", 1)
+        self.client.connect("127.0.0.1", stack.port)
+        self.client.loop_start()
+        self.subscribed.wait(10)
+
+    def _on_message(self, *_args: Any) -> None:
+        self.count += 1
+
+    def close(self) -> None:
+        self.client.disconnect()
+        self.client.loop_stop()
+
+
+def paho_drain(stack: Stack, expected: int) -> float:
+    counter = PahoCounter(stack)
+    started = time.monotonic()
+    while counter.count < expected:
+        time.sleep(0.01)
+        if time.monotonic() - started > 600:
+            raise SystemExit(f"paho got {counter.count} of {expected}")
+    rate = counter.count / (time.monotonic() - started)
+    counter.close()
+    return rate
+
+
+def paho_live(stack: Stack, total: int) -> float:
+    counter = PahoCounter(stack)
+    tag = stack.next_tag()
+    thread = threading.Thread(target=publish, args=(stack, tag, total))
+    started = time.monotonic()
+    thread.start()
+    while counter.count < total and time.monotonic() - started < 600:
+        time.sleep(0.01)
+    rate = counter.count / (time.monotonic() - started)
+    thread.join()
+    counter.close()
+    return rate
+
+
+def wipe_session(stack: Stack, client_id: str) -> None:
+    """Connect once with a clean session: the broker drops what it queued for that client."""
+
+    async def run() -> None:
+        context = client_context(stack.pki.root, client_id)
+        sub = await open_subscriber("127.0.0.1", stack.port, context, lambda d: None, version=MQTT311)
+        await sub.handshake(client_id, clean_start=True, keepalive=0)
+        await sub.close()
+
+    asyncio.run(run())
+
+
+# -- (b) the insert alone --------------------------------------------------------------------
+async def insert_ceiling(dsn: str, rows: int, batch: int, connections: int) -> float:
+    conn = await asyncpg.connect(dsn)
+    await conn.execute("CREATE SCHEMA IF NOT EXISTS rawbench")
+    await conn.execute(
+        "CREATE TABLE IF NOT EXISTS rawbench.numeric_values (time timestamptz NOT NULL, "
+        "metric_id integer NOT NULL, value double precision NOT NULL, received boolean NOT NULL "
+        "DEFAULT false, UNIQUE (metric_id, time))"
+    )
+    await conn.execute(
+        "SELECT create_hypertable('rawbench.numeric_values', by_range('time', INTERVAL '1 day'), "
+        "if_not_exists => TRUE)"
+    )
+    await conn.execute("TRUNCATE rawbench.numeric_values")
+    await conn.close()
+    from datetime import UTC, datetime, timedelta
+
+    t0 = datetime(2023, 11, 14, tzinfo=UTC)
+    queue: asyncio.Queue[int] = asyncio.Queue()
+    for start in range(0, rows, batch):
+        queue.put_nowait(start)
+
+    async def writer() -> None:
+        c = await asyncpg.connect(dsn)
+        while not queue.empty():
+            start = queue.get_nowait()
+            n = min(batch, rows - start)
+            times = [t0 + timedelta(milliseconds=(start + i) // METRICS) for i in range(n)]
+            ids = [(start + i) % METRICS + 1 for i in range(n)]
+            values = [float(i) for i in range(n)]
+            async with c.transaction():
+                await c.execute(
+                    "INSERT INTO rawbench.numeric_values (time, metric_id, value, received) "
+                    "SELECT * FROM unnest($1::timestamptz[], $2::int[], $3::float8[], $4::bool[]) "
+                    "ON CONFLICT DO NOTHING",
+                    times, ids, values, [False] * n,
+                )  # fmt: skip
+        await c.close()
+
+    started = time.monotonic()
+    await asyncio.gather(*(writer() for _ in range(connections)))
+    return rows / (time.monotonic() - started)
+
+
+# -- (c)/(d) the worker ----------------------------------------------------------------------
+@dataclass
+class Worker:
+    proc: subprocess.Popen[bytes]
+    metrics_port: int
+    peak_rss_mib: float = 0.0
+    _sampler: threading.Thread | None = None
+    _stop: threading.Event = field(default_factory=threading.Event)
+
+    def metrics(self) -> dict[str, float]:
+        with urllib.request.urlopen(
+            f"http://127.0.0.1:{self.metrics_port}/metrics", timeout=5
+        ) as r:
+            text = r.read().decode()
+        values: dict[str, float] = {}
+        for line in text.splitlines():
+            if line and not line.startswith("#"):
+                name, _, value = line.rpartition(" ")
+                values[name] = float(value)
+        return values
+
+    def rows(self) -> float:
+        return self.metrics().get(
+            'fieldline_ingest_rows_written_total{table="numeric_values"}', 0.0
+        )
+
+    def sample(self) -> None:
+        while not self._stop.is_set():
+            try:
+                for line in Path(f"/proc/{self.proc.pid}/status").read_text().splitlines():
+                    if line.startswith("VmRSS:"):
+                        self.peak_rss_mib = max(self.peak_rss_mib, int(line.split()[1]) / 1024)
+            except OSError:
+                return
+            time.sleep(0.2)
+
+    def stop(self) -> None:
+        self._stop.set()
+        self.proc.send_signal(signal.SIGTERM)
+        self.proc.wait(120)
+
+
+def start_worker(stack: Stack, client: str) -> Worker:
+    port = free_port()
+    env = {
+        **os.environ,
+        "PYTHONPATH": str(REPO),
+        "FIELDLINE_HOME": str(stack.home),
+        "FIELDLINE_DATABASE_URL": stack.dsn,
+        "FIELDLINE_BROKER__HOST": "127.0.0.1",
+        "FIELDLINE_BROKER__PORT": str(stack.port),
+        "FIELDLINE_INGEST__METRICS_PORT": str(port),
+        "FIELDLINE_LOG_LEVEL": "WARNING",
+    }
+    log = (stack.home / f"worker-{client}.log").open("ab")
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "fieldline", "ingest", "run", "--client", client],
+        stdout=log, stderr=log, env=env,
+    )  # fmt: skip
+    worker = Worker(proc, port)
+    deadline = time.monotonic() + 60
+    while True:
+        try:
+            if worker.metrics().get("fieldline_ingest_broker_connected") == 1.0:
+                break
+        except OSError:
+            pass
+        if proc.poll() is not None or time.monotonic() > deadline:
+            raise SystemExit(
+                "the worker did not start; see " + str(stack.home / f"worker-{client}.log")
+            )
+        time.sleep(0.05)
+    worker._sampler = threading.Thread(target=worker.sample, daemon=True)
+    worker._sampler.start()
+    return worker
+
+
+def worker_drain(stack: Stack, client: str, rows: int, messages: int) -> tuple[float, float, float]:
+    """Start a worker on a queued backlog; (msg/s, rows/s, peak RSS MiB) until all committed."""
+    started = time.monotonic()
+    worker = start_worker(stack, client)
+    before = worker.rows()
+    while worker.rows() - before < rows:
+        time.sleep(0.05)
+        if time.monotonic() - started > 900:
+            raise SystemExit(f"the worker wrote {worker.rows() - before} of {rows} rows")
+    took = time.monotonic() - started
+    worker.stop()
+    return messages / took, rows / took, worker.peak_rss_mib
+
+
+def worker_live(stack: Stack, client: str, messages: int) -> tuple[float, float, float]:
+    worker = start_worker(stack, client)
+    before = worker.rows()
+    rows = messages * METRICS
+    tag = stack.next_tag()
+    thread = threading.Thread(target=publish, args=(stack, tag, messages))
+    started = time.monotonic()
+    thread.start()
+    while worker.rows() - before < rows and time.monotonic() - started < 900:
+        time.sleep(0.05)
+    took = time.monotonic() - started
+    thread.join()
+    worker.stop()
+    return messages / took, rows / took, worker.peak_rss_mib
+
+
+def steady_latency(stack: Stack, rate: int, seconds: float) -> tuple[float, float, float]:
+    """Publish at `rate` msg/s with ts = now; the worker's p50/p99 publish-to-commit, and RSS."""
+    worker = start_worker(stack, "lean")
+    from broker import wire
+    from tests.mqtt_raw import RawClient
+
+    bundle = stack.pki.bundle("pub-0")
+    client = RawClient("127.0.0.1", stack.port, stack.pki.ca_cert_path, bundle, timeout=30)
+    client.connect("pub-0")
+    reader = threading.Thread(target=_drain_acks, args=(client,), daemon=True)
+    reader.start()
+    topic = f"fl/{TENANT}/pub-0/telemetry".encode()
+    tick = 0.01
+    per_tick = max(1, int(rate * tick))
+    # the metrics of each slot, rendered once: the publisher should not be the bottleneck.
+    # Messages of one tick share a millisecond; each slot has metric names of its own, so no
+    # two rows share (metric, time) and none is dropped as a redelivery.
+    bodies = [
+        ",".join(f'"m{k}_{slot}":{slot}.5' for k in range(METRICS)).encode()
+        for slot in range(per_tick)
+    ]
+    started = time.monotonic()
+    sent = 0
+    packet_id = 0
+    while time.monotonic() - started < seconds:
+        ts = str(int(time.time() * 1000)).encode()
+        batch = bytearray()
+        for slot in range(per_tick):
+            packet_id = packet_id % 65535 + 1
+            sent += 1
+            payload = b'{"ts":' + ts + b',"metrics":{' + bodies[slot] + b"}}"
+            batch += wire.publish(topic, payload, 1, False, packet_id=packet_id)
+        client.send(bytes(batch))
+        time.sleep(max(0.0, started + (sent / rate) - time.monotonic()))
+    time.sleep(2)
+    values = worker.metrics()
+    if os.environ.get("BENCH_DEBUG"):
+        for k, v in sorted(values.items()):
+            if "commit_seconds" in k or "lag_seconds_bucket" in k or "batch_rows_sum" in k or "batch_rows_count" in k:
+                print("   ", k, v)
+    worker.stop()
+    client.close()
+    buckets = sorted(
+        (float(k.split('le="')[1].split('"')[0]), v)
+        for k, v in values.items()
+        if k.startswith("fieldline_ingest_publish_to_commit_seconds_bucket") and "+Inf" not in k
+    )
+    total = values.get("fieldline_ingest_publish_to_commit_seconds_count", 0.0)
+    return _quantile(buckets, total, 0.5), _quantile(buckets, total, 0.99), worker.peak_rss_mib
+
+
+def _drain_acks(client: Any) -> None:
+    try:
+        while True:
+            client.read_packet(60)
+    except (OSError, ConnectionError):
+        return
+
+
+def _quantile(buckets: list[tuple[float, float]], total: float, q: float) -> float:
+    """Prometheus' histogram_quantile: linear within the bucket that holds the q-th value."""
+    if not total:
+        return float("nan")
+    rank, lower, below = q * total, 0.0, 0.0
+    for bound, cumulative in buckets:
+        if cumulative >= rank:
+            return lower + (bound - lower) * (rank - below) / max(cumulative - below, 1e-9)
+        lower, below = bound, cumulative
+    return float("inf")
+
+
+# -- the run ---------------------------------------------------------------------------------
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--messages", type=int, default=300_000, help="backlog of single messages")
+    parser.add_argument("--backlog-messages", type=int, default=30_000, help="100-sample messages")
+    parser.add_argument("--live-messages", type=int, default=200_000)
+    parser.add_argument("--rate", type=int, default=5000, help="steady msg/s for the latency")
+    parser.add_argument("--latency-seconds", type=float, default=20.0)
+    parser.add_argument("--home", type=Path, default=REPO / ".fieldline" / "bench-ingest")
+    parser.add_argument("--json", type=Path)
+    args = parser.parse_args()
+    args.home.mkdir(parents=True, exist_ok=True)
+    stack = start_stack(args.home)
+    results: dict[str, Any] = {"machine": f"{os.cpu_count()} cores", "messages": args.messages}
+    try:
+        n = args.messages
+        # sessions first, so the broker queues the backlog for both subscribers
+        start_worker(stack, "lean").stop()
+        PahoCounter(stack).close()
+        print(f"publishing a backlog of {n:,} messages x {METRICS} metrics ...", flush=True)
+        took = publish(stack, stack.next_tag(), n)
+        results["publish_msgs_per_s"] = n / took
+        print(f"  mosquitto_pub x{PUBLISHERS}: {n / took:,.0f} msg/s into Mosquitto", flush=True)
+        results["a_drain"] = paho_drain(stack, n)
+        print(f"(a) paho ack-only drain: {results['a_drain']:,.0f} msg/s", flush=True)
+        c = worker_drain(stack, "lean", n * METRICS, n)
+        results["c_drain"] = c
+        print(
+            f"(c) worker (lean) drain: {c[0]:,.0f} msg/s, {c[1]:,.0f} rows/s, RSS {c[2]:.0f} MiB",
+            flush=True,
+        )
+        wipe_session(stack, "bench-paho")
+        publish(stack, stack.next_tag(), n)
+        d = worker_drain(stack, "paho", n * METRICS, n)
+        results["d_drain"] = d
+        print(
+            f"(d) worker (paho) drain: {d[0]:,.0f} msg/s, {d[1]:,.0f} rows/s, RSS {d[2]:.0f} MiB",
+            flush=True,
+        )
+        m = args.backlog_messages
+        publish(stack, stack.next_tag(), m, samples=100)
+        cb = worker_drain(stack, "lean", m * 100, m)
+        results["c_backlog"] = cb
+        print(f"(c) worker (lean) drain of {m:,} 100-sample messages: {cb[0]:,.0f} msg/s, "
+              f"{cb[1]:,.0f} rows/s, RSS {cb[2]:.0f} MiB", flush=True)  # fmt: skip
+        b = asyncio.run(insert_ceiling(stack.dsn, 2_000_000, 20_000, 2))
+        results["b_insert"] = b
+        print(
+            f"(b) idempotent insert alone (batches of 20,000, 2 connections): {b:,.0f} rows/s",
+            flush=True,
+        )
+        wipe_session(stack, "bench-paho")
+        live = args.live_messages
+        results["a_live"] = paho_live(stack, live)
+        print(f"(a) paho ack-only live: {results['a_live']:,.0f} msg/s", flush=True)
+        wipe_session(stack, "bench-paho")
+        cl = worker_live(stack, "lean", live)
+        results["c_live"] = cl
+        print(
+            f"(c) worker (lean) live: {cl[0]:,.0f} msg/s, {cl[1]:,.0f} rows/s, RSS {cl[2]:.0f} MiB",
+            flush=True,
+        )
+        dl = worker_live(stack, "paho", live)
+        results["d_live"] = dl
+        print(
+            f"(d) worker (paho) live: {dl[0]:,.0f} msg/s, {dl[1]:,.0f} rows/s, RSS {dl[2]:.0f} MiB",
+            flush=True,
+        )
+        lat = steady_latency(stack, args.rate, args.latency_seconds)
+        results["latency"] = lat
+        p50, p99 = lat[0] * 1000, lat[1] * 1000
+        print(f"latency at {args.rate:,} msg/s: p50 {p50:.1f} ms, p99 {p99:.1f} ms", flush=True)
+    finally:
+        stop_stack(stack)
+    _summary(results)
+    if args.json:
+        args.json.write_text(json.dumps(results, indent=2))
+
+
+def _summary(r: dict[str, Any]) -> None:
+    peak = max(r[k][2] for k in ("c_drain", "d_drain", "c_backlog", "c_live", "d_live", "latency"))
+    rows = [
+        (
+            "(c)/(a) single messages, backlog drain",
+            f"{r['c_drain'][0] / r['a_drain']:.0%}",
+            ">= 70%",
+        ),
+        ("(c)/(a) single messages, live", f"{r['c_live'][0] / r['a_live']:.0%}", ">= 70%"),
+        ("(c)/(b) backlog messages, rows/s", f"{r['c_backlog'][1] / r['b_insert']:.0%}", ">= 60%"),
+        ("(c)/(d) lean / paho receive, drain", f"{r['c_drain'][0] / r['d_drain'][0]:.2f}x", ""),
+        ("(c)/(d) lean / paho receive, live", f"{r['c_live'][0] / r['d_live'][0]:.2f}x", ""),
+        ("p99 publish-to-commit, steady", f"{r['latency'][1] * 1000:.1f} ms", "<= 50 ms"),
+        ("worker peak RSS", f"{peak:.0f} MiB", "<= 250 MB"),
+    ]
+    print("\nsummary")
+    for label, value, target in rows:
+        print(f"  {label:40} {value:>9}  {('target ' + target) if target else ''}")
+
+
+if __name__ == "__main__":
+    main()
