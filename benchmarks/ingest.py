@@ -73,6 +73,7 @@ class Stack:
     dsn: str
     scratch: Path
     tag: int = 0
+    workers: list[Worker] = field(default_factory=list)
 
     def next_tag(self) -> int:
         """Each phase publishes rows of its own (its own ts range): nothing collides."""
@@ -104,6 +105,10 @@ def start_stack(home: Path) -> Stack:
 
 
 def stop_stack(stack: Stack) -> None:
+    for worker in stack.workers:
+        if worker.proc.poll() is None:
+            worker.proc.kill()
+            worker.proc.wait()
     stack.mosquitto.send_signal(signal.SIGTERM)
     stack.mosquitto.wait(30)
     asyncio.run(stack.pg.stop())
@@ -111,16 +116,16 @@ def stop_stack(stack: Stack) -> None:
 
 
 # -- publishing ------------------------------------------------------------------------------
-def lines(tag: int, device: int, n: int, samples: int) -> bytes:
+def lines(tag: int, device: int, n: int, samples: int, first: int = 0) -> bytes:
     """n payloads, one per line: single messages of 10 metrics, or backlogs of `samples`."""
     base = 1_700_000_000_000 + tag * 10_000_000_000 + device * 1_000_000_000
     out = []
     if samples == 1:
-        for i in range(n):
+        for i in range(first, first + n):
             metrics = ",".join(f'"m{k}":{(i + k) % 1000}.5' for k in range(METRICS))
             out.append(f'{{"ts":{base + i},"seq":{i},"metrics":{{{metrics}}}}}')
     else:
-        for i in range(n):
+        for i in range(first, first + n):
             start = base + i * samples
             body = ",".join(
                 f'{{"ts":{start + s},"metrics":{{"level":{(i + s) % 1000}.25}}}}'
@@ -130,11 +135,22 @@ def lines(tag: int, device: int, n: int, samples: int) -> bytes:
     return ("\n".join(out) + "\n").encode()
 
 
+# libmosquitto queues everything `-l` reads and reuses packet ids past 65,535 unacknowledged
+# (eclipse-mosquitto/mosquitto#2431); the broker then drops the connection ("out of memory").
+PER_PROCESS = 60_000
+
+
 def publish(stack: Stack, tag: int, total: int, samples: int = 1) -> float:
     """mosquitto_pub -l from 4 devices at full speed; returns seconds taken."""
     per = total // PUBLISHERS
-    procs = []
     started = time.monotonic()
+    for first in range(0, per, PER_PROCESS):
+        _publish_round(stack, tag, first, min(PER_PROCESS, per - first), samples)
+    return time.monotonic() - started
+
+
+def _publish_round(stack: Stack, tag: int, first: int, n: int, samples: int) -> None:
+    procs = []
     for d in range(PUBLISHERS):
         ident = f"pub-{d}"
         bundle = stack.pki.root / "issued" / ident
@@ -145,7 +161,7 @@ def publish(stack: Stack, tag: int, total: int, samples: int = 1) -> float:
              "-q", "1", "-M", "1000", "-l"],
             stdin=subprocess.PIPE, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
         )  # fmt: skip
-        procs.append((proc, lines(tag, d, per, samples)))
+        procs.append((proc, lines(tag, d, n, samples, first)))
     writers = [threading.Thread(target=_feed, args=p) for p in procs]
     for w in writers:
         w.start()
@@ -157,7 +173,6 @@ def publish(stack: Stack, tag: int, total: int, samples: int = 1) -> float:
             raise SystemExit(
                 f"mosquitto_pub failed: {proc.stderr.read().decode() if proc.stderr else ''}"
             )
-    return time.monotonic() - started
 
 
 def _feed(proc: subprocess.Popen[bytes], data: bytes) -> None:
@@ -228,7 +243,9 @@ def wipe_session(stack: Stack, client_id: str) -> None:
 
     async def run() -> None:
         context = client_context(stack.pki.root, client_id)
-        sub = await open_subscriber("127.0.0.1", stack.port, context, lambda d: None, version=MQTT311)
+        sub = await open_subscriber(
+            "127.0.0.1", stack.port, context, lambda d: None, version=MQTT311
+        )
         await sub.handshake(client_id, clean_start=True, keepalive=0)
         await sub.close()
 
@@ -339,6 +356,7 @@ def start_worker(stack: Stack, client: str) -> Worker:
         stdout=log, stderr=log, env=env,
     )  # fmt: skip
     worker = Worker(proc, port)
+    stack.workers.append(worker)
     deadline = time.monotonic() + 60
     while True:
         try:
@@ -360,29 +378,35 @@ def worker_drain(stack: Stack, client: str, rows: int, messages: int) -> tuple[f
     """Start a worker on a queued backlog; (msg/s, rows/s, peak RSS MiB) until all committed."""
     started = time.monotonic()
     worker = start_worker(stack, client)
-    before = worker.rows()
-    while worker.rows() - before < rows:
-        time.sleep(0.05)
-        if time.monotonic() - started > 900:
-            raise SystemExit(f"the worker wrote {worker.rows() - before} of {rows} rows")
-    took = time.monotonic() - started
-    worker.stop()
+    try:
+        # a fresh process: its counter starts at 0, and may already have moved by the time
+        # the worker reports itself connected (the backlog arrives with the CONNACK)
+        while worker.rows() < rows:
+            time.sleep(0.05)
+            if time.monotonic() - started > 900:
+                raise SystemExit(f"the worker wrote {worker.rows():,.0f} of {rows:,} rows")
+        took = time.monotonic() - started
+    finally:
+        worker.stop()
     return messages / took, rows / took, worker.peak_rss_mib
 
 
 def worker_live(stack: Stack, client: str, messages: int) -> tuple[float, float, float]:
     worker = start_worker(stack, client)
-    before = worker.rows()
-    rows = messages * METRICS
-    tag = stack.next_tag()
-    thread = threading.Thread(target=publish, args=(stack, tag, messages))
-    started = time.monotonic()
-    thread.start()
-    while worker.rows() - before < rows and time.monotonic() - started < 900:
-        time.sleep(0.05)
-    took = time.monotonic() - started
-    thread.join()
-    worker.stop()
+    try:
+        rows = messages * METRICS
+        tag = stack.next_tag()
+        thread = threading.Thread(target=publish, args=(stack, tag, messages))
+        started = time.monotonic()
+        thread.start()
+        while worker.rows() < rows:
+            time.sleep(0.05)
+            if time.monotonic() - started > 900:
+                raise SystemExit(f"the worker wrote {worker.rows():,.0f} of {rows:,} rows")
+        took = time.monotonic() - started
+        thread.join()
+    finally:
+        worker.stop()
     return messages / took, rows / took, worker.peak_rss_mib
 
 
@@ -424,7 +448,11 @@ def steady_latency(stack: Stack, rate: int, seconds: float) -> tuple[float, floa
     values = worker.metrics()
     if os.environ.get("BENCH_DEBUG"):
         for k, v in sorted(values.items()):
-            if "commit_seconds" in k or "lag_seconds_bucket" in k or "batch_rows_sum" in k or "batch_rows_count" in k:
+            if any(
+                part in k
+                for part in ("commit_seconds", "lag_seconds_bucket", "batch_rows_sum",
+                             "batch_rows_count")
+            ):  # fmt: skip
                 print("   ", k, v)
     worker.stop()
     client.close()
@@ -470,6 +498,8 @@ def main() -> None:
     parser.add_argument("--home", type=Path, default=REPO / ".fieldline" / "bench-ingest")
     parser.add_argument("--json", type=Path)
     args = parser.parse_args()
+    # `kill` stops the run like Ctrl-C: through the finally blocks, so nothing is left running
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit("stopped by SIGTERM"))
     args.home.mkdir(parents=True, exist_ok=True)
     stack = start_stack(args.home)
     results: dict[str, Any] = {"machine": f"{os.cpu_count()} cores", "messages": args.messages}

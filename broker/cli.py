@@ -86,7 +86,8 @@ def mosquitto_config(
         DEFAULT_MAX_INFLIGHT,
         "--max-inflight",
         min=1,
-        help="Unacknowledged QoS 1/2 messages per client; keep an ingest batch below it.",
+        help="Unacknowledged QoS 1/2 messages per MQTT 3.1.1 client (MQTT 5 clients set their own "
+        "with Receive Maximum).",
     ),
     max_queued: int = typer.Option(
         DEFAULT_MAX_QUEUED,

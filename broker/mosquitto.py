@@ -20,10 +20,11 @@ from broker.policy import Policy, Principal
 from certs import CertsError, Pki, Role
 
 # Sized for at-least-once ingest (DESIGN.md, Delivery): a worker holds PUBACKs until its batch
-# commits, so the broker keeps up to max_inflight_messages unacknowledged per session and
-# queues behind them; past max_queued_messages Mosquitto drops QoS 1 messages. A worker's
-# batch size must stay below max_inflight_messages (and its Receive Maximum, MQTT 5), and the
-# queue must hold what arrives while a worker is down for as long as you want to survive.
+# commits, so the broker keeps messages in flight unacknowledged and queues behind them; past
+# max_queued_messages Mosquitto drops QoS 1 messages. The window is max_inflight_messages for
+# MQTT 3.1.1 clients; an MQTT 5 client's Receive Maximum replaces it (the worker asks for
+# ingest.receive_maximum). The queue must hold what arrives while a worker is down for as
+# long as you want to survive.
 DEFAULT_MAX_INFLIGHT = 1000
 DEFAULT_MAX_QUEUED = 200_000
 DEFAULT_MAX_QUEUED_BYTES = 256 * 1024 * 1024

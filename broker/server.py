@@ -42,6 +42,7 @@ from broker.plugins import Refusal
 from broker.retained import RetainedTopics
 from broker.revocation import RevocationList
 from broker.tls import ReloadableTls
+from certs import Role
 from schemas.errors import InvalidFilterError
 from schemas.topics import SHARE_PREFIX, validate_filter
 
@@ -69,6 +70,10 @@ class BrokerOptions:
     max_packet_bytes: int = 2 * 1024 * 1024
     max_inflight: int = 100
     max_queued: int = 10_000
+    # An ingest worker holds PUBACKs until its batch commits and must not lose what arrives
+    # while it restarts, so `service` principals get a wider window and a deeper queue.
+    service_max_inflight: int = 10_000
+    service_max_queued: int = 200_000
     session_expiry_s: int = 7 * 24 * 3600
     keepalive_factor: float = 1.5
     crl_refresh_s: float = 5.0
@@ -326,6 +331,7 @@ class FieldlineBroker(Broker):
             return
 
         session, present = await self._take_session(fresh)
+        self._size_outbox(session)
         handler = FieldlineHandler(self.plugins_manager, link, session.qos2_received)
         # a float: amqtt's reader waits this long for the next packet (MQTT-3.1.2-24)
         session.keep_alive = connect.keepalive * self.options.keepalive_factor
@@ -352,6 +358,13 @@ class FieldlineBroker(Broker):
             for topic_filter, qos in self._index.filters_of(session.client_id).items():
                 await self._send_retained(session, topic_filter, qos)
         await self._work_loop(session, handler)
+
+    def _size_outbox(self, session: FieldlineSession) -> None:
+        principal = principal_of(session)
+        service = principal is not None and principal.role is Role.SERVICE
+        o = self.options
+        session.outbox.max_inflight = o.service_max_inflight if service else o.max_inflight
+        session.outbox.max_queued = o.service_max_queued if service else o.max_queued
 
     async def _work_loop(self, session: FieldlineSession, handler: FieldlineHandler) -> None:
         """This connection's PUBLISHes, SUBSCRIBEs and UNSUBSCRIBEs, in arrival order, to its end.

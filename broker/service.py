@@ -43,6 +43,8 @@ def options_from_settings(settings: Settings) -> BrokerOptions:
         max_packet_bytes=b.max_packet_bytes,
         max_inflight=b.max_inflight,
         max_queued=b.max_queued,
+        service_max_inflight=b.service_max_inflight,
+        service_max_queued=b.service_max_queued,
         session_expiry_s=b.session_expiry_s,
         crl_refresh_s=b.crl_refresh_s,
     )

@@ -39,6 +39,12 @@ class BrokerSettings(_Section):
     max_packet_bytes: int = Field(default=2 * 1024 * 1024, ge=1024)
     max_inflight: int = Field(default=100, ge=1, le=65535, description="per client, QoS 1/2")
     max_queued: int = Field(default=10_000, ge=0, description="per session, beyond in flight")
+    service_max_inflight: int = Field(
+        default=10_000, ge=1, le=65535, description="for `service` clients (ingest workers)"
+    )
+    service_max_queued: int = Field(
+        default=200_000, ge=0, description="for `service` sessions: what a stopped worker misses"
+    )
     session_expiry_s: int = Field(default=7 * 24 * 3600, ge=0, description="offline sessions")
     crl_refresh_s: float = Field(default=5.0, gt=0, description="how often the CRL is re-read")
     metrics_port: int = Field(default=9883, ge=0, le=65535, description="0 turns it off")
@@ -66,6 +72,9 @@ class IngestSettings(_Section):
     )
     writers: int = Field(default=2, ge=1, le=16, description="database connections writing")
     queue_max: int = Field(default=20000, ge=10, description="received, not yet acknowledged")
+    queue_max_rows: int = Field(
+        default=200_000, ge=100, description="the rows those messages carry, at most"
+    )
     offline_after_s: float = Field(default=20.0, gt=0, description="silence that means offline")
     max_future_skew_s: float = Field(default=300.0, ge=0)
     retention_every_s: float = Field(default=3600.0, gt=0)

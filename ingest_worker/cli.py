@@ -49,6 +49,7 @@ def worker_config(settings: Settings) -> WorkerConfig:
         batch_max_wait_s=i.batch_max_wait_ms / 1000,
         writers=i.writers,
         queue_max=i.queue_max,
+        queue_max_rows=i.queue_max_rows,
         offline_after_s=i.offline_after_s,
         max_future_skew_s=i.max_future_skew_s,
         retention_every_s=i.retention_every_s,

@@ -58,6 +58,7 @@ class Decoded:
     dead_error: str | None = None
     ignored: bool = False  # nothing to store (a cleared retained status)
     done: bool = False  # committed (or nothing to commit): may be acknowledged
+    weight: int = 0  # rows it counted for in the pipeline's bound (kill() changes nrows)
 
     @property
     def dead(self) -> bool:

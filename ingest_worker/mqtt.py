@@ -120,6 +120,8 @@ class Subscriber(asyncio.Protocol):
         self._last_sent = time.monotonic()
         self._pinger: asyncio.Task[None] | None = None
         self.received = 0
+        self.last_rx = time.monotonic()
+        self.paused = False
 
     # -- asyncio.Protocol -------------------------------------------------------------------
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -139,6 +141,7 @@ class Subscriber(asyncio.Protocol):
             self.closed.set_result(exc)
 
     def data_received(self, data: bytes) -> None:
+        self.last_rx = time.monotonic()
         buf = self._buffer
         buf += data
         pos, n = 0, len(buf)
@@ -254,12 +257,22 @@ class Subscriber(asyncio.Protocol):
     async def subscribe(
         self, filters: Sequence[str], qos: int = 1, timeout: float = 10.0
     ) -> list[int]:
-        """SUBSCRIBE to all filters in one packet; the granted QoS (>= 0x80: refused) of each."""
+        """SUBSCRIBE to all filters in one packet; the granted QoS (>= 0x80: refused) of each.
+
+        A resumed session's queued PUBLISHes may come first, and reading pauses while the
+        pipeline is full, so only `timeout` seconds of silence on a reading connection fail.
+        """
         packet_id = len(self._subacks) + 1
         waiter: asyncio.Future[list[int]] = self._loop.create_future()
         self._subacks[packet_id] = waiter
         self._write(subscribe_packet(packet_id, filters, qos, self.version))
-        return await asyncio.wait_for(waiter, timeout)
+        while True:
+            try:
+                return await asyncio.wait_for(asyncio.shield(waiter), timeout)
+            except TimeoutError:
+                if self.paused or time.monotonic() - self.last_rx < timeout:
+                    continue
+                raise
 
     def ack(self, delivery: Delivery) -> bool:
         """PUBACK a QoS 1 delivery (written with this turn's other acks); False if the
@@ -281,10 +294,13 @@ class Subscriber(asyncio.Protocol):
 
     def pause(self) -> None:
         """Stop reading: the broker's window fills and it stops sending (backpressure)."""
+        self.paused = True
         if self.transport is not None and not self.transport.is_closing():
             self.transport.pause_reading()
 
     def resume(self) -> None:
+        self.paused = False
+        self.last_rx = time.monotonic()  # silence while paused was ours, not the broker's
         if self.transport is not None and not self.transport.is_closing():
             self.transport.resume_reading()
 

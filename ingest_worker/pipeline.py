@@ -3,8 +3,9 @@
 Every received message waits in `pending`, in receive order, until its batch commits; then
 the longest committed prefix is acknowledged, so PUBACKs leave in the order the PUBLISHes
 came (MQTT 4.6) and never before the rows are in the database. When `pending` reaches
-`queue_max` the receiver stops reading (the broker's window fills and it stops sending),
-so memory is bounded whatever the publishers do.
+`queue_max` messages or `queue_max_rows` rows (a backlog message may carry hundreds) the
+receiver stops reading (the broker's window fills and it stops sending), so memory is
+bounded whatever the publishers do.
 """
 
 from __future__ import annotations
@@ -39,6 +40,7 @@ class Pipeline:
         max_rows: int,
         max_wait_s: float,
         queue_max: int,
+        queue_max_rows: int = 200_000,
         ack: Callable[[Any], None],
         pause: Callable[[], None],
         resume: Callable[[], None],
@@ -48,6 +50,8 @@ class Pipeline:
         self.max_rows = max_rows
         self.max_wait_s = max_wait_s
         self.queue_max = queue_max
+        self.queue_max_rows = queue_max_rows
+        self.pending_rows = 0
         self._ack, self._pause, self._resume = ack, pause, resume
         self.metrics = metrics
         self.pending: deque[Decoded] = deque()
@@ -65,6 +69,8 @@ class Pipeline:
         item = decode_message(source, topic, payload, received_at, self.limits)
         self.metrics.received += 1
         self.pending.append(item)
+        item.weight = item.rows
+        self.pending_rows += item.weight
         self._drained.clear()
         if item.ignored:
             item.done = True
@@ -82,7 +88,9 @@ class Pipeline:
                 del self.open[key]
                 self.sealed.append((key, batch.items))
                 self._wake.set()
-        if len(self.pending) >= self.queue_max and not self.paused:
+        if not self.paused and (
+            len(self.pending) >= self.queue_max or self.pending_rows >= self.queue_max_rows
+        ):
             self.paused = True
             self._pause()
         self.release()
@@ -127,9 +135,15 @@ class Pipeline:
         """Acknowledge the committed prefix of `pending`, in receive order."""
         pending = self.pending
         while pending and pending[0].done:
-            self._ack(pending.popleft().source)
+            item = pending.popleft()
+            self.pending_rows -= item.weight
+            self._ack(item.source)
         self.metrics.pending = len(pending)
-        if self.paused and len(pending) <= self.queue_max // 2:
+        if (
+            self.paused
+            and len(pending) <= self.queue_max // 2
+            and self.pending_rows <= self.queue_max_rows // 2
+        ):
             self.paused = False
             self._resume()
         if not pending:

@@ -100,16 +100,17 @@ class LeanReceiver:
                 ConnectRefusedError,
                 ssl.SSLError,
             ) as exc:
-                log.warning("event=broker_unreachable error=%r retry_in=%.1fs", str(exc), backoff)
+                self.current = None
+                log.warning(
+                    "event=broker_unreachable error=%r retry_in=%.1fs",
+                    str(exc) or type(exc).__name__, backoff,
+                )  # fmt: skip
                 await asyncio.sleep(backoff)
                 backoff = min(backoff * 2, 10.0)
                 continue
             backoff = 0.2
-            self.current = subscriber
             self.metrics.connected = 1
             self.ready.set()
-            if self._paused:
-                subscriber.pause()
             reason = await subscriber.closed
             self.metrics.connected = 0
             self.current = None
@@ -141,7 +142,17 @@ class LeanReceiver:
                 last = exc
                 continue
             self._version = version
-            codes = await subscriber.subscribe(t.filters, qos=1)
+            # a resumed session's backlog flows before the SUBACK: the pipeline's pause must
+            # reach this connection already
+            self.current = subscriber
+            if self._paused:
+                subscriber.pause()
+            try:
+                codes = await subscriber.subscribe(t.filters, qos=1)
+            except (ConnectionError, OSError, TimeoutError):
+                if subscriber.transport is not None:
+                    subscriber.transport.abort()
+                raise
             refused = [f for f, c in zip(t.filters, codes, strict=False) if c >= 0x80]
             if refused:
                 await subscriber.close()

@@ -50,6 +50,7 @@ class WorkerConfig:
     batch_max_wait_s: float = 0.005
     writers: int = 2
     queue_max: int = 5000
+    queue_max_rows: int = 200_000
     offline_after_s: float = 20.0
     max_future_skew_s: float = 300.0
     retention_every_s: float = 3600.0
@@ -94,6 +95,7 @@ class IngestWorker:
             max_rows=config.batch_max_rows,
             max_wait_s=config.batch_max_wait_s,
             queue_max=config.queue_max,
+            queue_max_rows=config.queue_max_rows,
             ack=self.receiver.ack,
             pause=self.receiver.pause,
             resume=self.receiver.resume,

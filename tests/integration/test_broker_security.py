@@ -9,6 +9,7 @@ filters delivery; it binds the client id to the CN instead of refusing), the tes
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import ssl
 import struct
@@ -19,6 +20,8 @@ import pytest
 
 from broker import wire
 from broker.policy import Action, Policy, Principal
+from ingest_worker.mqtt import Delivery, open_subscriber
+from ingest_worker.service import client_context
 from tests.clients import MosquittoSub, Paho, mosquitto_pub, raw
 from tests.fixtures.brokers import KINDS, BrokerUnderTest
 from tests.mqtt_raw import connect_packet
@@ -733,3 +736,66 @@ def test_qos2_publish_is_delivered_exactly_once(broker: BrokerUnderTest) -> None
     finally:
         device.close()
         ops.close()
+
+
+# the unacknowledged window each broker grants a 3.1.1 client: (service, device)
+WINDOWS = {"fieldline": (10_000, 100), "mosquitto": (1_000, 1_000)}
+
+
+def test_a_service_holding_acks_gets_a_wider_window_than_a_device(
+    broker: BrokerUnderTest,
+) -> None:
+    """An ingest worker acknowledges after its batch commits; the broker must keep sending."""
+    service_window, device_window = WINDOWS[broker.kind]
+    pki = broker.pki
+    worker = raw(broker, pki.service)
+    device = raw(broker, pki.device)
+    sender = _connected(Paho(broker, pki.device2))
+    ops = _connected(Paho(broker, pki.operator))
+    try:
+        assert worker.connect("ingest-1", clean=False)[1] == 0
+        assert worker.subscribe(("fl/+/+/telemetry", 1)) == [1]
+        assert device.connect("dev-1", clean=False)[1] == 0
+        assert device.subscribe(("fl/acme/dev-1/cmd/#", 1)) == [1]
+        for n in range(1_200):
+            sender.publish("fl/acme/dev-2/telemetry", b'{"n":%d}' % n, qos=1)
+        for n in range(150):
+            ops.publish("fl/acme/dev-1/cmd/reset", b'{"id":"c%d"}' % n, qos=1)
+        assert len(worker.publishes(1.5)) == min(1_200, service_window)
+        assert len(device.publishes(1.5)) == min(150, device_window)
+    finally:
+        for client in (sender, ops):
+            client.close()
+        for held in (worker, device):
+            held.close()
+
+
+def test_mosquitto_takes_an_mqtt5_clients_receive_maximum_as_its_window(
+    broker_factory: Callable[..., BrokerUnderTest],
+) -> None:
+    """The worker asks for 10,000 in flight; Mosquitto's max_inflight_messages (1,000) is only
+    for 3.1.1 clients. If this changes, the README's broker sizing is wrong."""
+    broker = broker_factory("mosquitto")
+    pki = broker.pki
+    got: list[Delivery] = []
+
+    async def hold(n: int) -> int:
+        context = client_context(pki.pki.root, "ingest-1")
+        sub = await open_subscriber(broker.host, broker.port, context, got.append)
+        await sub.handshake("ingest-1", clean_start=True, receive_maximum=5_000)
+        assert await sub.subscribe(["fl/+/+/telemetry"]) == [1]
+        sender = _connected(Paho(broker, pki.device2))
+        try:
+            await asyncio.to_thread(
+                lambda: [
+                    sender.publish("fl/acme/dev-2/telemetry", b'{"n":%d}' % i, qos=1)
+                    for i in range(n)
+                ]
+            )
+            await asyncio.sleep(1.5)
+        finally:
+            sender.close()
+            await sub.close()
+        return len(got)
+
+    assert asyncio.run(hold(1_200)) == 1_200
