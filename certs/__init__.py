@@ -1,6 +1,7 @@
 """The PKI: CA, device/operator/service/admin and broker certificates, CRL, identity registry."""
 
 from certs.authority import Pki, load_certificate
+from certs.context import client_context
 from certs.errors import CertsError
 from certs.model import Bundle, CertRecord, Identity, KeyType, Role, Verification
 
@@ -13,5 +14,6 @@ __all__ = [
     "Pki",
     "Role",
     "Verification",
+    "client_context",
     "load_certificate",
 ]

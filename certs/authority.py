@@ -530,6 +530,18 @@ class Pki:
             "`fieldline certs list` shows what was issued"
         )
 
+    def bundles(self, identity_ids: Sequence[str]) -> dict[str, Bundle]:
+        """The current bundles of the ids that have one (a fleet: one registry read)."""
+        wanted = set(identity_ids)
+        found: dict[str, Bundle] = {}
+        for record in self.records():
+            if record.id in wanted and record.revoked_at is None:
+                ident = Identity(record.id, record.tenant, record.role)
+                found[record.id] = Bundle(
+                    ident, self.root / record.directory, record.serial, record.not_after
+                )
+        return found
+
     def is_revoked(self, serial: int) -> bool:
         return any(r.serial == serial and r.revoked_at is not None for r in self._load())
 

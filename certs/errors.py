@@ -23,3 +23,7 @@ class PassphraseError(CertsError):
 
 class InvalidIdentityError(CertsError):
     """An id, tenant or role is not acceptable, or a certificate carries no valid identity."""
+
+
+class BundleError(CertsError):
+    """An issued bundle's files are missing or unreadable."""

@@ -6,6 +6,7 @@ import sys
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 
 from broker.cli import app as broker_app
 from broker.errors import BrokerError
@@ -18,6 +19,8 @@ from ingest_worker.cli import app as ingest_app
 from ingest_worker.errors import StorageError
 from schemas.cli import app as schemas_app
 from schemas.errors import SchemaError
+from simulator.cli import app as sim_app
+from simulator.errors import SimulatorError
 
 app = typer.Typer(
     name="fieldline",
@@ -31,8 +34,16 @@ app.add_typer(broker_app, name="broker")
 app.add_typer(ingest_app, name="ingest")
 app.add_typer(schemas_app, name="schemas")
 app.add_typer(db_app, name="db")
+app.add_typer(sim_app, name="sim")
 
-_KNOWN_ERRORS = (FieldlineError, CertsError, SchemaError, StorageError, BrokerError)
+_KNOWN_ERRORS = (
+    FieldlineError,
+    CertsError,
+    SchemaError,
+    StorageError,
+    BrokerError,
+    SimulatorError,
+)
 
 
 @app.callback(invoke_without_command=True)
@@ -49,5 +60,6 @@ def main() -> None:
     try:
         app()
     except _KNOWN_ERRORS as exc:
-        Console(stderr=True).print(f"[red]error:[/red] {exc}", highlight=False, soft_wrap=True)
+        message = escape(str(exc))  # "[build-system]" in a message is text, not markup
+        Console(stderr=True).print(f"[red]error:[/red] {message}", highlight=False, soft_wrap=True)
         sys.exit(2)

@@ -21,6 +21,8 @@ from typing import Any
 import asyncpg
 from prometheus_client import start_http_server
 
+import certs
+from certs import CertsError
 from ingest_worker.database import connect
 from ingest_worker.decode import Decoded
 from ingest_worker.errors import StorageError
@@ -62,17 +64,13 @@ class WorkerConfig:
 
 def client_context(pki_dir: Path, identity: str) -> ssl.SSLContext:
     """TLS with the worker's own certificate, from FIELDLINE_HOME/pki/issued/<identity>/."""
-    bundle = pki_dir / "issued" / identity
-    files = [bundle / name for name in ("ca.pem", "cert.pem", "key.pem")]
-    missing = [str(f) for f in files if not f.is_file()]
-    if missing:
+    try:
+        return certs.client_context(pki_dir / "issued" / identity)
+    except CertsError as exc:
         raise IngestError(
-            f"the worker's certificate bundle is missing ({', '.join(missing)}): "
+            f"the worker's certificate: {exc}; "
             f"`fieldline certs issue {identity} --tenant platform --role service`"
-        )
-    context = ssl.create_default_context(cafile=str(files[0]))
-    context.load_cert_chain(str(files[1]), str(files[2]))
-    return context
+        ) from exc
 
 
 def subscriptions(share_group: str | None) -> tuple[str, ...]:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import ssl
 import stat
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -256,3 +257,29 @@ def test_issue_many_writes_the_registry_once_and_refuses_duplicates(pki: Pki) ->
     assert "pump-99" not in {r.id for r in pki.records()}  # all or nothing
     with pytest.raises(CertsError, match="twice"):
         pki.issue_many(["a", "a"], tenant="acme", role=Role.DEVICE)
+
+
+def test_bundles_finds_the_current_bundle_of_each_id_in_one_read(pki: Pki) -> None:
+    pki.issue_many(["tank-1", "tank-2", "tank-3"], tenant="acme", role=Role.DEVICE)
+    pki.revoke("tank-2")
+    reissued = pki.issue("tank-3", tenant="acme", role=Role.DEVICE, force=True)
+    found = pki.bundles(["tank-1", "tank-2", "tank-3", "nobody"])
+    assert sorted(found) == ["tank-1", "tank-3"]  # revoked and unknown ids have none
+    assert found["tank-3"].serial == reissued.serial == pki.bundle("tank-3").serial
+    assert found["tank-1"].identity.tenant == "acme"
+
+
+def test_client_context_loads_a_bundle_or_names_what_is_missing(pki: Pki) -> None:
+    from certs import client_context
+    from certs.errors import BundleError
+
+    bundle = pki.issue("gauge-1", tenant="acme", role=Role.DEVICE)
+    context = client_context(bundle.directory)
+    assert context.verify_mode == ssl.CERT_REQUIRED
+    assert context.check_hostname
+    bundle.key.unlink()
+    with pytest.raises(BundleError, match=r"missing .*key\.pem"):
+        client_context(bundle.directory)
+    bundle.key.write_text("not a key")
+    with pytest.raises(BundleError, match="cannot load"):
+        client_context(bundle.directory)

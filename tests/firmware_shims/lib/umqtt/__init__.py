@@ -1,0 +1,1 @@
+"""umqtt for the firmware under CPython (only `umqtt.simple` is provided)."""
