@@ -12,6 +12,8 @@ from broker.cli import app as broker_app
 from broker.errors import BrokerError
 from certs.cli import app as certs_app
 from certs.errors import CertsError
+from edge_agent.cli import app as edge_app
+from edge_agent.errors import EdgeError
 from fieldline import __version__
 from fieldline.db_cli import app as db_app
 from fieldline.errors import FieldlineError
@@ -35,6 +37,7 @@ app.add_typer(ingest_app, name="ingest")
 app.add_typer(schemas_app, name="schemas")
 app.add_typer(db_app, name="db")
 app.add_typer(sim_app, name="sim")
+app.add_typer(edge_app, name="edge")
 
 _KNOWN_ERRORS = (
     FieldlineError,
@@ -43,6 +46,7 @@ _KNOWN_ERRORS = (
     StorageError,
     BrokerError,
     SimulatorError,
+    EdgeError,
 )
 
 

@@ -7,11 +7,14 @@ becomes an `error` result naming the field; an unknown command is `rejected`.
 
 from __future__ import annotations
 
+import json
+import time
+import uuid
 from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from schemas.messages import CommandStatus
+from schemas.messages import Command, CommandStatus
 from simulator.errors import CommandError
 
 MIN_INTERVAL_S = 0.1
@@ -87,3 +90,45 @@ def parse_args(name: str, args: dict[str, Any]) -> CommandArgs:
 def _describe(error: Any) -> str:
     where = ".".join(str(p) for p in error.get("loc", ())) or "args"
     return f"{where}: {error['msg']}"
+
+
+def open_command(topic: str, payload: bytes) -> Command:
+    """The command a message on `.../cmd/<name>` carries, if it may run now.
+
+    CommandError (`command_id` set when the payload has a usable one) for an invalid body,
+    a name that differs from the topic's, or a command past `ts + ttl_s`.
+    """
+    try:
+        command = Command.model_validate_json(payload)
+    except ValidationError as exc:
+        error = CommandError(
+            CommandStatus.ERROR, f"not a valid command: {_describe(exc.errors()[0])}"
+        )
+        error.command_id = _id_of(payload)
+        raise error from exc
+    name = topic.rsplit("/", 1)[-1]
+    problem: CommandError | None = None
+    if command.name != name:
+        problem = CommandError(
+            CommandStatus.ERROR, f"name {command.name!r} differs from topic {name!r}"
+        )
+    expires = command.expires_at()
+    if problem is None and expires is not None and expires.timestamp() < time.time():
+        problem = CommandError(CommandStatus.EXPIRED, f"expired at {expires.isoformat()}")
+    if problem is not None:
+        problem.command_id = str(command.id)
+        raise problem
+    return command
+
+
+def _id_of(payload: bytes) -> str | None:
+    """The command id of a payload that failed validation, if it has a usable one."""
+    try:
+        body = json.loads(payload)
+    except (ValueError, UnicodeDecodeError):
+        return None
+    value = body.get("id") if isinstance(body, dict) else None
+    try:
+        return str(uuid.UUID(value))
+    except (TypeError, ValueError, AttributeError):
+        return None

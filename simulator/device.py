@@ -12,17 +12,14 @@ import logging
 import random
 import ssl
 import time
-import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
-from pydantic import ValidationError
-
 from schemas import topics
-from schemas.messages import Command, CommandStatus
-from simulator.commands import SensorAdd, SensorRemove, SetInterval, parse_args
+from schemas.messages import CommandStatus
+from simulator.commands import SensorAdd, SensorRemove, SetInterval, open_command, parse_args
 from simulator.errors import CommandError, LinkError, SimulatorError
 from simulator.link import DeviceLink
 
@@ -211,18 +208,12 @@ class SimDevice:
     def handle_command(self, topic: str, payload: bytes) -> tuple[str | None, str, str]:
         """(command id or None, result status, detail) for one command message."""
         try:
-            command = Command.model_validate_json(payload)
-        except ValidationError as exc:
-            return _id_of(payload), CommandStatus.ERROR, f"not a valid command: {_first(exc)}"
+            command = open_command(topic, payload)
+        except CommandError as exc:
+            return exc.command_id, exc.status, exc.detail
         cid = str(command.id)
-        name = topic.rsplit("/", 1)[-1]
-        if command.name != name:
-            return cid, CommandStatus.ERROR, f"name {command.name!r} differs from topic {name!r}"
-        expires = command.expires_at()
-        if expires is not None and expires.timestamp() < time.time():
-            return cid, CommandStatus.EXPIRED, f"expired at {expires.isoformat()}"
         try:
-            detail = self._apply(name, command.args)
+            detail = self._apply(command.name, command.args)
         except CommandError as exc:
             return cid, exc.status, exc.detail
         except SimulatorError as exc:
@@ -265,22 +256,3 @@ class SimDevice:
             self.link.publish(self._topics[topics.Kind.STATUS], status, retain=True)
             await self.link.drain(5.0)
         await self.link.close()
-
-
-def _id_of(payload: bytes) -> str | None:
-    """The command id of a payload that failed validation, if it has a usable one."""
-    try:
-        body = json.loads(payload)
-    except (ValueError, UnicodeDecodeError):
-        return None
-    value = body.get("id") if isinstance(body, dict) else None
-    try:
-        return str(uuid.UUID(value))
-    except (TypeError, ValueError, AttributeError):
-        return None
-
-
-def _first(exc: ValidationError) -> str:
-    error = exc.errors()[0]
-    where = ".".join(str(p) for p in error.get("loc", ()))
-    return f"{where}: {error['msg']}" if where else str(error["msg"])

@@ -32,6 +32,7 @@ class CommandError(SimulatorError):
     def __init__(self, status: str, detail: str) -> None:
         self.status = status
         self.detail = detail
+        self.command_id: str | None = None  # set when refused before it ran
         super().__init__(detail)
 
 

@@ -40,6 +40,7 @@ class DeviceLink:
         keepalive: int = 30,
         on_message: MessageHandler | None = None,
         on_disconnect: Callable[[], None] | None = None,
+        on_ack: Callable[[int], None] | None = None,
     ) -> None:
         self.client_id = client_id
         self.host = host
@@ -47,6 +48,7 @@ class DeviceLink:
         self.keepalive = keepalive
         self._on_message = on_message
         self._on_disconnect = on_disconnect
+        self._on_ack = on_ack
         # clean_session=False: commands sent while the device is away wait for it (QoS 1)
         self.client = mqtt.Client(
             CallbackAPIVersion.VERSION2,
@@ -137,6 +139,8 @@ class DeviceLink:
 
     def _acknowledged(self, _c: mqtt.Client, _u: Any, mid: int, _r: Any, _p: Any) -> None:
         self._unacked.discard(mid)
+        if self._on_ack is not None:
+            self._on_ack(mid)
 
     async def _misc_loop(self) -> None:
         # keepalive pings and QoS 1 retries; paho returns an error once the socket is gone

@@ -1,0 +1,325 @@
+"""The edge agent: modules -> routes -> rules and the durable outbox -> the cloud, and back.
+
+Everything upstream goes into the SQLite outbox first and leaves it only when the broker's
+PUBACK arrives, so a broker outage or a `kill -9` loses nothing the agent accepted. The
+agent is one device identity (its certificate's CN) and publishes on its own topics only:
+module metrics travel as `<module>.<metric>` in its telemetry, rule alerts as its events.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, start_http_server
+
+from certs import CertsError, client_context
+from edge_agent.errors import EdgeError
+from edge_agent.manifest import RULE_PREFIX, UPSTREAM, Manifest, load_manifest
+from edge_agent.modules import SimModule
+from edge_agent.outbox import Outbox
+from edge_agent.rules import Firing, Rule
+from schemas import topics
+from schemas.messages import CommandStatus
+from simulator.commands import open_command
+from simulator.device import BootCounter
+from simulator.errors import CommandError, LinkError, SimulatorError
+from simulator.link import DeviceLink
+from simulator.sources import SensorBank
+
+log = logging.getLogger("fieldline.edge")
+
+WINDOW = 100  # QoS 1 messages in flight at once; the broker's per-device window
+
+
+def _dumps(body: dict[str, Any]) -> bytes:
+    return json.dumps(body, separators=(",", ":"), allow_nan=False).encode()
+
+
+class AgentMetrics:
+    """The agent's Prometheus metrics, in a registry of its own."""
+
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        r = self.registry
+        self.outbox_depth = Gauge(
+            "fieldline_edge_outbox_depth", "Messages in the outbox", registry=r
+        )
+        self.outbox_age = Gauge(
+            "fieldline_edge_outbox_oldest_age_seconds", "Age of the oldest outbox message",
+            registry=r,
+        )  # fmt: skip
+        self.routed = Counter(
+            "fieldline_edge_messages_routed", "Messages routed", ["route"], registry=r
+        )
+        self.firings = Counter("fieldline_edge_rule_firings", "Rule firings", ["rule"], registry=r)
+        self.reconnects = Counter(
+            "fieldline_edge_reconnects", "Connections to the broker", registry=r
+        )
+        self.published = Counter(
+            "fieldline_edge_published", "Messages acknowledged by the broker", registry=r
+        )
+        self.dropped = Counter(
+            "fieldline_edge_outbox_dropped", "Messages the full outbox dropped", registry=r
+        )
+
+
+@dataclass
+class AgentOptions:
+    """Where the agent keeps its state and how it talks to its broker."""
+
+    home: Path
+    manifest_path: Path | None = None
+    metrics_port: int | None = None
+    metrics_bind: str = "127.0.0.1"
+
+
+class EdgeAgent:
+    """One gateway: `await start()`, runs until `await stop()` (which flushes what it can)."""
+
+    def __init__(self, manifest: Manifest, options: AgentOptions) -> None:
+        self.manifest = manifest
+        self.options = options
+        a = manifest.agent
+        self.tenant, self.id = a.tenant, a.id
+        self.state_dir = options.home / "edge" / a.id
+        self.state_dir.mkdir(parents=True, exist_ok=True)
+        self.metrics = AgentMetrics()
+        self.bank = SensorBank(seed=None)
+        listeners = [m.name for m in manifest.modules if not m.simulated]
+        if listeners:
+            raise EdgeError(
+                f"{manifest.source}: module(s) {', '.join(listeners)}: the LAN listener is not "
+                "available in this version; use simulated modules (machine, arma, pico)"
+            )
+        self.modules = {
+            m.name: SimModule(m.name, m.kind, self.bank, interval_s=m.interval_s, sensors=m.sensors)
+            for m in manifest.modules
+        }
+        self.rules = {r.name: Rule(r) for r in manifest.rules}
+        self.topics = topics.device_topics(self.tenant, self.id)
+        try:
+            tls = client_context(manifest.bundle_dir(options.home))
+        except CertsError as exc:
+            raise EdgeError(
+                f"the agent's certificate: {exc}; "
+                f"`fieldline certs issue {a.id} --tenant {a.tenant} --role device`"
+            ) from exc
+        self.outbox = Outbox(
+            manifest.outbox_path(options.home), max_bytes=manifest.outbox.max_bytes
+        )
+        self.link = DeviceLink(
+            a.id, manifest.broker.host, manifest.broker.port, tls,
+            keepalive=manifest.broker.keepalive_s, on_message=self._on_command,
+            on_ack=self._on_ack, on_disconnect=self._disconnected,
+        )  # fmt: skip
+        self.boot = 0
+        self.seq = 0
+        self._inflight: dict[int, list[int]] = {}
+        self._wake = asyncio.Event()
+        self._tasks: list[asyncio.Task[None]] = []
+        self._stopping = False
+        self._drop_reported = False
+
+    # -- lifecycle ----------------------------------------------------------------------
+    async def start(self) -> None:
+        """Boot, open the outbox, start sampling, connecting and publishing."""
+        self.boot = BootCounter(self.state_dir / "boot").next()
+        if self.options.metrics_port is not None:
+            start_http_server(
+                self.options.metrics_port, self.options.metrics_bind, self.metrics.registry
+            )
+        self._tasks = [
+            asyncio.create_task(self._sample_loop(), name="edge-sample"),
+            asyncio.create_task(self._connect_loop(), name="edge-connect"),
+            asyncio.create_task(self._publish_loop(), name="edge-publish"),
+        ]
+        log.info("event=started agent=%s boot=%d modules=%d", self.id, self.boot, len(self.modules))
+
+    async def stop(self, flush_s: float = 10.0) -> None:
+        """Stop sampling, publish what the outbox holds (up to flush_s), go offline."""
+        self._tasks[0].cancel()
+        deadline = time.monotonic() + flush_s
+        while self.outbox.depth() and self.link.connected and time.monotonic() < deadline:
+            self._wake.set()
+            await asyncio.sleep(0.05)
+        self._stopping = True
+        for task in self._tasks:
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        if self.link.connected:
+            body = {"state": "offline", "ts": int(time.time() * 1000), "boot": self.boot}
+            self.link.publish(self.topics[topics.Kind.STATUS], _dumps(body), retain=True)
+            await self.link.drain(3.0)
+        await self.link.close()
+        self.outbox.close()
+        log.info("event=stopped agent=%s left_in_outbox=%d", self.id, self._left)
+
+    @property
+    def _left(self) -> int:
+        try:
+            return self.outbox.depth()
+        except Exception:  # closed already
+            return -1
+
+    # -- the cloud link -------------------------------------------------------------------
+    async def _connect_loop(self) -> None:
+        delay = 1.0
+        status = self.topics[topics.Kind.STATUS]
+        while True:
+            if not self.link.connected:
+                self.link.set_will(status, _dumps({"state": "offline", "boot": self.boot}))
+                try:
+                    await self.link.connect()
+                except LinkError as exc:
+                    log.warning("event=connect_failed error=%r retry_in=%.1fs", str(exc), delay)
+                    await asyncio.sleep(delay)
+                    delay = min(delay * 2, 30.0)
+                    continue
+                delay = 1.0
+                self.metrics.reconnects.inc()
+                self.link.subscribe(topics.device_command_filter(self.tenant, self.id))
+                birth = {"state": "online", "ts": int(time.time() * 1000), "boot": self.boot}
+                if self.manifest.agent.fw:
+                    birth["fw"] = self.manifest.agent.fw
+                self.link.publish(status, _dumps(birth), retain=True)
+                self._report_drops()
+                self._wake.set()
+            await asyncio.sleep(0.5)
+
+    def _disconnected(self) -> None:
+        # paho keeps what it sent on this session and resends it on reconnect; nothing to redo
+        log.warning("event=disconnected agent=%s outbox=%d", self.id, self.outbox.depth())
+
+    def _on_ack(self, mid: int) -> None:
+        ids = self._inflight.pop(mid, None)
+        if ids:
+            self.outbox.ack(ids)
+            self.metrics.published.inc(len(ids))
+            self._wake.set()
+
+    async def _publish_loop(self) -> None:
+        while True:
+            await self._wake.wait()
+            self._wake.clear()
+            if not self.link.connected:
+                continue
+            room = WINDOW - len(self._inflight)
+            if room <= 0:
+                continue
+            for batch in self.outbox.backlog_batches(room, self.manifest.outbox.batch_samples):
+                info = self.link.publish(batch.topic, batch.payload)
+                self.outbox.mark_in_flight(batch.ids)
+                self._inflight[info.mid] = list(batch.ids)
+            self._gauge()
+
+    def _gauge(self) -> None:
+        self.metrics.outbox_depth.set(self.outbox.depth())
+        age = self.outbox.oldest_age_s(time.time())
+        self.metrics.outbox_age.set(age or 0.0)
+
+    def _report_drops(self) -> None:
+        report = self.outbox.dropped()
+        if report is not None:
+            self.metrics.dropped.inc(report.messages)
+            self.outbox.put_drop_event(self.topics[topics.Kind.EVENTS])
+
+    # -- modules, routes, rules -----------------------------------------------------------
+    async def _sample_loop(self) -> None:
+        tick = min([0.05, *(m.interval_s / 4 for m in self.modules.values())])
+        while True:
+            now, wall = time.monotonic(), time.time()
+            for module in self.modules.values():
+                if module.due(now):
+                    self.bank.step()  # one model step per sample: cheap, and keeps modules apart
+                    reading = module.sample(wall)
+                    if reading is not None:
+                        self._route(module.name, reading)
+            for rule in self.rules.values():
+                for firing in rule.advance(int(wall * 1000)):
+                    self._fire(firing)
+            self._gauge()
+            await asyncio.sleep(tick)
+
+    def _route(self, module: str, reading: dict[str, Any]) -> None:
+        for route in self.manifest.routes_from(module):
+            self.metrics.routed.labels(route.name).inc()
+            if route.to == UPSTREAM:
+                self.seq += 1
+                metrics = {f"{module}.{k}": v for k, v in reading["metrics"].items()}
+                body = {"ts": reading["ts"], "seq": self.seq, "boot": self.boot, "metrics": metrics}
+                self.outbox.put(self.topics[topics.Kind.TELEMETRY], _dumps(body), kind="telemetry")
+                self._wake.set()
+            elif route.to.startswith(RULE_PREFIX):
+                rule = self.rules[route.to.removeprefix(RULE_PREFIX)]
+                for firing in rule.feed_metrics(reading["ts"], reading["metrics"]):
+                    self._fire(firing)
+
+    def _fire(self, firing: Firing) -> None:
+        self.metrics.firings.labels(firing.rule).inc()
+        log.info("event=rule_fired rule=%s value=%.3f", firing.rule, firing.value)
+        for route in self.manifest.routes_from(RULE_PREFIX + firing.rule):
+            self.metrics.routed.labels(route.name).inc()
+            if route.to == UPSTREAM:
+                body = firing.event_body()
+                self.outbox.put(self.topics[topics.Kind.EVENTS], _dumps(body), kind="event")
+                self._wake.set()
+            elif route.to in self.modules:
+                name, args = firing.command_body()
+                try:
+                    self.modules[route.to].command(name, args)
+                except SimulatorError as exc:
+                    log.warning("event=rule_command_failed rule=%s error=%r", firing.rule, str(exc))
+
+    # -- cloud-to-device ------------------------------------------------------------------
+    def _on_command(self, topic: str, payload: bytes) -> None:
+        cid, status, detail = self.handle_command(topic, payload)
+        if cid is None:
+            log.warning("event=command_unanswerable detail=%r", detail)
+            return
+        result = {"id": cid, "status": status, "detail": detail, "ts": int(time.time() * 1000)}
+        self.outbox.put(self.topics[topics.Kind.COMMAND_RESULT], _dumps(result), kind="cmd-res")
+        self._wake.set()
+
+    def handle_command(self, topic: str, payload: bytes) -> tuple[str | None, str, str]:
+        """(command id or None, result status, detail) for one command message."""
+        try:
+            command = open_command(topic, payload)
+        except CommandError as exc:
+            return exc.command_id, exc.status, exc.detail
+        cid = str(command.id)
+        try:
+            return cid, CommandStatus.OK, self._apply(command.name, dict(command.args))
+        except CommandError as exc:
+            return cid, exc.status, exc.detail
+        except (SimulatorError, EdgeError) as exc:
+            return cid, CommandStatus.ERROR, str(exc)
+
+    def _apply(self, name: str, args: dict[str, Any]) -> str:
+        if name == "rules-reload":
+            return self.reload_rules()
+        target = args.pop("module", None)
+        if target is None and len(self.modules) == 1:
+            target = next(iter(self.modules))
+        if target not in self.modules:
+            have = ", ".join(sorted(self.modules))
+            raise CommandError(
+                CommandStatus.ERROR, f"args.module must name one of this agent's modules: {have}"
+            )
+        return self.modules[str(target)].command(name, args)
+
+    def reload_rules(self) -> str:
+        """Re-read the rules from the manifest file; the old ones stay if it is invalid."""
+        if self.options.manifest_path is None:
+            raise EdgeError("this agent was not started from a manifest file: nothing to reload")
+        fresh = load_manifest(self.options.manifest_path)
+        if [m.name for m in fresh.modules] != [m.name for m in self.manifest.modules]:
+            raise EdgeError("rules-reload reloads rules and routes; modules changed: restart")
+        self.manifest = fresh
+        self.rules = {r.name: Rule(r) for r in fresh.rules}
+        return f"{len(self.rules)} rule(s), {len(fresh.routes)} route(s) loaded"

@@ -1,0 +1,396 @@
+"""The edge agent against a real broker, a real ingest worker and TimescaleDB.
+
+The agent is `dev-2` of the test PKI (a device certificate of tenant acme): it publishes on
+its own topics only, as DESIGN.md's ACL allows, and the worker writes what it sends.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import sqlite3
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
+from pathlib import Path
+from typing import Any
+
+import asyncpg
+import pytest
+
+from edge_agent.agent import AgentOptions, EdgeAgent
+from edge_agent.manifest import load_manifest
+from tests.fixtures.brokers import BrokerUnderTest
+from tests.fixtures.ingest import fetch, fetchval, start_worker, wait_for
+from tests.fixtures.prereq import stop_process
+
+pytestmark = pytest.mark.integration
+
+REPO = Path(__file__).resolve().parents[2]
+VALUES = "tenant_acme.numeric_values"
+
+
+def manifest_text(broker: BrokerUnderTest, modules: str, rules: str = "", routes: str = "") -> str:
+    bundle = broker.pki.device2.directory
+    return f"""
+[agent]
+id = "dev-2"
+tenant = "acme"
+bundle = "{bundle}"
+
+[broker]
+host = "{broker.host}"
+port = {broker.port}
+
+{modules}
+{rules}
+{routes}
+"""
+
+
+MACHINE_RESET = (
+    """
+[[modules]]
+name = "machine"
+kind = "machine"
+interval_s = 0.05
+""",
+    """
+[[rules]]
+name = "overheat"
+metric = "machine_temperature"
+window = { kind = "tumbling", size_s = 1 }
+aggregate = "avg"
+condition = { op = ">", value = 35 }
+event = { kind = "overheat", severity = "warning", message = "machine too hot" }
+command = { name = "reset" }
+""",
+    """
+[[routes]]
+name = "telemetryToCloud"
+from = "machine"
+to = "upstream"
+
+[[routes]]
+name = "telemetryToRules"
+from = "machine"
+to = "rules/overheat"
+
+[[routes]]
+name = "alertsToCloud"
+from = "rules/overheat"
+to = "upstream"
+
+[[routes]]
+name = "alertsToReset"
+from = "rules/overheat"
+to = "machine"
+""",
+)
+
+
+def _write(tmp_path: Path, text: str) -> Path:
+    path = tmp_path / "edge.toml"
+    path.write_text(text)
+    return path
+
+
+@asynccontextmanager
+async def running_agent(path: Path, home: Path) -> AsyncIterator[EdgeAgent]:
+    agent = EdgeAgent(load_manifest(path), AgentOptions(home=home, manifest_path=path))
+    await agent.start()
+    try:
+        yield agent
+    finally:
+        await agent.stop()
+
+
+async def test_the_machine_reset_scenario_end_to_end(
+    broker: BrokerUnderTest, timescale_dsn: str, tmp_path: Path
+) -> None:
+    """The machine heats, the rule fires, the machine cools, the alert is in `events`."""
+    path = _write(tmp_path, manifest_text(broker, *MACHINE_RESET))
+    worker = start_worker(broker, timescale_dsn, tmp_path / "worker")
+    try:
+        async with running_agent(path, tmp_path / "home") as agent:
+
+            async def alert() -> bool:
+                sql = "SELECT count(*) FROM tenant_acme.events WHERE kind = 'overheat'"
+                return bool(await _scalar(timescale_dsn, sql))
+
+            await wait_for(alert, 60, "the overheat event in tenant_acme.events")
+            assert agent.modules["machine"].resets >= 1
+            sample = agent.metrics.registry.get_sample_value
+            assert (sample("fieldline_edge_rule_firings_total", {"rule": "overheat"}) or 0) >= 1
+            routed = sample("fieldline_edge_messages_routed_total", {"route": "alertsToReset"})
+            assert (routed or 0) >= 1
+            assert (sample("fieldline_edge_published_total") or 0) > 10
+            assert sample("fieldline_edge_reconnects_total") == 1
+        rows = await fetch(
+            timescale_dsn,
+            "SELECT e.time, e.severity, e.body FROM tenant_acme.events e "
+            "WHERE e.kind = 'overheat' ORDER BY e.time LIMIT 1",
+        )
+        body = rows[0]["body"]
+        body = json.loads(body) if isinstance(body, str) else body
+        assert rows[0]["severity"] == "warning"
+        assert body["value"] > 35  # the event's data, flattened with its message by the worker
+        assert body["rule"] == "overheat"
+        fired_at = rows[0]["time"]
+        temps = await fetch(
+            timescale_dsn,
+            f"SELECT v.time, v.value FROM {VALUES} v JOIN tenant_acme.metrics m "  # noqa: S608
+            "ON m.id = v.metric_id WHERE m.name = 'machine.machine_temperature' ORDER BY v.time",
+        )
+        before = [r["value"] for r in temps if r["time"] <= fired_at]
+        after = [r["value"] for r in temps if r["time"] > fired_at]
+        assert before[-1] > 35
+        assert after, "telemetry after the firing"
+        assert min(after[:40]) < 25, "the machine was reset: it cooled to about 21 degC"
+    finally:
+        worker.stop()
+
+
+async def _scalar(dsn: str, sql: str) -> int:
+    """A count, 0 while the tenant's schema does not exist yet (made on first sight)."""
+    try:
+        return int(await fetchval(dsn, sql))
+    except asyncpg.UndefinedTableError:
+        return 0
+
+
+async def _values(dsn: str) -> int:
+    return await _scalar(dsn, f"SELECT count(*) FROM {VALUES}")  # noqa: S608
+
+
+ARMA_100_HZ = (
+    """
+[[modules]]
+name = "probe"
+kind = "arma"
+interval_s = 0.01
+""",
+    "",
+    """
+[[routes]]
+name = "telemetryToCloud"
+from = "probe"
+to = "upstream"
+""",
+)
+
+
+async def test_a_30_s_broker_outage_at_100_msg_s_loses_and_duplicates_nothing(
+    broker_factory: Callable[..., BrokerUnderTest], timescale_dsn: str, tmp_path: Path
+) -> None:
+    (tmp_path / "mosquitto-data").mkdir()
+    broker = broker_factory("mosquitto", persistence_dir=tmp_path / "mosquitto-data")
+    path = _write(tmp_path, manifest_text(broker, *ARMA_100_HZ))
+    worker = start_worker(broker, timescale_dsn, tmp_path / "worker")
+    try:
+        async with running_agent(path, tmp_path / "home") as agent:
+            await asyncio.sleep(3)
+            assert await _values(timescale_dsn) > 100, "flowing before the outage"
+            await asyncio.to_thread(broker.stop)
+            down_at = agent.seq
+            await asyncio.sleep(30)
+            backlog = agent.outbox.depth()
+            assert agent.seq - down_at > 2000, "the agent kept sampling at ~100 msg/s"
+            assert backlog >= agent.seq - down_at - 200, "the outage's messages wait in the outbox"
+            await asyncio.to_thread(broker.restart)
+            await wait_for(lambda: _caught_up(agent), 120, "the backlog to drain")
+            agent.modules["probe"].interval_s = 3600.0  # quiet, so the count can settle
+            await wait_for(lambda: _drained(agent), 30, "the outbox to empty")
+            produced = agent.seq
+        expected = 2 * produced  # temperature and humidity in every message
+        await wait_for(lambda: _at_least(timescale_dsn, expected), 60, f"{expected} rows")
+        await asyncio.sleep(1.0)
+        assert await _values(timescale_dsn) == expected
+        distinct = await fetchval(
+            timescale_dsn,
+            f"SELECT count(DISTINCT (metric_id, time)) FROM {VALUES}",  # noqa: S608
+        )
+        assert distinct == expected
+    finally:
+        worker.stop()
+
+
+async def _caught_up(agent: EdgeAgent) -> bool:
+    return agent.outbox.depth() < 20  # live traffic keeps a message or two in flight
+
+
+async def _drained(agent: EdgeAgent) -> bool:
+    return agent.outbox.depth() == 0
+
+
+async def _at_least(dsn: str, n: int) -> bool:
+    return await _values(dsn) >= n
+
+
+def _spawn(argv: list[str], env: dict[str, str], log: Any) -> subprocess.Popen[bytes]:
+    return subprocess.Popen(argv, env=env, stdout=log, stderr=log)
+
+
+def _outbox_times(path: Path) -> set[int]:
+    """Every telemetry `ts` in an outbox file, single messages and sample batches."""
+    found: set[int] = set()
+    db = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
+    try:
+        table = db.execute("SELECT name FROM sqlite_master WHERE type = 'table'").fetchall()
+        for (name,) in table:
+            columns = [c[1] for c in db.execute(f"PRAGMA table_info({name})")]
+            if "payload" not in columns or "topic" not in columns:
+                continue
+            for topic, payload in db.execute(f"SELECT topic, payload FROM {name}"):  # noqa: S608
+                if str(topic).endswith("/telemetry"):
+                    body = json.loads(payload)
+                    for sample in body.get("samples") or [body]:
+                        found.add(int(sample["ts"]))
+    finally:
+        db.close()
+    return found
+
+
+async def test_kill_9_mid_backlog_loses_nothing_the_outbox_accepted(
+    broker_factory: Callable[..., BrokerUnderTest], timescale_dsn: str, tmp_path: Path
+) -> None:
+    broker = broker_factory("mosquitto")
+    path = _write(tmp_path, manifest_text(broker, *ARMA_100_HZ))
+    home = tmp_path / "home"
+    env = {**os.environ, "FIELDLINE_HOME": str(home), "PYTHONPATH": str(REPO)}
+    argv = [sys.executable, "-m", "fieldline", "edge", "run", "--manifest", str(path)]
+    log = (tmp_path / "agent.log").open("ab")
+    broker.stop()  # the agent starts offline: everything it samples piles up in the outbox
+    agent = _spawn(argv, env, log)
+    outbox = home / "edge" / "dev-2" / "outbox.sqlite"
+    try:
+        # the outbox is locked to its agent: read it once the agent is dead
+        await asyncio.sleep(8)
+        assert agent.poll() is None, (tmp_path / "agent.log").read_text()[-2000:]
+        agent.kill()  # SIGKILL: no flush, no goodbye
+        agent.wait(10)
+        accepted = _outbox_times(outbox)
+        assert len(accepted) >= 500
+    finally:
+        stop_process(agent)
+    broker.restart()
+    worker = start_worker(broker, timescale_dsn, tmp_path / "worker")
+    agent = _spawn(argv, env, log)
+    try:
+
+        async def all_there() -> bool:
+            if not await _values(timescale_dsn):
+                return False
+            rows = await fetch(
+                timescale_dsn,
+                f"SELECT DISTINCT (extract(epoch FROM time) * 1000)::bigint AS ms FROM {VALUES}",  # noqa: S608
+            )
+            return accepted <= {int(r["ms"]) for r in rows}
+
+        await wait_for(all_there, 90, f"all {len(accepted)} accepted messages in the database")
+    finally:
+        stop_process(agent)
+        worker.stop()
+        log.close()
+
+
+@pytest.mark.parametrize(
+    ("change", "names"),
+    [
+        (lambda t: t.replace('to = "machine"', 'to = "mixer"'), ["routes[3].to", "mixer"]),
+        (lambda t: t.replace('from = "machine"\nto = "upstream"', 'from = "mill"\nto = "upstream"'),
+         ["routes[0].from", "mill"]),
+        (lambda t: t.replace("size_s = 1", "size_s = 0"), ["rules[0].window", "size_s"]),
+        (lambda t: t.replace('kind = "machine"', 'kind = "blender"'), ["modules[0].kind"]),
+    ],
+    ids=["route-to-nowhere", "unknown-module", "window-of-zero", "unknown-kind"],
+)  # fmt: skip
+def test_manifest_errors_stop_the_agent_at_start_with_the_key_named(
+    broker_factory: Callable[..., BrokerUnderTest],
+    tmp_path: Path,
+    change: Callable[[str], str],
+    names: list[str],
+) -> None:
+    broker = broker_factory("fieldline")
+    text = change(manifest_text(broker, *MACHINE_RESET))
+    path = _write(tmp_path, text)
+    env = {**os.environ, "FIELDLINE_HOME": str(tmp_path / "home"), "PYTHONPATH": str(REPO)}
+    for command in ("check", "run"):
+        done = subprocess.run(
+            [sys.executable, "-m", "fieldline", "edge", command, "--manifest", str(path)],
+            env=env, capture_output=True, text=True, timeout=60,
+        )  # fmt: skip
+        assert done.returncode == 2, done.stderr
+        for name in names:
+            assert name in done.stderr, (name, done.stderr)
+        assert "Traceback" not in done.stderr
+    ok = subprocess.run(
+        [sys.executable, "-m", "fieldline", "edge", "check", "--manifest",
+         str(_write(tmp_path, manifest_text(broker, *MACHINE_RESET)))],
+        env=env, capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert ok.returncode == 0, ok.stderr
+    assert "4 route(s)" in ok.stdout
+
+
+async def test_commands_from_the_cloud_reach_modules_and_rules(
+    broker_factory: Callable[..., BrokerUnderTest], tmp_path: Path
+) -> None:
+    from tests.clients import Paho
+
+    broker = broker_factory("fieldline")
+    path = _write(tmp_path, manifest_text(broker, *MACHINE_RESET))
+    ops = Paho(broker, broker.pki.operator)
+    assert ops.connect()
+    assert ops.subscribe("fl/acme/dev-2/#") == [1]
+
+    async def command(name: str, args: dict[str, object]) -> dict[str, object]:
+        cid = str(uuid.uuid4())
+        body = {"id": cid, "name": name, "args": args, "ts": int(time.time() * 1000)}
+        ops.publish(f"fl/acme/dev-2/cmd/{name}", json.dumps(body).encode())
+
+        async def answered() -> bool:
+            return any(json.loads(m.payload).get("id") == cid for m in _results())
+
+        await wait_for(answered, 15, f"the answer to {name}")
+        return next(r for r in map(lambda m: json.loads(m.payload), _results()) if r["id"] == cid)
+
+    def _results() -> list[Any]:
+        return [m for m in ops.messages if m.topic == "fl/acme/dev-2/cmd-res"]
+
+    try:
+        async with running_agent(path, tmp_path / "home") as agent:
+
+            async def born() -> bool:
+                return any(m.topic == "fl/acme/dev-2/status" for m in ops.messages)
+
+            await wait_for(born, 15, "the agent's birth (it has subscribed by then)")
+            await asyncio.sleep(0.3)
+            ok = await command("set-interval", {"module": "machine", "interval_s": 0.5})
+            assert ok["status"] == "ok", ok
+            assert agent.modules["machine"].interval_s == 0.5
+            assert (await command("set-interval", {"interval_s": 0.2}))["status"] == "ok"
+            wrong = await command("reset", {"module": "mixer"})
+            assert wrong["status"] == "error"
+            assert "machine" in str(wrong["detail"])
+            assert (await command("launch", {}))["status"] == "rejected"
+            # rules-reload: a broken file keeps the running rules, a good one replaces them
+            path.write_text(path.read_text().replace("size_s = 1", "size_s = 0"))
+            broken = await command("rules-reload", {})
+            assert broken["status"] == "error"
+            assert "size_s" in str(broken["detail"])
+            assert agent.rules["overheat"].spec.window.size_s == 1
+            path.write_text(path.read_text().replace("size_s = 0", "size_s = 2"))
+            assert (await command("rules-reload", {}))["status"] == "ok"
+            assert agent.rules["overheat"].spec.window.size_s == 2
+            births = [
+                json.loads(m.payload) for m in ops.messages if m.topic == "fl/acme/dev-2/status"
+            ]
+            assert births[0]["state"] == "online"
+            assert births[0]["boot"] == agent.boot
+    finally:
+        ops.close()
