@@ -15,7 +15,7 @@ import asyncio
 import contextlib
 import logging
 from asyncio import sslproto
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
@@ -79,6 +79,9 @@ class BrokerOptions:
     crl_refresh_s: float = 5.0
     # further amqtt plugins (dotted path -> config); ours are always loaded and all must allow
     extra_plugins: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
+    # every PUBLISH the policy allowed, (topic, payload), for an embedding process: the edge
+    # agent's LAN listener takes its devices' messages this way instead of subscribing
+    tap: Callable[[str, bytes], None] | None = None
 
     def amqtt_config(self) -> dict[str, Any]:
         """amqtt's configuration, with an explicit plugins section so no default plugin loads."""
@@ -488,6 +491,8 @@ class FieldlineBroker(Broker):
             client_session, topic, AmqttAction.PUBLISH, retain=retain
         ):
             return True
+        if self.options.tap is not None:
+            self.options.tap(topic, bytes(message.data))
         await self.plugins_manager.fire_event(
             BrokerEvents.MESSAGE_BROADCAST, client_id=client_session.client_id, message=message
         )

@@ -20,6 +20,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, start_http_serv
 
 from certs import CertsError, client_context
 from edge_agent.errors import EdgeError
+from edge_agent.listener import LanListener
 from edge_agent.manifest import RULE_PREFIX, UPSTREAM, Manifest, load_manifest
 from edge_agent.modules import SimModule
 from edge_agent.outbox import Outbox
@@ -75,6 +76,7 @@ class AgentOptions:
 
     home: Path
     manifest_path: Path | None = None
+    pki_dir: Path | None = None  # the CA a LAN listener trusts; default home/pki
     metrics_port: int | None = None
     metrics_bind: str = "127.0.0.1"
 
@@ -91,16 +93,16 @@ class EdgeAgent:
         self.state_dir.mkdir(parents=True, exist_ok=True)
         self.metrics = AgentMetrics()
         self.bank = SensorBank(seed=None)
-        listeners = [m.name for m in manifest.modules if not m.simulated]
-        if listeners:
-            raise EdgeError(
-                f"{manifest.source}: module(s) {', '.join(listeners)}: the LAN listener is not "
-                "available in this version; use simulated modules (machine, arma, pico)"
-            )
         self.modules = {
             m.name: SimModule(m.name, m.kind, self.bank, interval_s=m.interval_s, sensors=m.sensors)
             for m in manifest.modules
+            if m.simulated
         }
+        self.listeners = [
+            LanListener(m, options.pki_dir or options.home / "pki", a.tenant, self._route)
+            for m in manifest.modules
+            if not m.simulated
+        ]
         self.rules = {r.name: Rule(r) for r in manifest.rules}
         self.topics = topics.device_topics(self.tenant, self.id)
         try:
@@ -134,6 +136,8 @@ class EdgeAgent:
             start_http_server(
                 self.options.metrics_port, self.options.metrics_bind, self.metrics.registry
             )
+        for listener in self.listeners:
+            await listener.start()
         self._tasks = [
             asyncio.create_task(self._sample_loop(), name="edge-sample"),
             asyncio.create_task(self._connect_loop(), name="edge-connect"),
@@ -144,6 +148,8 @@ class EdgeAgent:
     async def stop(self, flush_s: float = 10.0) -> None:
         """Stop sampling, publish what the outbox holds (up to flush_s), go offline."""
         self._tasks[0].cancel()
+        for listener in self.listeners:
+            await listener.stop()
         deadline = time.monotonic() + flush_s
         while self.outbox.depth() and self.link.connected and time.monotonic() < deadline:
             self._wake.set()
@@ -269,7 +275,7 @@ class EdgeAgent:
                 body = firing.event_body()
                 self.outbox.put(self.topics[topics.Kind.EVENTS], _dumps(body), kind="event")
                 self._wake.set()
-            elif route.to in self.modules:
+            elif route.to in self.modules:  # the manifest allows commands to simulated ones
                 name, args = firing.command_body()
                 try:
                     self.modules[route.to].command(name, args)

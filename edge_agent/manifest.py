@@ -42,7 +42,7 @@ _KIND_KEYS = {
     "machine": ("interval_s",),
     "arma": ("interval_s", "sensors"),
     "pico": ("interval_s",),
-    "listener": ("port", "bind"),
+    "listener": ("port", "bind", "server_cert"),
 }
 
 
@@ -99,6 +99,8 @@ class ModuleSpec(_Spec):
     sensors: int = Field(default=2, ge=1, le=64)
     port: int = Field(default=1884, ge=1, le=65535)
     bind: str = Field(default="127.0.0.1", min_length=1)
+    # the listener's TLS certificate: `fieldline certs server NAME --host/--ip <LAN address>`
+    server_cert: str = Field(default="broker", min_length=1)
 
     @property
     def simulated(self) -> bool:

@@ -7,6 +7,7 @@ its own topics only, as DESIGN.md's ACL allows, and the worker writes what it se
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import sqlite3
@@ -100,8 +101,11 @@ def _write(tmp_path: Path, text: str) -> Path:
 
 
 @asynccontextmanager
-async def running_agent(path: Path, home: Path) -> AsyncIterator[EdgeAgent]:
-    agent = EdgeAgent(load_manifest(path), AgentOptions(home=home, manifest_path=path))
+async def running_agent(
+    path: Path, home: Path, pki_dir: Path | None = None
+) -> AsyncIterator[EdgeAgent]:
+    options = AgentOptions(home=home, manifest_path=path, pki_dir=pki_dir)
+    agent = EdgeAgent(load_manifest(path), options)
     await agent.start()
     try:
         yield agent
@@ -394,3 +398,98 @@ async def test_commands_from_the_cloud_reach_modules_and_rules(
             assert births[0]["boot"] == agent.boot
     finally:
         ops.close()
+
+
+async def test_lan_devices_reach_the_cloud_through_the_listener(
+    broker: BrokerUnderTest, timescale_dsn: str, tmp_path: Path
+) -> None:
+    """dev-1 publishes to the gateway's LAN listener; its values arrive upstream under the
+    agent's identity, and the listener enforces the same identity rules as any broker."""
+    from types import SimpleNamespace
+
+    from fieldline.pgcluster import free_port
+    from tests.clients import Paho
+
+    lan_port = free_port()
+    listener = f"""
+[[modules]]
+name = "lan"
+kind = "listener"
+port = {lan_port}
+"""
+    rules = """
+[[rules]]
+name = "hot"
+metric = "dev-1.temperature"
+window = { kind = "tumbling", size_s = 1 }
+aggregate = "max"
+condition = { op = ">", value = 50 }
+event = { kind = "hot", severity = "critical" }
+"""
+    routes = """
+[[routes]]
+name = "lanToCloud"
+from = "lan"
+to = "upstream"
+
+[[routes]]
+name = "lanToRules"
+from = "lan"
+to = "rules/hot"
+
+[[routes]]
+name = "hotToCloud"
+from = "rules/hot"
+to = "upstream"
+"""
+    path = _write(tmp_path, manifest_text(broker, listener, rules, routes))
+    lan = SimpleNamespace(host="127.0.0.1", port=lan_port, pki=broker.pki)
+    worker = start_worker(broker, timescale_dsn, tmp_path / "worker")
+    device = intruder = None
+    try:
+        async with running_agent(path, tmp_path / "home", broker.pki.pki.root) as agent:
+            # the listener runs on this event loop: clients connect from a thread
+            device = Paho(lan, broker.pki.device)  # type: ignore[arg-type]
+            assert await asyncio.to_thread(device.connect), device.connack_rc
+            base = int(time.time() * 1000) - 5000
+            for i in range(50):
+                body = {"ts": base + i * 100, "seq": i + 1, "metrics": {"temperature": 20.0 + i}}
+                await asyncio.to_thread(
+                    device.publish, "fl/acme/dev-1/telemetry", json.dumps(body).encode()
+                )
+            with contextlib.suppress(RuntimeError):  # the listener may cut it off for this
+                await asyncio.to_thread(
+                    device.publish, "fl/acme/dev-2/telemetry", b'{"metrics": {"temperature": 99}}'
+                )
+            intruder = Paho(lan, broker.pki.device_other_tenant)  # type: ignore[arg-type]
+            assert await asyncio.to_thread(intruder.connect)
+            await asyncio.to_thread(
+                intruder.publish, "fl/globex/dev-9/telemetry", b'{"metrics": {"temperature": 99}}'
+            )
+
+            async def forwarded() -> bool:
+                sql = (
+                    f"SELECT count(*) FROM {VALUES} v JOIN tenant_acme.metrics m "  # noqa: S608
+                    "ON m.id = v.metric_id WHERE m.name = 'lan.dev-1.temperature'"
+                )
+                return await _scalar(timescale_dsn, sql) == 50
+
+            await wait_for(forwarded, 30, "dev-1's 50 values under lan.dev-1.temperature")
+
+            async def alerted() -> bool:
+                sql = "SELECT count(*) FROM tenant_acme.events WHERE kind = 'hot'"
+                return await _scalar(timescale_dsn, sql) >= 1
+
+            await wait_for(alerted, 30, "the rule on a LAN device's metric to fire")
+            assert agent.listeners[0].received == 50  # dev-1's own; dev-2's topic was refused
+            assert agent.listeners[0].refused == 1  # globex's device: another tenant
+            for client in (device, intruder):
+                await asyncio.to_thread(client.close)
+            device = intruder = None
+        names = await fetch(timescale_dsn, "SELECT name FROM tenant_acme.metrics ORDER BY name")
+        assert [r["name"] for r in names] == ["lan.dev-1.temperature"], "nothing else got through"
+    finally:
+        for client in (device, intruder):
+            if client is not None:
+                client.close()
+        worker.stop()
