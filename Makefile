@@ -4,7 +4,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.setup-stamp
 
-.PHONY: setup system venv test unit integration lint typecheck schemas clean
+.PHONY: setup system venv test unit integration lint typecheck schemas clean demo
 
 setup: $(STAMP)
 
@@ -39,3 +39,7 @@ schemas: setup
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache .mypy_cache .ruff_cache .hypothesis
+
+# the whole pipeline on this machine, with a live view; Ctrl-C stops it
+demo: setup
+	$(BIN)/fieldline up

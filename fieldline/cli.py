@@ -15,8 +15,11 @@ from certs.errors import CertsError
 from edge_agent.cli import app as edge_app
 from edge_agent.errors import EdgeError
 from fieldline import __version__
+from fieldline.capacity_cli import capacity
 from fieldline.db_cli import app as db_app
 from fieldline.errors import FieldlineError
+from fieldline.ops_cli import cmd_app, devices_app, query_command, tail_command
+from fieldline.up_cli import up
 from ingest_worker.cli import app as ingest_app
 from ingest_worker.errors import StorageError
 from schemas.cli import app as schemas_app
@@ -38,6 +41,12 @@ app.add_typer(schemas_app, name="schemas")
 app.add_typer(db_app, name="db")
 app.add_typer(sim_app, name="sim")
 app.add_typer(edge_app, name="edge")
+app.command("capacity")(capacity)
+app.add_typer(devices_app, name="devices")
+app.add_typer(cmd_app, name="cmd")
+app.command("query")(query_command)
+app.command("tail")(tail_command)
+app.command("up")(up)
 
 _KNOWN_ERRORS = (
     FieldlineError,

@@ -106,6 +106,10 @@ class Settings(BaseSettings):
         default=None, description="a PostgreSQL DSN; unset means the embedded cluster"
     )
     log_level: str = "INFO"
+    operator: str = Field(
+        default="operator",
+        description="the operator certificate `fieldline cmd send` and `tail` connect as",
+    )
     broker: BrokerSettings = BrokerSettings()
     ingest: IngestSettings = IngestSettings()
     postgres: PostgresSettings = PostgresSettings()

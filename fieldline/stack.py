@@ -1,0 +1,261 @@
+"""`fieldline up`: the whole pipeline on one machine, started in order and stopped in reverse.
+
+Certificates, the embedded PostgreSQL + TimescaleDB (unless FIELDLINE_DATABASE_URL), the
+broker (embedded, or Mosquitto with the rendered config), an ingest worker, an edge agent
+running the machine-reset example and a simulated fleet, all under FIELDLINE_HOME, so a
+second `fieldline up` continues with the same data.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import pwd
+import subprocess
+import tomllib
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+import asyncpg
+
+from broker.mosquitto import MosquittoOptions, write_mosquitto_files
+from broker.service import BrokerService, options_from_settings
+from certs import Pki, Role
+from edge_agent.agent import AgentOptions, EdgeAgent
+from edge_agent.manifest import parse_manifest
+from fieldline.db_cli import cluster
+from fieldline.errors import FieldlineError
+from fieldline.pgcluster import EmbeddedPostgres
+from fieldline.settings import Settings
+from ingest_worker.database import connect
+from ingest_worker.migrate import migrate_all, quote_ident, tenant_schema
+from ingest_worker.service import IngestWorker
+from simulator.fleet import Fleet, FleetConfig, bundle_dirs, device_ids
+
+log = logging.getLogger("fieldline.up")
+
+AGENT_ID = "gw-1"
+
+
+@dataclass
+class StackOptions:
+    """What `fieldline up` runs."""
+
+    tenant: str = "demo"
+    devices: int = 20
+    interval_s: float = 1.0
+    broker: str = "amqtt"  # or "mosquitto"
+
+
+@dataclass
+class View:
+    """What the live view shows, refreshed from the database and the services."""
+
+    rows: float = 0.0
+    rows_per_s: float = 0.0
+    online: int = 0
+    devices: int = 0
+    latest: dict[str, dict[str, float]] = field(default_factory=dict)
+    alerts: list[tuple[str, str, str]] = field(default_factory=list)
+    commands: list[tuple[str, str, str, str]] = field(default_factory=list)
+
+
+def ensure_certificates(settings: Settings, tenant: str) -> Pki:
+    """The CA and the identities the stack needs; existing ones are kept."""
+    pki = Pki(settings.pki_dir)
+    if not pki.exists():
+        pki.init_ca(name="fieldline local CA")
+    have = pki.bundles([settings.broker.server_cert, settings.ingest.identity,
+                        settings.operator, AGENT_ID])  # fmt: skip
+    if settings.broker.server_cert not in have:
+        pki.issue_server(settings.broker.server_cert, hosts=["localhost"], ips=["127.0.0.1"])
+    if settings.ingest.identity not in have:
+        pki.issue(settings.ingest.identity, tenant="platform", role=Role.SERVICE)
+    if settings.operator not in have:
+        pki.issue(settings.operator, tenant=tenant, role=Role.OPERATOR)
+    if AGENT_ID not in have:
+        pki.issue(AGENT_ID, tenant=tenant, role=Role.DEVICE)
+    return pki
+
+
+def demo_manifest(settings: Settings, tenant: str) -> dict[str, Any]:
+    """The shipped machine-reset example, as this stack's agent: its tenant and broker."""
+    text = resources.files("edge_agent").joinpath("examples/machine-reset.toml").read_text()
+    data = tomllib.loads(text)
+    data["agent"] = {"id": AGENT_ID, "tenant": tenant}
+    data["broker"] = {"host": settings.broker.host, "port": settings.broker.port}
+    return data
+
+
+class LocalStack:
+    """`await start()` brings everything up; `await stop()` takes it down in reverse."""
+
+    def __init__(self, settings: Settings, options: StackOptions) -> None:
+        self.settings = settings
+        self.options = options
+        self.pg: EmbeddedPostgres | None = None
+        self.dsn = settings.database_url or ""
+        self.broker: BrokerService | None = None
+        self.mosquitto: subprocess.Popen[bytes] | None = None
+        self.worker: IngestWorker | None = None
+        self.agent: EdgeAgent | None = None
+        self.fleet: Fleet | None = None
+        self._fleet_task: asyncio.Task[Any] | None = None
+        self.view = View()
+        self._last_rows: tuple[float, float] | None = None
+
+    async def start(self) -> None:
+        s, o = self.settings, self.options
+        pki = ensure_certificates(s, o.tenant)
+        config = FleetConfig(
+            tenant=o.tenant, devices=o.devices, interval_s=o.interval_s, prefix="sim",
+            host=s.broker.host, port=s.broker.port, kind="arma",
+        )  # fmt: skip
+        dirs = bundle_dirs(device_ids(config), o.tenant, pki=pki, certs_dir=None)
+        if not s.database_url:
+            self.pg = cluster(s)
+            await self.pg.start()
+            self.dsn = self.pg.dsn()
+        conn = await connect(self.dsn, timeout=15)
+        try:
+            await migrate_all(conn)
+        finally:
+            await conn.close()
+        await self._start_broker(pki)
+        from ingest_worker.cli import worker_config
+
+        self.worker = IngestWorker(worker_config(s.model_copy(update={"database_url": self.dsn})))
+        await self.worker.start()
+        await self.worker.wait_connected(30)
+        manifest = parse_manifest(demo_manifest(s, o.tenant), "the demo's machine-reset agent")
+        self.agent = EdgeAgent(manifest, AgentOptions(home=s.home))
+        await self.agent.start()
+        self.fleet = Fleet(config, dirs, s.home / "sim")
+        await self.fleet.start(timeout=60)
+        self._fleet_task = asyncio.create_task(self.fleet.run(), name="up-fleet")
+
+    async def _start_broker(self, pki: Pki) -> None:
+        s = self.settings
+        if self.options.broker == "mosquitto":
+            data = s.home / "mosquitto-data"
+            data.mkdir(parents=True, exist_ok=True)
+            # started as root, Mosquitto drops to its own account: the files must be its
+            run_as = _mosquitto_account()
+            if run_as is not None:
+                os.chown(data, run_as[1], run_as[2])
+            options = MosquittoOptions(
+                bind=s.broker.bind, port=s.broker.port, persistence_dir=data,
+                run_as=run_as[0] if run_as else None, log_dest="stderr",
+            )  # fmt: skip
+            files = write_mosquitto_files(pki, s.home / "mosquitto", options=options)
+            self.mosquitto = _spawn(
+                ["mosquitto", "-c", str(files.config)], s.home / "mosquitto.log"
+            )
+            await asyncio.sleep(0.5)
+            if self.mosquitto.poll() is not None:
+                raise FieldlineError(
+                    f"Mosquitto exited at once; see {s.home / 'mosquitto.log'} (is port "
+                    f"{s.broker.port} taken?)"
+                )
+        else:
+            self.broker = BrokerService(
+                options_from_settings(s), s.broker.metrics_port, s.broker.metrics_bind
+            )
+            await self.broker.start()
+
+    async def stop(self) -> None:
+        """Fleet, agent, worker (drains), broker, database: each stopped even if one fails."""
+        steps: list[tuple[str, Any]] = []
+        if self.fleet is not None:
+            self.fleet.request_stop()
+            if self._fleet_task is not None:
+                steps.append(("fleet run", self._fleet_task))
+            steps.append(("fleet", self.fleet.stop()))
+        if self.agent is not None:
+            steps.append(("edge agent", self.agent.stop(flush_s=5)))
+        if self.worker is not None:
+            steps.append(("ingest worker", self.worker.stop()))
+        if self.broker is not None:
+            steps.append(("broker", self.broker.stop()))
+        for what, step in steps:
+            try:
+                await step
+            except Exception as exc:  # one failing part must not keep the others running
+                log.warning("event=stop_failed part=%s error=%r", what, str(exc))
+        if self.mosquitto is not None:
+            self.mosquitto.terminate()
+            await asyncio.to_thread(self.mosquitto.wait, 10)
+        if self.pg is not None:
+            await self.pg.stop()
+
+    async def refresh(self) -> View:
+        """Update the view from the database (and the fleet)."""
+        v = self.view
+        schema = quote_ident(tenant_schema(self.options.tenant))
+        conn = await connect(self.dsn, timeout=5)
+        try:
+            v.rows = float(await conn.fetchval(
+                f"SELECT count(*) FROM {schema}.numeric_values "  # noqa: S608
+                "WHERE time > now() - interval '10 seconds'"
+            ))  # fmt: skip
+            v.rows_per_s = v.rows / 10
+            latest = await conn.fetch(
+                f"SELECT m.device_id, m.name, v.value FROM {schema}.metrics m "  # noqa: S608
+                f"CROSS JOIN LATERAL (SELECT value FROM {schema}.numeric_values n "
+                "WHERE n.metric_id = m.id ORDER BY time DESC LIMIT 1) v ORDER BY 1, 2"
+            )
+            v.latest = {}
+            for r in latest:
+                v.latest.setdefault(r["device_id"], {})[r["name"]] = r["value"]
+            v.devices = int(await conn.fetchval(f"SELECT count(*) FROM {schema}.devices"))  # noqa: S608
+            v.online = int(await conn.fetchval(
+                f"SELECT count(*) FROM {schema}.devices WHERE status = 'online'"  # noqa: S608
+            ))  # fmt: skip
+            v.alerts = [
+                (r["time"].strftime("%H:%M:%S"), r["device_id"], r["kind"])
+                for r in await conn.fetch(
+                    f"SELECT time, device_id, kind FROM {schema}.events "  # noqa: S608
+                    "WHERE kind <> 'presence' ORDER BY time DESC LIMIT 5"
+                )
+            ]
+            v.commands = [
+                (r["updated_at"].strftime("%H:%M:%S"), r["device_id"], r["name"], r["status"])
+                for r in await conn.fetch(
+                    f"SELECT updated_at, device_id, name, status FROM {schema}.commands "  # noqa: S608
+                    "ORDER BY updated_at DESC LIMIT 5"
+                )
+            ]
+        except asyncpg.UndefinedTableError:
+            pass  # the tenant's schema comes with its first message
+        finally:
+            await conn.close()
+        return v
+
+
+def _spawn(argv: list[str], log_file: Path) -> subprocess.Popen[bytes]:
+    with log_file.open("ab") as log:
+        return subprocess.Popen(argv, stdout=log, stderr=log)
+
+
+def _mosquitto_account() -> tuple[str, int, int] | None:
+    """(name, uid, gid) of the account Mosquitto runs as when started by root, else None."""
+    if os.geteuid() != 0:
+        return None
+    try:
+        entry = pwd.getpwnam("mosquitto")
+    except KeyError:
+        return None  # no such account: Mosquitto stays root, and reads root's files
+    return entry.pw_name, entry.pw_uid, entry.pw_gid
+
+
+def watch_command(settings: Settings, tenant: str) -> str:
+    """A ready-to-paste `mosquitto_sub` for the stack's operator."""
+    bundle = settings.pki_dir / "issued" / settings.operator
+    return (
+        f"mosquitto_sub -h {settings.broker.host} -p {settings.broker.port} "
+        f"-i {settings.operator} --cafile {bundle / 'ca.pem'} --cert {bundle / 'cert.pem'} "
+        f"--key {bundle / 'key.pem'} -t 'fl/{tenant}/#' -v"
+    )

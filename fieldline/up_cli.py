@@ -1,0 +1,103 @@
+"""`fieldline up`: run the whole local stack with a live view until Ctrl-C."""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+
+import typer
+from rich.console import Console, Group
+from rich.live import Live
+from rich.table import Table
+
+from fieldline.errors import FieldlineError
+from fieldline.logs import configure_logging
+from fieldline.settings import get_settings
+from fieldline.stack import LocalStack, StackOptions, View, watch_command
+
+console = Console()
+
+
+def up(
+    devices: int = typer.Option(20, "--devices", min=1, help="Simulated devices in the fleet."),
+    broker: str = typer.Option("amqtt", "--broker", help="amqtt (embedded) or mosquitto."),
+    tenant: str = typer.Option("demo", "--tenant", help="The tenant the demo's devices use."),
+    interval: float = typer.Option(1.0, "--interval", help="Seconds between a device's messages."),
+    seconds: float | None = typer.Option(None, "--seconds", help="Stop after this long."),
+) -> None:
+    """Run everything: certificates, PostgreSQL + TimescaleDB, the broker, an ingest worker,
+    an edge agent (machine reset) and a simulated fleet, with a live view; Ctrl-C stops it.
+
+    Data stays under FIELDLINE_HOME, so a second `fieldline up` continues where this one
+    stopped. Set FIELDLINE_DATABASE_URL to use your own PostgreSQL.
+    """
+    if broker not in ("amqtt", "mosquitto"):
+        raise FieldlineError(f"--broker must be amqtt or mosquitto, not {broker!r}")
+    settings = get_settings()
+    configure_logging("WARNING" if console.is_terminal else settings.log_level)
+    options = StackOptions(tenant=tenant, devices=devices, interval_s=interval, broker=broker)
+    asyncio.run(_run(LocalStack(settings, options), seconds))
+
+
+def _render(view: View, stack: LocalStack) -> Group:
+    head = Table(show_header=False, box=None)
+    head.add_row("rows/s (last 10 s)", f"{view.rows_per_s:,.0f}")
+    head.add_row("devices online", f"{view.online} / {view.devices}")
+    if stack.agent is not None:
+        head.add_row("edge outbox", f"{stack.agent.outbox.depth()}")
+    latest = Table(title="latest values")
+    latest.add_column("device")
+    latest.add_column("values")
+    for device, values in list(view.latest.items())[:25]:
+        latest.add_row(device, ", ".join(f"{k}={v:.4g}" for k, v in values.items()))
+    alerts = Table(title="recent alerts")
+    for column in ("time", "device", "kind"):
+        alerts.add_column(column)
+    for alert in view.alerts:
+        alerts.add_row(*alert)
+    commands = Table(title="recent commands")
+    for column in ("time", "device", "command", "status"):
+        commands.add_column(column)
+    for command in view.commands:
+        commands.add_row(*command)
+    return Group(head, latest, alerts, commands)
+
+
+async def _run(stack: LocalStack, seconds: float | None) -> None:
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    console.print("starting: certificates, database, broker, worker, edge agent, fleet ...")
+    try:
+        await stack.start()
+        console.print("[green]up[/green]. Watch the raw traffic with:", highlight=False)
+        console.print(watch_command(stack.settings, stack.options.tenant), highlight=False,
+                      soft_wrap=True)  # fmt: skip
+        console.print("Ctrl-C stops everything.", highlight=False)
+        if seconds is not None:
+            loop.call_later(seconds, stop.set)
+        if console.is_terminal:
+            with Live(_render(stack.view, stack), console=console, auto_refresh=False) as live:
+                while not stop.is_set():
+                    live.update(_render(await stack.refresh(), stack), refresh=True)
+                    await _wait(stop, 2.0)
+        else:
+            while not stop.is_set():
+                view = await stack.refresh()
+                console.print(
+                    f"rows/s {view.rows_per_s:,.0f}, devices online {view.online}/"
+                    f"{view.devices}, alerts {len(view.alerts)}", highlight=False,
+                )  # fmt: skip
+                await _wait(stop, 10.0)
+    finally:
+        console.print("stopping ...")
+        await stack.stop()
+        console.print("stopped.")
+
+
+async def _wait(event: asyncio.Event, timeout: float) -> None:
+    try:
+        await asyncio.wait_for(event.wait(), timeout)
+    except TimeoutError:
+        return

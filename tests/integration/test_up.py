@@ -1,0 +1,114 @@
+"""`fieldline up` as a user runs it: everything comes up, data flows, a command goes to a
+device and comes back, and Ctrl-C leaves nothing running."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import pytest
+
+from fieldline.pgcluster import free_port
+from tests.fixtures.prereq import stop_process
+
+pytestmark = pytest.mark.integration
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def _using(home: Path) -> list[str]:
+    """Processes whose command line names the stack's data directory (postgres -D ..., etc.)."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            cmdline = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+        except OSError:
+            continue
+        if str(home) in cmdline:
+            found.append(f"{entry.name}: {cmdline.strip()}")
+    return found
+
+
+@pytest.mark.parametrize("broker", ["amqtt", "mosquitto"])
+def test_up_runs_the_pipeline_and_stops_cleanly(tmp_path: Path, broker: str) -> None:
+    # PostgreSQL runs as `postgres` when we are root: its data must be reachable for it
+    scratch = Path(tempfile.mkdtemp(prefix="fl-up-"))
+    scratch.chmod(0o711)
+    home = scratch / "home"
+    env = {
+        **os.environ,
+        "PYTHONPATH": str(REPO),
+        "FIELDLINE_HOME": str(home),
+        "FIELDLINE_BROKER__PORT": str(free_port()),
+        "FIELDLINE_BROKER__METRICS_PORT": "0",
+        "FIELDLINE_INGEST__METRICS_PORT": str(free_port()),
+        "FIELDLINE_LOG_LEVEL": "INFO",
+    }
+    env.pop("FIELDLINE_DATABASE_URL", None)
+    log = (tmp_path / "up.log").open("wb")
+    up = subprocess.Popen(
+        [sys.executable, "-m", "fieldline", "up", "--devices", "3", "--interval", "0.5",
+         "--broker", broker],
+        env=env, stdout=log, stderr=subprocess.STDOUT,
+    )  # fmt: skip
+
+    def cli(*argv: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [sys.executable, "-m", "fieldline", *argv],
+            env=env, capture_output=True, text=True, timeout=60,
+        )  # fmt: skip
+
+    def text() -> str:
+        return (tmp_path / "up.log").read_text(errors="replace")
+
+    try:
+        deadline = time.monotonic() + 120
+        while "Ctrl-C stops everything" not in text():
+            assert up.poll() is None, text()[-3000:]
+            assert time.monotonic() < deadline, text()[-3000:]
+            time.sleep(0.2)
+        assert "mosquitto_sub -h 127.0.0.1" in text()
+        # rows arrive: the fleet's devices are listed with their metrics
+        deadline = time.monotonic() + 60
+        while True:
+            listed = cli("devices", "list", "demo", "--json")
+            devices = [json.loads(line) for line in listed.stdout.splitlines()] if (
+                listed.returncode == 0) else []  # fmt: skip
+            sims = [d for d in devices if d["id"].startswith("sim-") and d["metrics"]]
+            if len(sims) == 3:
+                break
+            assert time.monotonic() < deadline, (listed.stderr, text()[-2000:])
+            time.sleep(1)
+        sent = cli("cmd", "send", "demo", "sim-0001", "reset", "--wait", "--timeout", "30")
+        assert sent.returncode == 0, (sent.stdout, sent.stderr)
+        assert json.loads(sent.stdout.splitlines()[-1])["status"] == "ok"
+        queried = cli("query", "demo", "sim-0001", "temperature", "--since", "10m",
+                      "--bucket", "5s", "--format", "json")  # fmt: skip
+        assert queried.returncode == 0, queried.stderr
+        assert sum(json.loads(line)["count"] for line in queried.stdout.splitlines()) > 0
+        assert any("postgres" in p for p in _using(home)), "the embedded PostgreSQL runs"
+        up.send_signal(signal.SIGINT)
+        assert up.wait(90) == 0, text()[-3000:]
+        assert "stopped." in text()
+        time.sleep(0.5)
+        assert _using(home) == [], "still running after Ctrl-C"
+        assert not (home / "pg" / "data" / "postmaster.pid").exists()
+    finally:
+        stop_process(up)
+        log.close()
+        pg = home / "pg"
+        if (pg / "data" / "postmaster.pid").exists():  # never leave a server behind
+            subprocess.run(
+                [sys.executable, "-m", "fieldline", "db", "stop"], env=env, check=False,
+                capture_output=True, timeout=60,
+            )  # fmt: skip
+        shutil.rmtree(scratch, ignore_errors=True)

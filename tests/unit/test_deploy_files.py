@@ -1,0 +1,213 @@
+"""deploy/: the systemd units are hardened and run real commands with real settings; the
+Prometheus config parses and scrapes the services' ports; the dashboard is well formed."""
+
+from __future__ import annotations
+
+import json
+import re
+import shlex
+from pathlib import Path
+from typing import Any
+
+import pytest
+from typer.testing import CliRunner
+
+from fieldline.cli import app
+from fieldline.settings import BrokerSettings, IngestSettings, Settings
+
+REPO = Path(__file__).resolve().parents[2]
+SYSTEMD = REPO / "deploy" / "systemd"
+UNITS = (
+    "fieldline-mosquitto.service",
+    "fieldline-broker.service",
+    "fieldline-ingest@.service",
+    "fieldline-edge@.service",
+)
+HOME = "/var/lib/fieldline"
+runner = CliRunner()
+
+
+def parse_unit(path: Path) -> dict[str, list[tuple[str, str]]]:
+    """Sections -> (key, value) in order; systemd allows a key several times (Environment)."""
+    sections: dict[str, list[tuple[str, str]]] = {}
+    current: list[tuple[str, str]] | None = None
+    for raw in path.read_text().splitlines():
+        line = raw.strip()
+        if not line or line.startswith(("#", ";")):
+            continue
+        if line.startswith("[") and line.endswith("]"):
+            current = sections.setdefault(line[1:-1], [])
+            continue
+        assert current is not None, f"{path.name}: {line!r} before any section"
+        key, sep, value = line.partition("=")
+        assert sep, f"{path.name}: not a key=value line: {line!r}"
+        current.append((key.strip(), value.strip()))
+    return sections
+
+
+def values(unit: dict[str, list[tuple[str, str]]], key: str, section: str = "Service") -> list[str]:
+    return [v for k, v in unit.get(section, []) if k == key]
+
+
+def one(unit: dict[str, list[tuple[str, str]]], key: str, section: str = "Service") -> str:
+    found = values(unit, key, section)
+    assert len(found) == 1, f"{key}: {found}"
+    return found[0]
+
+
+def seconds(value: str) -> float:
+    match = re.fullmatch(r"(\d+)(s|min)?", value)
+    assert match, value
+    return int(match[1]) * (60 if match[2] == "min" else 1)
+
+
+def test_the_four_units_are_shipped() -> None:
+    assert sorted(p.name for p in SYSTEMD.glob("*.service")) == sorted(UNITS)
+
+
+@pytest.mark.parametrize("name", UNITS)
+def test_every_unit_is_hardened(name: str) -> None:
+    unit = parse_unit(SYSTEMD / name)
+    user = one(unit, "User")
+    assert user not in {"", "root"}
+    assert one(unit, "NoNewPrivileges") == "yes"
+    assert one(unit, "ProtectSystem") == "strict"
+    assert one(unit, "PrivateTmp") == "yes"
+    assert one(unit, "Restart") == "on-failure"
+    assert seconds(one(unit, "TimeoutStopSec")) >= 30
+    assert one(unit, "ReadWritePaths")
+    assert one(unit, "WantedBy", "Install") == "multi-user.target"
+
+
+@pytest.mark.parametrize("name", [n for n in UNITS if n != "fieldline-mosquitto.service"])
+def test_fieldline_units_write_only_fieldline_home(name: str) -> None:
+    unit = parse_unit(SYSTEMD / name)
+    assert one(unit, "User") == "fieldline"
+    assert one(unit, "ReadWritePaths") == HOME
+    assert f"FIELDLINE_HOME={HOME}" in values(unit, "Environment")
+
+
+def _setting_exists(env_name: str) -> bool:
+    """FIELDLINE_A__B names settings field a.b (prefix FIELDLINE_, nesting __)."""
+    parts = env_name.removeprefix("FIELDLINE_").lower().split("__")
+    model: Any = Settings
+    for part in parts:
+        field = model.model_fields.get(part)
+        if field is None:
+            return False
+        model = field.annotation
+    return True
+
+
+@pytest.mark.parametrize("name", UNITS)
+def test_environment_names_real_settings(name: str) -> None:
+    unit = parse_unit(SYSTEMD / name)
+    for assignment in values(unit, "Environment"):
+        env_name = assignment.partition("=")[0]
+        assert env_name.startswith("FIELDLINE_"), assignment
+        # unknown FIELDLINE_ variables are silently ignored by pydantic-settings: check here
+        assert _setting_exists(env_name), f"{name}: {env_name} is no setting"
+    assert not _setting_exists("FIELDLINE_INGEST__NO_SUCH_THING")
+
+
+@pytest.mark.parametrize(
+    "name", ["fieldline-broker.service", "fieldline-ingest@.service", "fieldline-edge@.service"]
+)
+def test_exec_start_is_a_real_fieldline_command(name: str) -> None:
+    argv = shlex.split(one(parse_unit(SYSTEMD / name), "ExecStart"))
+    assert argv[0] == "/opt/fieldline/venv/bin/fieldline"
+    words = [a for a in argv[1:] if not a.startswith("-")][:2]
+    result = runner.invoke(app, [*words, "--help"], env={"COLUMNS": "200"})
+    assert result.exit_code == 0, result.output
+    for flag in (a for a in argv if a.startswith("--")):
+        assert flag in result.output, f"{name}: {flag} is not an option of {words}"
+
+
+def test_ingest_instances_share_one_subscription_with_their_own_identity() -> None:
+    unit = parse_unit(SYSTEMD / "fieldline-ingest@.service")
+    assert "FIELDLINE_INGEST__IDENTITY=ingest-%i" in values(unit, "Environment")
+    argv = shlex.split(one(unit, "ExecStart"))
+    assert argv[argv.index("--share-group") + 1] == "ingest"
+    # the per-instance file (with the metrics port) is required: no leading "-"
+    assert "/etc/fieldline/ingest-%i.env" in values(unit, "EnvironmentFile")
+    # the drain commits what the worker holds before it disconnects: give it time
+    assert seconds(one(unit, "TimeoutStopSec")) >= 60
+
+
+def test_edge_instances_run_their_own_manifest() -> None:
+    unit = parse_unit(SYSTEMD / "fieldline-edge@.service")
+    argv = shlex.split(one(unit, "ExecStart"))
+    assert argv[argv.index("--manifest") + 1] == "/etc/fieldline/edge/%i.toml"
+    assert argv[argv.index("--metrics-port") + 1] == "${EDGE_METRICS_PORT}"
+    assert "/etc/fieldline/edge/%i.env" in values(unit, "EnvironmentFile")
+
+
+def test_mosquitto_runs_the_rendered_config() -> None:
+    text = (SYSTEMD / "fieldline-mosquitto.service").read_text()
+    unit = parse_unit(SYSTEMD / "fieldline-mosquitto.service")
+    assert one(unit, "User") == "mosquitto"
+    assert shlex.split(one(unit, "ExecStart"))[1:] == [
+        "-c",
+        "/etc/fieldline/mosquitto/mosquitto.conf",
+    ]
+    assert "kill -HUP $MAINPID" in one(unit, "ExecReload")
+    # the render command in its comment uses the config directory the unit runs
+    assert "mosquitto-config --out /etc/fieldline/mosquitto" in text
+    persistence = re.search(r"--persistence-dir (\S+)", text)
+    assert persistence is not None
+    assert one(unit, "ReadWritePaths") == persistence[1]
+
+
+def _prometheus() -> dict[str, Any]:
+    text = (REPO / "deploy" / "prometheus.yml").read_text()
+    try:
+        import yaml
+    except ImportError:  # pyyaml is not a dependency: read the targets by pattern instead
+        jobs = re.findall(r"job_name: (\S+)\s+static_configs:\s+- targets: \[([^\]]*)\]", text)
+        return {
+            "scrape_configs": [
+                {"job_name": job, "static_configs": [{"targets": json.loads(f"[{t}]")}]}
+                for job, t in jobs
+            ]
+        }
+    data = yaml.safe_load(text)
+    assert isinstance(data, dict)
+    return data
+
+
+def test_prometheus_scrapes_every_service_on_its_port() -> None:
+    config = _prometheus()
+    targets = {
+        job["job_name"]: [t for sc in job["static_configs"] for t in sc["targets"]]
+        for job in config["scrape_configs"]
+    }
+    assert set(targets) == {"fieldline-broker", "fieldline-ingest", "fieldline-edge"}
+    assert targets["fieldline-broker"] == [f"127.0.0.1:{BrokerSettings().metrics_port}"]
+    assert f"127.0.0.1:{IngestSettings().metrics_port}" in targets["fieldline-ingest"]
+    assert targets["fieldline-edge"]
+    ports = [int(t.rpartition(":")[2]) for ts in targets.values() for t in ts]
+    assert len(ports) == len(set(ports)), "two jobs scrape the same port"
+
+
+def test_the_dashboard_is_a_grafana_dashboard_on_a_prometheus_variable() -> None:
+    data = json.loads((REPO / "deploy" / "grafana" / "fieldline.json").read_text())
+    assert data["schemaVersion"] >= 39
+    variables = {v["name"]: v for v in data["templating"]["list"]}
+    assert variables["datasource"]["type"] == "datasource"
+    assert variables["datasource"]["query"] == "prometheus"
+    panels = data["panels"]
+    assert len({p["id"] for p in panels}) == len(panels)
+    titles = " ".join(p["title"].lower() for p in panels)
+    for topic in ("rows/s", "messages/s", "lag", "dead letters", "connect", "denials", "outbox"):
+        assert topic in titles, topic
+    for panel in panels:
+        grid = panel["gridPos"]
+        assert grid["x"] >= 0, panel["title"]
+        assert grid["x"] + grid["w"] <= 24, panel["title"]
+        if panel["type"] == "row":
+            continue
+        assert panel["datasource"] == {"type": "prometheus", "uid": "${datasource}"}
+        assert panel["targets"], panel["title"]
+        for target in panel["targets"]:
+            assert target["datasource"]["uid"] == "${datasource}"
+            assert target["expr"].count("(") == target["expr"].count(")"), target["expr"]
