@@ -50,9 +50,12 @@ def cluster(settings: Settings | None = None) -> EmbeddedPostgres:
     )
 
 
-def database_url(settings: Settings | None = None) -> str:
-    """FIELDLINE_DATABASE_URL if set, else the running embedded cluster's URL."""
+def database_url(settings: Settings | None = None, tenant: str | None = None) -> str:
+    """The tenant's own database if `tenant_databases` routes it, else FIELDLINE_DATABASE_URL,
+    else the running embedded cluster's URL."""
     s = settings or get_settings()
+    if tenant is not None and tenant in s.tenant_databases:
+        return s.tenant_databases[tenant]
     if s.database_url:
         return s.database_url
     pg = cluster(s)

@@ -39,7 +39,7 @@ def devices_list(
     as_json: bool = typer.Option(False, "--json", help="JSON lines instead of a table."),
 ) -> None:
     """List a tenant's devices with their status, last seen time, firmware, boot and metrics."""
-    rows = asyncio.run(list_devices(database_url(), tenant))
+    rows = asyncio.run(list_devices(database_url(tenant=tenant), tenant))
     if as_json:
         for row in rows:
             typer.echo(json.dumps(row, default=_json_default))
@@ -68,7 +68,14 @@ def query_command(
     if fmt not in ("table", "csv", "json"):
         raise FieldlineError(f"--format must be table, csv or json, not {fmt!r}")
     buckets = asyncio.run(
-        query(database_url(), tenant, device, metric, parse_duration(since), parse_duration(bucket))
+        query(
+            database_url(tenant=tenant),
+            tenant,
+            device,
+            metric,
+            parse_duration(since),
+            parse_duration(bucket),
+        )
     )
     if fmt == "json":
         for b in buckets:
@@ -178,7 +185,7 @@ def cmd_send(
     if not isinstance(arguments, dict):
         raise FieldlineError('--args must be a JSON object, e.g. {"interval_s": 5}')
     command = Command.new(name, arguments, ttl_s=ttl)
-    dsn = database_url(settings)
+    dsn = database_url(settings, tenant)
     asyncio.run(record_command(dsn, tenant, device, command))
     result_topic = topics.command_result(tenant, device)
     operator = _Operator(settings, [result_topic] if wait else [])

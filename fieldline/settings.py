@@ -16,6 +16,7 @@ from pydantic_settings import (
 )
 
 from fieldline.errors import SettingsError
+from schemas.topics import validate_id
 
 CONFIG_ENV = "FIELDLINE_CONFIG"
 DEFAULT_CONFIG_FILE = "fieldline.toml"
@@ -106,6 +107,10 @@ class Settings(BaseSettings):
         default=None, description="a PostgreSQL DSN; unset means the embedded cluster"
     )
     log_level: str = "INFO"
+    tenant_databases: dict[str, str] = Field(
+        default_factory=dict,
+        description="tenants routed to a PostgreSQL of their own: {tenant: URL}",
+    )
     operator: str = Field(
         default="operator",
         description="the operator certificate `fieldline cmd send` and `tail` connect as",
@@ -121,6 +126,15 @@ class Settings(BaseSettings):
             raise ValueError(
                 "must start with postgresql:// (for example postgresql://user@host/db)"
             )
+        return value
+
+    @field_validator("tenant_databases")
+    @classmethod
+    def _tenant_dsns(cls, value: dict[str, str]) -> dict[str, str]:
+        for tenant, dsn in value.items():
+            validate_id(tenant, "tenant id")
+            if not dsn.startswith(("postgresql://", "postgres://")):
+                raise ValueError(f"{tenant}: must start with postgresql://")
         return value
 
     @field_validator("log_level")

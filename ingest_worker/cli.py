@@ -55,6 +55,7 @@ def worker_config(settings: Settings) -> WorkerConfig:
         retention_every_s=i.retention_every_s,
         metrics_port=i.metrics_port,
         metrics_bind=i.metrics_bind,
+        tenant_dsns=settings.tenant_databases,
     )
 
 

@@ -13,7 +13,8 @@ import logging
 import signal
 import ssl
 import time
-from dataclasses import dataclass
+from collections.abc import Mapping
+from dataclasses import dataclass, field
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
@@ -60,6 +61,17 @@ class WorkerConfig:
     metrics_port: int = 0
     metrics_bind: str = "127.0.0.1"
     drain_timeout_s: float = 30.0
+    # tenants routed to a database of their own (DESIGN.md: storage scales out by tenant);
+    # every other tenant, and dead letters without one, go to `dsn`
+    tenant_dsns: Mapping[str, str] = field(default_factory=dict)
+
+    def dsn_for(self, tenant: str | None) -> str:
+        """The database a tenant's rows go to."""
+        return self.tenant_dsns.get(tenant, self.dsn) if tenant else self.dsn
+
+    def all_dsns(self) -> list[str]:
+        """Every database this worker writes to, the default first."""
+        return list(dict.fromkeys([self.dsn, *self.tenant_dsns.values()]))
 
 
 def client_context(pki_dir: Path, identity: str) -> ssl.SSLContext:
@@ -113,14 +125,16 @@ class IngestWorker:
         await self.stop()
 
     async def start(self) -> None:
-        conn = await self._connect_db()
-        try:
-            report = await migrate_all(conn)  # the shared schema and every tenant, up to date
-            for warning in report.warnings:
-                log.warning("event=migration_warning detail=%r", warning)
-            self._retention = (await detect_capabilities(conn)).retention
-        finally:
-            await conn.close()
+        for index, dsn in enumerate(self.config.all_dsns()):
+            conn = await self._connect_db(dsn)
+            try:
+                report = await migrate_all(conn)  # the shared schema and every tenant
+                for warning in report.warnings:
+                    log.warning("event=migration_warning detail=%r", warning)
+                if index == 0:
+                    self._retention = (await detect_capabilities(conn)).retention
+            finally:
+                await conn.close()
         if self.config.metrics_port:
             self._http, _thread = start_http_server(
                 self.config.metrics_port, self.config.metrics_bind, registry=self.metrics.registry
@@ -162,26 +176,35 @@ class IngestWorker:
         self.metrics.up.set(0)
         log.info("event=stopped drained=%s", drained)
 
-    async def _connect_db(self) -> asyncpg.Connection:
-        return await connect(self.config.dsn)
+    async def _connect_db(self, dsn: str | None = None) -> asyncpg.Connection:
+        return await connect(dsn or self.config.dsn)
 
     # -- writing ----------------------------------------------------------------------------
     async def _writer(self, index: int) -> None:
-        conn: asyncpg.Connection | None = None
+        conns: dict[str, asyncpg.Connection] = {}  # one per database this writer has used
         try:
             while True:
                 got = await self.pipeline.next_batch()
                 if got is None:
                     return
                 tenant, items = got
-                conn = await self._write_until_committed(conn, tenant, items)
+                dsn = self.config.dsn_for(tenant)
+                conn = await self._write_until_committed(conns.get(dsn), dsn, tenant, items)
+                if conn is None:
+                    conns.pop(dsn, None)
+                else:
+                    conns[dsn] = conn
         finally:
-            if conn is not None:
+            for conn in conns.values():
                 with contextlib.suppress(Exception):
                     await conn.close()
 
     async def _write_until_committed(
-        self, conn: asyncpg.Connection | None, tenant: str | None, items: list[Decoded]
+        self,
+        conn: asyncpg.Connection | None,
+        dsn: str,
+        tenant: str | None,
+        items: list[Decoded],
     ) -> asyncpg.Connection | None:
         """Write the batch; a transient failure is retried (for as long as it takes) with
         nothing acknowledged, and the connection replaced."""
@@ -189,7 +212,7 @@ class IngestWorker:
         while True:
             try:
                 if conn is None or conn.is_closed():
-                    conn = await self._connect_db()
+                    conn = await self._connect_db(dsn)
                 started = time.monotonic()
                 written = await write_narrowed(conn, self.registry, tenant, items)
                 break
@@ -241,36 +264,40 @@ class IngestWorker:
 
     # -- schedules --------------------------------------------------------------------------
     async def _maintain(self) -> None:
-        conn: asyncpg.Connection | None = None
+        conns: dict[str, asyncpg.Connection] = {}
         every = max(0.5, self.config.offline_after_s / 4)
         next_retention = time.monotonic() + min(5.0, self.config.retention_every_s)
         try:
             while True:
                 await asyncio.sleep(every)
-                try:
-                    if conn is None or conn.is_closed():
-                        conn = await self._connect_db()
-                    marked = await mark_silent_devices(conn, self.config.offline_after_s)
-                    if marked:
-                        self.metrics.presence.labels("offline").inc(sum(marked.values()))
-                    if time.monotonic() >= next_retention:
-                        next_retention = time.monotonic() + self.config.retention_every_s
-                        await apply_retention(conn, self._retention)
-                        self.metrics.retention_runs.labels("ok").inc()
-                except (
-                    StorageError,
-                    asyncpg.PostgresError,
-                    OSError,
-                    asyncpg.InterfaceError,
-                ) as exc:
-                    log.warning("event=maintenance_failed error=%r", str(exc)[:200])
-                    self.metrics.retention_runs.labels("failed").inc()
-                    if conn is not None:
-                        with contextlib.suppress(Exception):
-                            await conn.close()
-                    conn = None
+                retention_due = time.monotonic() >= next_retention
+                if retention_due:
+                    next_retention = time.monotonic() + self.config.retention_every_s
+                for dsn in self.config.all_dsns():
+                    try:
+                        conn = conns.get(dsn)
+                        if conn is None or conn.is_closed():
+                            conn = conns[dsn] = await self._connect_db(dsn)
+                        marked = await mark_silent_devices(conn, self.config.offline_after_s)
+                        if marked:
+                            self.metrics.presence.labels("offline").inc(sum(marked.values()))
+                        if retention_due:
+                            await apply_retention(conn, self._retention)
+                            self.metrics.retention_runs.labels("ok").inc()
+                    except (
+                        StorageError,
+                        asyncpg.PostgresError,
+                        OSError,
+                        asyncpg.InterfaceError,
+                    ) as exc:
+                        log.warning("event=maintenance_failed error=%r", str(exc)[:200])
+                        self.metrics.retention_runs.labels("failed").inc()
+                        failed = conns.pop(dsn, None)
+                        if failed is not None:
+                            with contextlib.suppress(Exception):
+                                await failed.close()
         finally:
-            if conn is not None:
+            for conn in conns.values():
                 with contextlib.suppress(Exception):
                     await conn.close()
 

@@ -128,6 +128,19 @@ async def test_the_machine_reset_scenario_end_to_end(
 
             await wait_for(alert, 60, "the overheat event in tenant_acme.events")
             assert agent.modules["machine"].resets >= 1
+
+            # the event's time is its window's end; the reading that closed the window went
+            # upstream before the reset, the ones after it must show the cold machine
+            async def cooled() -> bool:
+                sql = (
+                    f"SELECT count(*) FROM {VALUES} v JOIN tenant_acme.metrics m "  # noqa: S608
+                    "ON m.id = v.metric_id WHERE m.name = 'machine.machine_temperature' "
+                    "AND v.value < 25 AND v.time > (SELECT min(time) FROM tenant_acme.events "
+                    "WHERE kind = 'overheat')"
+                )
+                return await _scalar(timescale_dsn, sql) >= 3
+
+            await wait_for(cooled, 30, "cold readings after the reset in the database")
             sample = agent.metrics.registry.get_sample_value
             assert (sample("fieldline_edge_rule_firings_total", {"rule": "overheat"}) or 0) >= 1
             routed = sample("fieldline_edge_messages_routed_total", {"route": "alertsToReset"})
@@ -153,8 +166,7 @@ async def test_the_machine_reset_scenario_end_to_end(
         before = [r["value"] for r in temps if r["time"] <= fired_at]
         after = [r["value"] for r in temps if r["time"] > fired_at]
         assert before[-1] > 35
-        assert after, "telemetry after the firing"
-        assert min(after[:40]) < 25, "the machine was reset: it cooled to about 21 degC"
+        assert min(after[:5]) < 25, "the machine was reset: it cooled to about 21 degC"
     finally:
         worker.stop()
 
