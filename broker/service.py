@@ -6,7 +6,8 @@ import asyncio
 import logging
 import resource
 import signal
-from typing import Any
+from pathlib import Path
+from typing import Any, TypedDict
 
 from prometheus_client import start_http_server
 
@@ -19,23 +20,40 @@ from fieldline.settings import Settings
 log = logging.getLogger("broker")
 
 
+class TlsFiles(TypedDict):
+    """What BrokerOptions needs for TLS, as keyword arguments."""
+
+    ca_file: Path
+    cert_file: Path
+    key_file: Path
+    crl_file: Path | None
+
+
+def tls_files(pki_dir: Path, server_cert: str) -> TlsFiles:
+    """The CA, server certificate and key, and CRL a broker serves (CertsError if absent)."""
+    pki = Pki(pki_dir)
+    pki.ca_certificate()
+    server = pki.bundle(server_cert)
+    return TlsFiles(
+        ca_file=pki.ca_cert_path,
+        cert_file=server.cert,
+        key_file=server.key,
+        crl_file=pki.crl_path,
+    )
+
+
 def options_from_settings(settings: Settings) -> BrokerOptions:
     """The broker's options: the server certificate, CA and CRL from FIELDLINE_HOME/pki."""
-    pki = Pki(settings.pki_dir)
     b = settings.broker
     try:
-        pki.ca_certificate()
-        server = pki.bundle(b.server_cert)
+        files = tls_files(settings.pki_dir, b.server_cert)
     except CertsError as exc:
         raise BrokerError(
             f"{exc}; the broker needs a CA and a server certificate: "
             f"`fieldline certs init-ca` then `fieldline certs server {b.server_cert} --host ...`"
         ) from exc
     return BrokerOptions(
-        ca_file=pki.ca_cert_path,
-        cert_file=server.cert,
-        key_file=server.key,
-        crl_file=pki.crl_path,
+        **files,
         bind=b.bind,
         port=b.port,
         max_connections=b.max_connections,

@@ -16,7 +16,8 @@ from pathlib import Path
 from typing import Any
 
 from broker.server import BrokerOptions, FieldlineBroker
-from certs import CertsError, Pki
+from broker.service import tls_files
+from certs import CertsError
 from edge_agent.errors import EdgeError
 from edge_agent.manifest import ModuleSpec
 from schemas.errors import SchemaError
@@ -43,19 +44,14 @@ class LanListener:
         self._on_reading = on_reading
         self.received = 0
         self.refused = 0
-        pki = Pki(pki_dir)
         try:
-            pki.ca_certificate()
-            server = pki.bundle(spec.server_cert)
+            files = tls_files(pki_dir, spec.server_cert)
         except CertsError as exc:
             raise EdgeError(
                 f"module {spec.name!r} (listener): {exc}; issue its certificate with "
                 f"`fieldline certs server {spec.server_cert} --ip <LAN address>`"
             ) from exc
-        self.options = BrokerOptions(
-            ca_file=pki.ca_cert_path, cert_file=server.cert, key_file=server.key,
-            crl_file=pki.crl_path, bind=spec.bind, port=spec.port, tap=self._tap,
-        )  # fmt: skip
+        self.options = BrokerOptions(**files, bind=spec.bind, port=spec.port, tap=self._tap)
         self.broker: FieldlineBroker | None = None
 
     async def start(self) -> None:

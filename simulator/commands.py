@@ -10,12 +10,13 @@ from __future__ import annotations
 import json
 import time
 import uuid
+from collections.abc import Callable
 from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from schemas.messages import Command, CommandStatus
-from simulator.errors import CommandError
+from simulator.errors import CommandError, SimulatorError
 
 MIN_INTERVAL_S = 0.1
 MAX_INTERVAL_S = 86_400.0
@@ -132,3 +133,24 @@ def _id_of(payload: bytes) -> str | None:
         return str(uuid.UUID(value))
     except (TypeError, ValueError, AttributeError):
         return None
+
+
+def answer(
+    topic: str,
+    payload: bytes,
+    apply: Callable[[str, dict[str, Any]], str],
+    errors: tuple[type[Exception], ...] = (SimulatorError,),
+) -> tuple[str | None, str, str]:
+    """(command id or None, result status, detail) for one command message: opened, then
+    `apply(name, args)`; its CommandError keeps its status, the other `errors` are `error`."""
+    try:
+        command = open_command(topic, payload)
+    except CommandError as exc:
+        return exc.command_id, exc.status, exc.detail
+    cid = str(command.id)
+    try:
+        return cid, CommandStatus.OK, apply(command.name, dict(command.args))
+    except CommandError as exc:
+        return cid, exc.status, exc.detail
+    except errors as exc:
+        return cid, CommandStatus.ERROR, str(exc)

@@ -19,8 +19,8 @@ from typing import Any, Protocol
 
 from schemas import topics
 from schemas.messages import CommandStatus
-from simulator.commands import SensorAdd, SensorRemove, SetInterval, open_command, parse_args
-from simulator.errors import CommandError, LinkError, SimulatorError
+from simulator.commands import SensorAdd, SensorRemove, SetInterval, answer, parse_args
+from simulator.errors import CommandError, LinkError
 from simulator.link import DeviceLink
 
 log = logging.getLogger("fieldline.sim")
@@ -207,18 +207,7 @@ class SimDevice:
 
     def handle_command(self, topic: str, payload: bytes) -> tuple[str | None, str, str]:
         """(command id or None, result status, detail) for one command message."""
-        try:
-            command = open_command(topic, payload)
-        except CommandError as exc:
-            return exc.command_id, exc.status, exc.detail
-        cid = str(command.id)
-        try:
-            detail = self._apply(command.name, command.args)
-        except CommandError as exc:
-            return cid, exc.status, exc.detail
-        except SimulatorError as exc:
-            return cid, CommandStatus.ERROR, str(exc)
-        return cid, CommandStatus.OK, detail
+        return answer(topic, payload, self._apply)
 
     def _apply(self, name: str, args: dict[str, Any]) -> str:
         parsed = parse_args(name, args)

@@ -22,6 +22,7 @@ from edge_agent.agent import AgentOptions, EdgeAgent
 from edge_agent.manifest import load_manifest
 from fieldline.pgcluster import free_port
 from tests.fixtures.brokers import BrokerUnderTest
+from tests.fixtures.edge import MACHINE_RESET, manifest_text, write_manifest
 from tests.fixtures.ingest import burst, start_worker
 from tests.mqtt_raw import RawClient
 
@@ -99,51 +100,6 @@ def _scrape(port: int) -> str:
         return str(response.read().decode())
 
 
-def _manifest(broker: BrokerUnderTest, tmp_path: Path) -> Path:
-    # the machine heats ~10 degC/s at 20 samples/s: the 1 s window's average passes 35 quickly
-    path = tmp_path / "edge.toml"
-    path.write_text(f"""
-[agent]
-id = "dev-2"
-tenant = "acme"
-bundle = "{broker.pki.device2.directory}"
-
-[broker]
-host = "{broker.host}"
-port = {broker.port}
-
-[[modules]]
-name = "machine"
-kind = "machine"
-interval_s = 0.05
-
-[[rules]]
-name = "overheat"
-metric = "machine_temperature"
-window = {{ kind = "tumbling", size_s = 1 }}
-aggregate = "avg"
-condition = {{ op = ">", value = 35 }}
-event = {{ kind = "overheat", severity = "warning", message = "machine too hot" }}
-command = {{ name = "reset" }}
-
-[[routes]]
-name = "telemetryToCloud"
-from = "machine"
-to = "upstream"
-
-[[routes]]
-name = "telemetryToRules"
-from = "machine"
-to = "rules/overheat"
-
-[[routes]]
-name = "alertsToCloud"
-from = "rules/overheat"
-to = "upstream"
-""")
-    return path
-
-
 def _traffic(broker: BrokerUnderTest) -> None:
     """One of each thing the dashboard counts by label."""
     pki = broker.pki
@@ -199,7 +155,8 @@ async def test_every_dashboard_metric_is_exposed_by_a_running_service(
     worker = start_worker(broker, timescale_dsn, tmp_path / "worker")
     try:
         edge_port = free_port()
-        path = _manifest(broker, tmp_path)
+        # the machine heats ~10 degC/s at 20 samples/s: the 1 s average passes 35 quickly
+        path = write_manifest(tmp_path, manifest_text(broker, *MACHINE_RESET))
         options = AgentOptions(home=tmp_path / "home", manifest_path=path, metrics_port=edge_port)
         agent = EdgeAgent(load_manifest(path), options)
         await agent.start()

@@ -26,6 +26,7 @@ import pytest
 from edge_agent.agent import AgentOptions, EdgeAgent
 from edge_agent.manifest import load_manifest
 from tests.fixtures.brokers import BrokerUnderTest
+from tests.fixtures.edge import MACHINE_RESET, manifest_text, write_manifest
 from tests.fixtures.ingest import fetch, fetchval, start_worker, wait_for
 from tests.fixtures.prereq import stop_process
 
@@ -33,71 +34,6 @@ pytestmark = pytest.mark.integration
 
 REPO = Path(__file__).resolve().parents[2]
 VALUES = "tenant_acme.numeric_values"
-
-
-def manifest_text(broker: BrokerUnderTest, modules: str, rules: str = "", routes: str = "") -> str:
-    bundle = broker.pki.device2.directory
-    return f"""
-[agent]
-id = "dev-2"
-tenant = "acme"
-bundle = "{bundle}"
-
-[broker]
-host = "{broker.host}"
-port = {broker.port}
-
-{modules}
-{rules}
-{routes}
-"""
-
-
-MACHINE_RESET = (
-    """
-[[modules]]
-name = "machine"
-kind = "machine"
-interval_s = 0.05
-""",
-    """
-[[rules]]
-name = "overheat"
-metric = "machine_temperature"
-window = { kind = "tumbling", size_s = 1 }
-aggregate = "avg"
-condition = { op = ">", value = 35 }
-event = { kind = "overheat", severity = "warning", message = "machine too hot" }
-command = { name = "reset" }
-""",
-    """
-[[routes]]
-name = "telemetryToCloud"
-from = "machine"
-to = "upstream"
-
-[[routes]]
-name = "telemetryToRules"
-from = "machine"
-to = "rules/overheat"
-
-[[routes]]
-name = "alertsToCloud"
-from = "rules/overheat"
-to = "upstream"
-
-[[routes]]
-name = "alertsToReset"
-from = "rules/overheat"
-to = "machine"
-""",
-)
-
-
-def _write(tmp_path: Path, text: str) -> Path:
-    path = tmp_path / "edge.toml"
-    path.write_text(text)
-    return path
 
 
 @asynccontextmanager
@@ -117,7 +53,7 @@ async def test_the_machine_reset_scenario_end_to_end(
     broker: BrokerUnderTest, timescale_dsn: str, tmp_path: Path
 ) -> None:
     """The machine heats, the rule fires, the machine cools, the alert is in `events`."""
-    path = _write(tmp_path, manifest_text(broker, *MACHINE_RESET))
+    path = write_manifest(tmp_path, manifest_text(broker, *MACHINE_RESET))
     worker = start_worker(broker, timescale_dsn, tmp_path / "worker")
     try:
         async with running_agent(path, tmp_path / "home") as agent:
@@ -205,7 +141,7 @@ async def test_a_30_s_broker_outage_at_100_msg_s_loses_and_duplicates_nothing(
 ) -> None:
     (tmp_path / "mosquitto-data").mkdir()
     broker = broker_factory("mosquitto", persistence_dir=tmp_path / "mosquitto-data")
-    path = _write(tmp_path, manifest_text(broker, *ARMA_100_HZ))
+    path = write_manifest(tmp_path, manifest_text(broker, *ARMA_100_HZ))
     worker = start_worker(broker, timescale_dsn, tmp_path / "worker")
     try:
         async with running_agent(path, tmp_path / "home") as agent:
@@ -275,7 +211,7 @@ async def test_kill_9_mid_backlog_loses_nothing_the_outbox_accepted(
     broker_factory: Callable[..., BrokerUnderTest], timescale_dsn: str, tmp_path: Path
 ) -> None:
     broker = broker_factory("mosquitto")
-    path = _write(tmp_path, manifest_text(broker, *ARMA_100_HZ))
+    path = write_manifest(tmp_path, manifest_text(broker, *ARMA_100_HZ))
     home = tmp_path / "home"
     env = {**os.environ, "FIELDLINE_HOME": str(home), "PYTHONPATH": str(REPO)}
     argv = [sys.executable, "-m", "fieldline", "edge", "run", "--manifest", str(path)]
@@ -333,7 +269,7 @@ def test_manifest_errors_stop_the_agent_at_start_with_the_key_named(
 ) -> None:
     broker = broker_factory("fieldline")
     text = change(manifest_text(broker, *MACHINE_RESET))
-    path = _write(tmp_path, text)
+    path = write_manifest(tmp_path, text)
     env = {**os.environ, "FIELDLINE_HOME": str(tmp_path / "home"), "PYTHONPATH": str(REPO)}
     for command in ("check", "run"):
         done = subprocess.run(
@@ -346,7 +282,7 @@ def test_manifest_errors_stop_the_agent_at_start_with_the_key_named(
         assert "Traceback" not in done.stderr
     ok = subprocess.run(
         [sys.executable, "-m", "fieldline", "edge", "check", "--manifest",
-         str(_write(tmp_path, manifest_text(broker, *MACHINE_RESET)))],
+         str(write_manifest(tmp_path, manifest_text(broker, *MACHINE_RESET)))],
         env=env, capture_output=True, text=True, timeout=60,
     )  # fmt: skip
     assert ok.returncode == 0, ok.stderr
@@ -359,7 +295,7 @@ async def test_commands_from_the_cloud_reach_modules_and_rules(
     from tests.clients import Paho
 
     broker = broker_factory("fieldline")
-    path = _write(tmp_path, manifest_text(broker, *MACHINE_RESET))
+    path = write_manifest(tmp_path, manifest_text(broker, *MACHINE_RESET))
     ops = Paho(broker, broker.pki.operator)
     assert ops.connect()
     assert ops.subscribe("fl/acme/dev-2/#") == [1]
@@ -454,7 +390,7 @@ name = "hotToCloud"
 from = "rules/hot"
 to = "upstream"
 """
-    path = _write(tmp_path, manifest_text(broker, listener, rules, routes))
+    path = write_manifest(tmp_path, manifest_text(broker, listener, rules, routes))
     lan = SimpleNamespace(host="127.0.0.1", port=lan_port, pki=broker.pki)
     worker = start_worker(broker, timescale_dsn, tmp_path / "worker")
     device = intruder = None
@@ -463,9 +399,12 @@ to = "upstream"
             # the listener runs on this event loop: clients connect from a thread
             device = Paho(lan, broker.pki.device)  # type: ignore[arg-type]
             assert await asyncio.to_thread(device.connect), device.connack_rc
-            base = int(time.time() * 1000) - 5000
+            # timestamps of now, as a live device sends them: the agent closes windows on the
+            # wall clock, so readings stamped seconds ago would arrive for closed windows (late)
+            last = 0
             for i in range(50):
-                body = {"ts": base + i * 100, "seq": i + 1, "metrics": {"temperature": 20.0 + i}}
+                last = max(int(time.time() * 1000), last + 1)
+                body = {"ts": last, "seq": i + 1, "metrics": {"temperature": 20.0 + i}}
                 await asyncio.to_thread(
                     device.publish, "fl/acme/dev-1/telemetry", json.dumps(body).encode()
                 )
