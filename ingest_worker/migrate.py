@@ -298,14 +298,6 @@ async def _migrate_tenant(
         async with conn.transaction():
             await conn.execute("SELECT pg_advisory_xact_lock($1)", _LOCK_KEY)
             await conn.execute(f"CREATE SCHEMA IF NOT EXISTS {quote_ident(schema)}")
-            await conn.execute(
-                f"INSERT INTO {SHARED_SCHEMA}.tenants (id, schema_name, retention_days) "
-                "VALUES ($1, $2, $3) ON CONFLICT (id) DO UPDATE SET retention_days = "
-                "COALESCE(EXCLUDED.retention_days, tenants.retention_days)",
-                tenant,
-                schema,
-                retention_days,
-            )
         await _apply(
             conn,
             f"tenant:{tenant}",
@@ -314,10 +306,41 @@ async def _migrate_tenant(
             report,
             params,
         )
-        if warning := await _grant_reader(conn, tenant, schema):
-            report.warnings.append(warning)
+        # the tenants row comes last: a worker that finds it may write at once, and a
+        # worker writing while another still runs DDL on the same tables deadlocks with it
+        async with conn.transaction():
+            await conn.execute("SELECT pg_advisory_xact_lock($1)", _LOCK_KEY)
+            if warning := await _grant_reader(conn, tenant, schema):
+                report.warnings.append(warning)
+            # DO NOTHING unless there is a retention to set: DO UPDATE locks the row
+            on_conflict = (
+                "DO NOTHING"
+                if retention_days is None
+                else "DO UPDATE SET retention_days = EXCLUDED.retention_days"
+            )
+            await conn.execute(
+                f"INSERT INTO {SHARED_SCHEMA}.tenants (id, schema_name, retention_days) "
+                f"VALUES ($1, $2, $3) ON CONFLICT (id) {on_conflict}",
+                tenant,
+                schema,
+                retention_days,
+            )
     except asyncpg.PostgresError as exc:
         raise StorageError(f"migrating tenant {tenant!r} failed: {exc}") from exc
+
+
+async def tenant_ready(conn: asyncpg.Connection, tenant: str) -> bool:
+    """Whether the tenant is recorded with every tenant migration this code knows applied."""
+    versions = [m.version for m in load_migrations(Scope.TENANT)]
+    ready = await conn.fetchval(
+        f"SELECT EXISTS (SELECT 1 FROM {SHARED_SCHEMA}.tenants WHERE id = $1) AND "
+        f"(SELECT count(*) FROM {SHARED_SCHEMA}.schema_migrations "
+        "WHERE scope = $2 AND version = ANY($3::int[])) = cardinality($3::int[])",
+        tenant,
+        f"tenant:{tenant}",
+        versions,
+    )
+    return bool(ready)
 
 
 def reader_role(tenant: str) -> str:
@@ -325,15 +348,29 @@ def reader_role(tenant: str) -> str:
     return f"{tenant_schema(tenant)}_reader"
 
 
+async def _reader_complete(conn: asyncpg.Connection, role: str, schema: str) -> bool:
+    # GRANT rewrites catalog rows of every table in the schema: only when something is missing
+    complete = await conn.fetchval(
+        "SELECT has_schema_privilege($1, $2, 'USAGE') AND NOT EXISTS ("
+        "  SELECT 1 FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace"
+        "  WHERE n.nspname = $2 AND c.relkind IN ('r', 'p', 'v', 'm')"
+        "  AND NOT has_table_privilege($1, c.oid, 'SELECT'))",
+        role,
+        schema,
+    )
+    return bool(complete)
+
+
 async def _grant_reader(conn: asyncpg.Connection, tenant: str, schema: str) -> str | None:
-    role = quote_ident(reader_role(tenant))
+    """Create the reader role and its grants if missing (called under the migration lock)."""
+    name = reader_role(tenant)
+    role = quote_ident(name)
     qschema = quote_ident(schema)
     try:
-        async with conn.transaction():
-            await conn.execute("SELECT pg_advisory_xact_lock($1)", _LOCK_KEY)
-            exists = await conn.fetchval(
-                "SELECT 1 FROM pg_roles WHERE rolname = $1", reader_role(tenant)
-            )
+        async with conn.transaction():  # a savepoint: a refusal must not abort the caller
+            exists = await conn.fetchval("SELECT 1 FROM pg_roles WHERE rolname = $1", name)
+            if exists and await _reader_complete(conn, name, schema):
+                return None
             if not exists:
                 # roles are cluster-wide but our lock is per database: a migrator of another
                 # database may create the same role at the same moment

@@ -12,7 +12,7 @@ from datetime import datetime
 
 import asyncpg
 
-from ingest_worker.migrate import add_tenant, quote_ident, tenant_schema
+from ingest_worker.migrate import add_tenant, quote_ident, tenant_ready, tenant_schema
 from schemas.messages import MetricKind
 
 
@@ -42,10 +42,9 @@ class Registry:
             return known
         async with self._tenant_lock:  # DDL once, even with several writers
             if tenant not in self.schemas:
-                exists = await conn.fetchval(
-                    "SELECT schema_name FROM fieldline.tenants WHERE id = $1", tenant
-                )
-                if exists is None:
+                # not just "recorded": a tenant half migrated by another worker (or by a
+                # crashed one) is finished here before anything is written into it
+                if not await tenant_ready(conn, tenant):
                     await add_tenant(conn, tenant, chunk_interval=self.chunk_interval)
                 self.schemas[tenant] = quote_ident(tenant_schema(tenant))
         return self.schemas[tenant]

@@ -69,17 +69,22 @@ async def write_batch(
     """
     out = Written()
     schema = await registry.schema(conn, tenant) if tenant is not None else None
-    async with conn.transaction():
-        if schema is not None and tenant is not None:
-            await _check_owners(conn, registry, tenant, items, out)
-            numeric, text = await _readings(conn, registry, schema, tenant, items, out)
-            await _values(conn, schema, numeric, text, out)
-            # device rows last: their row locks are then held only until the commit, so a
-            # second writer with the same devices waits for a commit, not for a whole batch
-            await _devices(conn, registry, schema, tenant, items, out)
-            await _events(conn, schema, items, out)
-            await _results(conn, schema, items, out)
-        await _dead_letters(conn, items, out)
+    try:
+        async with conn.transaction():
+            if schema is not None and tenant is not None:
+                await _check_owners(conn, registry, tenant, items, out)
+                numeric, text = await _readings(conn, registry, schema, tenant, items, out)
+                await _values(conn, schema, numeric, text, out)
+                # device rows last: their row locks are then held only until the commit, so
+                # a second writer with the same devices waits for a commit, not a whole batch
+                await _devices(conn, registry, schema, tenant, items, out)
+                await _events(conn, schema, items, out)
+                await _results(conn, schema, items, out)
+            await _dead_letters(conn, items, out)
+    except BaseException:
+        # a staging table created in the rolled back transaction went with it
+        _staged.pop(conn, None)
+        raise
     return out
 
 
