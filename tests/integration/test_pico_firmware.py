@@ -499,25 +499,34 @@ def test_lost_links_will_queued_commands_and_backoff(rig: Rig) -> None:
     assert board.resets == 0
     assert joins >= 2  # it kept trying while out of range
 
-    # the broker goes away: reconnects back off exponentially up to backoff_max_s (measured
-    # from each failed attempt to the next one; the first failure is the session's own)
+    # the broker goes away: reconnects back off exponentially up to backoff_max_s. The delays
+    # the firmware chose are checked exactly against the bands (half fixed, half random; the
+    # first is the lost session's own); the waits the board saw (from each failed attempt to
+    # the next one) must last at least that long, and not much longer
     stopped = time.monotonic()
+    logged = len(pico.lines)
     broker.stop()
     deadline = stopped + 15
     while len([r for r in board.of_kind("connect-failed") if r.t > stopped]) < 5:
         assert time.monotonic() < deadline, board.records[-10:]
         time.sleep(0.05)
-    records = [r for r in board.records if r.t > stopped]
-    pauses = [
-        after.t - before.t
-        for before, after in itertools.pairwise(records)
-        if (before.kind, after.kind) == ("connect-failed", "tcp-connect")
+    chosen = [
+        int(line.split()[2]) / 1000
+        for line in pico.lines[logged:]
+        if line.startswith("reconnecting in ")
     ]
-    slack = 0.15
-    bands = [(0.2, 0.4), (0.4, 0.8), (0.8, 1.6), (0.8, 1.6)]  # half fixed, half random
-    for pause, (low, high) in zip(pauses, bands, strict=False):
-        assert low - 0.01 < pause < high + slack, pauses
-    assert len(pauses) >= 4, pauses
+    bands = [(0.1, 0.2), (0.2, 0.4), (0.4, 0.8), (0.8, 1.6), (0.8, 1.6)]
+    assert len(chosen) >= len(bands), chosen
+    for delay, (low, high) in zip(chosen, bands, strict=False):
+        assert low <= delay <= high, chosen
+    records = [r for r in board.records if r.t > stopped]
+    failed = [i for i, r in enumerate(records) if r.kind == "connect-failed"]
+    pauses = [
+        next(r.t for r in records[i:] if r.kind == "tcp-connect") - records[i].t for i in failed[:4]
+    ]
+    # scheduling on a loaded machine delays a wake-up, it never brings one forward
+    for pause, delay in zip(pauses, chosen[1:], strict=False):
+        assert delay - 0.01 < pause < delay + 0.5, (pauses, chosen)
     broker.restart()
     op.close()
     rig.operator = op = Operator(broker)  # the old subscription went with the broker
