@@ -215,39 +215,42 @@ async def test_kill_9_mid_backlog_loses_nothing_the_outbox_accepted(
     home = tmp_path / "home"
     env = {**os.environ, "FIELDLINE_HOME": str(home), "PYTHONPATH": str(REPO)}
     argv = [sys.executable, "-m", "fieldline", "edge", "run", "--manifest", str(path)]
-    log = (tmp_path / "agent.log").open("ab")
+    log_path = tmp_path / "agent.log"
     broker.stop()  # the agent starts offline: everything it samples piles up in the outbox
-    agent = _spawn(argv, env, log)
-    outbox = home / "edge" / "dev-2" / "outbox.sqlite"
-    try:
-        # the outbox is locked to its agent: read it once the agent is dead
-        await asyncio.sleep(8)
-        assert agent.poll() is None, (tmp_path / "agent.log").read_text()[-2000:]
-        agent.kill()  # SIGKILL: no flush, no goodbye
-        agent.wait(10)
-        accepted = _outbox_times(outbox)
-        assert len(accepted) >= 500
-    finally:
-        stop_process(agent)
-    broker.restart()
-    worker = start_worker(broker, timescale_dsn, tmp_path / "worker")
-    agent = _spawn(argv, env, log)
-    try:
+    with log_path.open("ab") as log:
+        agent = _spawn(argv, env, log)
+        outbox = home / "edge" / "dev-2" / "outbox.sqlite"
+        try:
+            # timed from the agent's own start line: interpreter start-up is slow on a busy machine
+            async def started() -> bool:
+                return "event=started" in log_path.read_text()
 
-        async def all_there() -> bool:
-            if not await _values(timescale_dsn):
-                return False
-            rows = await fetch(
-                timescale_dsn,
-                f"SELECT DISTINCT (extract(epoch FROM time) * 1000)::bigint AS ms FROM {VALUES}",  # noqa: S608
-            )
-            return accepted <= {int(r["ms"]) for r in rows}
+            await wait_for(started, 60, "the agent's start line in its log")
+            await asyncio.sleep(6)  # ~600 messages at 100 msg/s
+            assert agent.poll() is None, log_path.read_text()[-2000:]
+            agent.kill()  # SIGKILL: no flush, no goodbye
+            agent.wait(10)
+            # the outbox is locked to its agent: read it once the agent is dead
+            accepted = _outbox_times(outbox)
+            assert len(accepted) >= 300, "a backlog of several seconds when the agent died"
+        finally:
+            stop_process(agent)
+        broker.restart()
+        worker = start_worker(broker, timescale_dsn, tmp_path / "worker")
+        agent = _spawn(argv, env, log)
+        stored_ms = f"SELECT DISTINCT (extract(epoch FROM time) * 1000)::bigint AS ms FROM {VALUES}"  # noqa: S608
+        try:
 
-        await wait_for(all_there, 90, f"all {len(accepted)} accepted messages in the database")
-    finally:
-        stop_process(agent)
-        worker.stop()
-        log.close()
+            async def all_there() -> bool:
+                if not await _values(timescale_dsn):
+                    return False
+                rows = await fetch(timescale_dsn, stored_ms)
+                return accepted <= {int(r["ms"]) for r in rows}
+
+            await wait_for(all_there, 90, f"all {len(accepted)} accepted messages in the database")
+        finally:
+            stop_process(agent)
+            worker.stop()
 
 
 @pytest.mark.parametrize(
