@@ -122,9 +122,14 @@ def stop_stack(stack: Stack) -> None:
 
 
 # -- publishing ------------------------------------------------------------------------------
+# timestamps start 6 days back: the worker refuses samples older than ingest.max_backfill_s
+BASE_MS = int(time.time() * 1000) - 6 * 24 * 3600 * 1000
+
+
 def lines(tag: int, device: int, n: int, samples: int, first: int = 0) -> bytes:
     """n payloads, one per line: single messages of 10 metrics, or backlogs of `samples`."""
-    base = 1_700_000_000_000 + tag * 10_000_000_000 + device * 1_000_000_000
+    # inside the worker's backfill window (7 days): 5.5 h per tag, 33 min per device
+    base = BASE_MS + tag * 20_000_000 + device * 2_000_000
     out = []
     if samples == 1:
         for i in range(first, first + n):
@@ -344,11 +349,12 @@ class Worker:
         self.proc.wait(120)
 
 
-def start_worker(stack: Stack, client: str) -> Worker:
+def start_worker(stack: Stack, client: str, tree: Path = REPO) -> Worker:
+    """`fieldline ingest run` from `tree` (this checkout, or another one to compare with)."""
     port = free_port()
     env = {
         **os.environ,
-        "PYTHONPATH": str(REPO),
+        "PYTHONPATH": str(tree),
         "FIELDLINE_HOME": str(stack.home),
         "FIELDLINE_DATABASE_URL": stack.dsn,
         "FIELDLINE_BROKER__HOST": "127.0.0.1",
@@ -380,10 +386,12 @@ def start_worker(stack: Stack, client: str) -> Worker:
     return worker
 
 
-def worker_drain(stack: Stack, client: str, rows: int, messages: int) -> tuple[float, float, float]:
+def worker_drain(
+    stack: Stack, client: str, rows: int, messages: int, tree: Path = REPO
+) -> tuple[float, float, float]:
     """Start a worker on a queued backlog; (msg/s, rows/s, peak RSS MiB) until all committed."""
     started = time.monotonic()
-    worker = start_worker(stack, client)
+    worker = start_worker(stack, client, tree)
     try:
         # a fresh process: its counter starts at 0, and may already have moved by the time
         # the worker reports itself connected (the backlog arrives with the CONNACK)
@@ -524,6 +532,40 @@ def _quantile(buckets: list[tuple[float, float]], total: float, q: float) -> flo
     return float("inf")
 
 
+def compare_trees(stack: Stack, args: argparse.Namespace) -> dict[str, Any]:
+    """The lean worker of another checkout (--compare-tree) and of this one, alternately on
+    the same backlogs, --rounds times: the cost of a change, side by side in one run."""
+    trees = {"baseline": args.compare_tree.resolve(), "this tree": REPO}
+    n, m = args.messages, args.backlog_messages
+    got: dict[str, dict[str, list[float]]] = {k: {"single": [], "backlog": []} for k in trees}
+    start_worker(stack, "lean").stop()
+    for round_ in range(args.rounds):
+        for name, tree in trees.items():
+            probe = cpu_probe()
+            publish(stack, stack.next_tag(), n)
+            single = worker_drain(stack, "lean", n * METRICS, n, tree)
+            publish(stack, stack.next_tag(), m, samples=100)
+            backlog = worker_drain(stack, "lean", m * 100, m, tree)
+            got[name]["single"].append(single[0])
+            got[name]["backlog"].append(backlog[1])
+            print(
+                f"round {round_ + 1} {name:9}: {single[0]:,.0f} msg/s single messages, "
+                f"{backlog[1]:,.0f} rows/s 100-sample backlog (CPU probe {probe:.0f} ms)",
+                flush=True,
+            )
+    medians = {
+        name: {k: sorted(v)[len(v) // 2] for k, v in runs.items()} for name, runs in got.items()
+    }
+    base, this = medians["baseline"], medians["this tree"]
+    print("\nmedians            baseline   this tree   ratio")
+    for key, unit in (("single", "msg/s"), ("backlog", "rows/s")):
+        print(
+            f"  {key:8} {unit:6} {base[key]:>10,.0f} {this[key]:>11,.0f}   "
+            f"{this[key] / base[key]:.1%}"
+        )
+    return {"runs": got, "medians": medians}
+
+
 # -- the run ---------------------------------------------------------------------------------
 def main() -> None:
     parser = argparse.ArgumentParser(
@@ -543,6 +585,13 @@ def main() -> None:
         "--latency-only", action="store_true", help="measure only the steady-rate latency"
     )
     parser.add_argument("--latency-runs", type=int, default=3, help="the median one is reported")
+    parser.add_argument(
+        "--compare-tree",
+        type=Path,
+        help="another checkout (e.g. a `git worktree` of main): its worker and this one's "
+        "drain the same backlogs alternately, --rounds times; nothing else is measured",
+    )
+    parser.add_argument("--rounds", type=int, default=3, help="rounds of --compare-tree")
     args = parser.parse_args()
     # `kill` stops the run like Ctrl-C: through the finally blocks, so nothing is left running
     signal.signal(signal.SIGTERM, lambda *_: sys.exit("stopped by SIGTERM"))
@@ -550,6 +599,9 @@ def main() -> None:
     stack = start_stack(args.home)
     results: dict[str, Any] = {"machine": f"{os.cpu_count()} cores", "messages": args.messages}
     try:
+        if args.compare_tree is not None:
+            results["compare"] = compare_trees(stack, args)
+            return
         if args.latency_only:
             results["latency"] = lat = latency_runs(stack, args)
             print(f"median run: p50 {lat[0] * 1000:.1f} ms, p99 {lat[1] * 1000:.1f} ms")

@@ -9,8 +9,13 @@ import typer
 from rich.console import Console
 
 from broker.mosquitto import (
+    DEFAULT_MAX_CONNECTIONS,
     DEFAULT_MAX_INFLIGHT,
+    DEFAULT_MAX_INFLIGHT_BYTES,
+    DEFAULT_MAX_KEEPALIVE,
     DEFAULT_MAX_QUEUED,
+    DEFAULT_MAX_QUEUED_BYTES,
+    DEFAULT_MEMORY_LIMIT,
     MosquittoOptions,
     principals_from_registry,
     write_mosquitto_files,
@@ -95,6 +100,43 @@ def mosquitto_config(
         min=0,
         help="Messages queued per session beyond those in flight; more are dropped.",
     ),
+    max_queued_bytes: int = typer.Option(
+        DEFAULT_MAX_QUEUED_BYTES,
+        "--max-queued-bytes",
+        min=0,
+        help="Bytes queued per session beyond those in flight; more are dropped (already "
+        "PUBACKed to their publishers). Size it for the whole fleet's bytes during the longest "
+        "ingest outage to survive. 0: no byte limit.",
+    ),
+    max_inflight_bytes: int = typer.Option(
+        DEFAULT_MAX_INFLIGHT_BYTES,
+        "--max-inflight-bytes",
+        min=0,
+        help="Unacknowledged QoS 1/2 bytes per client (one message always fits). 0: no limit.",
+    ),
+    memory_limit: int = typer.Option(
+        DEFAULT_MEMORY_LIMIT,
+        "--memory-limit",
+        min=0,
+        help="Bytes of heap Mosquitto may allocate (not OpenSSL's); a client whose message does "
+        "not fit is disconnected. Off by default: in 2.0.11 any certificate holder can reserve "
+        "it with unfinished CONNECTs (README). 0: no limit.",
+    ),
+    max_connections: int = typer.Option(
+        DEFAULT_MAX_CONNECTIONS,
+        "--max-connections",
+        min=-1,
+        help="TCP connections on the listener, including ones still in TLS or before CONNECT; "
+        "more are closed at once. -1: no limit (then LimitNOFILE is the limit).",
+    ),
+    max_keepalive: int = typer.Option(
+        DEFAULT_MAX_KEEPALIVE,
+        "--max-keepalive",
+        min=10,
+        max=65535,
+        help="MQTT 5 clients asking for a longer keepalive, or none, are given this one "
+        "(Mosquitto 2.0 leaves MQTT 3.1.1 clients' keepalive alone).",
+    ),
 ) -> None:
     """Render mosquitto.conf and an ACL file from the certificate registry and the policy.
 
@@ -102,6 +144,10 @@ def mosquitto_config(
     embedded broker enforces. Re-run after `fieldline certs issue` or `revoke`, then
     `kill -HUP $(pidof mosquitto)`: Mosquitto re-reads the ACL file and the CRL.
     """
+    if max_connections == 0:
+        raise typer.BadParameter(
+            "0 would mean no limit; use -1 for that", param_hint="--max-connections"
+        )
     pki = Pki(get_settings().pki_dir)
     options = MosquittoOptions(
         bind=bind,
@@ -109,13 +155,20 @@ def mosquitto_config(
         persistence_dir=persistence_dir.absolute() if persistence_dir else None,
         max_inflight_messages=max_inflight,
         max_queued_messages=max_queued,
+        max_queued_bytes=max_queued_bytes,
+        max_inflight_bytes=max_inflight_bytes,
+        memory_limit=memory_limit,
+        max_connections=max_connections,
+        max_keepalive=max_keepalive,
         run_as=run_as,
     )
     files = write_mosquitto_files(pki, out, server_bundle_name=server_cert, options=options)
     count = len(principals_from_registry(pki))
-    console.print(f"wrote {files.config}", highlight=False)
-    console.print(f"wrote {files.acl} ({count} principals)", highlight=False)
+    console.print(f"wrote {files.config}", highlight=False, soft_wrap=True)
+    console.print(f"wrote {files.acl} ({count} principals)", highlight=False, soft_wrap=True)
     console.print(
-        f"wrote {files.ca.parent}/ (CA, server certificate and key, CRL)", highlight=False
+        f"wrote {files.ca.parent}/ (CA, server certificate and key, CRL)",
+        highlight=False,
+        soft_wrap=True,
     )
-    console.print(f"run: mosquitto -c {files.config}", highlight=False)
+    console.print(f"run: mosquitto -c {files.config}", highlight=False, soft_wrap=True)

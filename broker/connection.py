@@ -7,8 +7,11 @@ through a connection is handled here:
   (PUBACKs, SUBACKs, PUBLISHes to this client) goes out as one TLS write, instead of one
   TLS record and one system call per packet.
 - `FramedReader` reads whole packets, refusing oversized ones from their fixed header, and
-  stops reading while the connection's work queue is long (backpressure on a client that
-  publishes faster than the broker routes).
+  stops reading (TCP backpressure) while the connection's work queue is long in messages or
+  bytes (a client that publishes faster than the broker routes), after a PUBLISH while the
+  broker's memory budget is spent (publishers wait for subscribers to catch up instead of
+  being acknowledged and dropped), and while the client is not reading what it is sent (its
+  acknowledgements would pile up in the broker's socket buffer).
 - `FieldlineHandler` replaces amqtt's reader loop, which wraps every packet read in
   `asyncio.wait_for` (a task and a timer per packet on Python 3.11) and starts another task
   per packet: here a packet is decoded in place, PUBLISH, SUBSCRIBE and UNSUBSCRIBE go on one
@@ -21,6 +24,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+from collections.abc import Coroutine
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -34,11 +38,13 @@ from amqtt.mqtt.protocol.broker_handler import (
 )
 
 from broker import wire
+from broker.budget import MESSAGE_OVERHEAD
 from broker.errors import ProtocolError
 
 if TYPE_CHECKING:
     import ssl
 
+    from broker.budget import MemoryBudget
     from broker.metrics import BrokerMetrics
     from broker.outbox import Outbox
 
@@ -47,6 +53,8 @@ log = logging.getLogger("broker")
 # the reader pauses while more than this much incoming work waits to be routed
 WORK_HIGH = 1000
 WORK_LOW = 200
+WORK_HIGH_BYTES = 1024 * 1024
+WORK_LOW_BYTES = 256 * 1024
 
 
 class Link(WriterAdapter):
@@ -57,6 +65,9 @@ class Link(WriterAdapter):
     def __init__(self, writer: asyncio.StreamWriter, metrics: BrokerMetrics) -> None:
         self._writer = writer
         self._transport = writer.transport
+        # drain() then waits exactly while the buffer is over HIGH_WATER (asyncio's TLS
+        # default is 512 KiB), so a paused writer or reader sleeps instead of polling
+        self._transport.set_write_buffer_limits(high=self.HIGH_WATER)
         self._metrics = metrics
         self._chunks: list[bytes] = []
         self._pending = 0
@@ -65,6 +76,9 @@ class Link(WriterAdapter):
         self._resuming: asyncio.Task[None] | None = None
         self.outbox: Outbox | None = None
         self.is_closed = False
+        # since when the outbox has been held back by a client that does not read (None: not)
+        self.stuck_since: float | None = None
+        self.wake: asyncio.Event | None = None  # set when a PUBLISH is written to the client
 
     # -- writing ----------------------------------------------------------------------------
     def write(self, data: bytes) -> None:
@@ -72,6 +86,8 @@ class Link(WriterAdapter):
             return
         if data[0] & 0xF0 == wire.PUBLISH:
             self._metrics.sent += 1
+            if self.wake is not None:
+                self.wake.set()  # the reader waits for the budget only while none is in flight
         self._chunks.append(data)
         self._pending += len(data)
         if not self._scheduled:
@@ -95,9 +111,31 @@ class Link(WriterAdapter):
             return False
         if self._transport.get_write_buffer_size() + self._pending <= self.HIGH_WATER:
             return True
+        if self.stuck_since is None:
+            self.stuck_since = self._loop.time()
         if self._resuming is None or self._resuming.done():
             self._resuming = self._loop.create_task(self._resume())
         return False
+
+    def buffered(self) -> int:
+        """Bytes written to the client that it has not read yet (as far as asyncio holds them)."""
+        if self.is_closed or self._transport.is_closing():
+            return 0
+        return self._transport.get_write_buffer_size() + self._pending
+
+    def backed_up(self) -> bool:
+        """True while the client leaves more than HIGH_WATER of what it was sent unread."""
+        if self.is_closed or self._transport.is_closing():
+            return False
+        return self._transport.get_write_buffer_size() > self.HIGH_WATER
+
+    async def wait_drained(self) -> None:
+        """Until the client has read enough of what was written to it."""
+        while self.backed_up():
+            self.flush()
+            await self._writer.drain()
+            if self.backed_up():
+                await asyncio.sleep(0.005)
 
     async def _resume(self) -> None:
         with contextlib.suppress(ConnectionError, RuntimeError):
@@ -105,6 +143,7 @@ class Link(WriterAdapter):
                 self.flush()
                 await self._writer.drain()
                 if self._transport.get_write_buffer_size() <= self.HIGH_WATER:
+                    self.stuck_since = None
                     if self.outbox is not None:
                         self.outbox.pump()
                     return
@@ -202,16 +241,27 @@ class Incoming:
 class FieldlineHandler(BrokerProtocolHandler):
     """amqtt's handler with fieldline's reader: one ordered work queue, one keepalive timer."""
 
-    def __init__(self, plugins_manager: Any, link: Link, qos2_received: set[int]) -> None:
+    def __init__(
+        self,
+        plugins_manager: Any,
+        link: Link,
+        qos2_received: set[int],
+        budget: MemoryBudget | None = None,
+    ) -> None:
         super().__init__(plugins_manager, loop=asyncio.get_running_loop())
         self.link = link
+        self.budget = budget
         self.close_reason: str | None = None
         self.work: asyncio.Queue[Any] = asyncio.Queue()
+        self.work_bytes = 0  # of the PUBLISHes in `work`, charged to the budget until routed
         # packet ids of QoS 2 PUBLISHes delivered but not yet released: kept with the session,
         # so a resent PUBLISH (DUP) after a reconnect is not delivered twice
         self.qos2_received = qos2_received
         self._room = asyncio.Event()
         self._room.set()
+        self._closed = asyncio.Event()
+        self._published = False  # a PUBLISH was read since the reader last checked for room
+        self._pausing = False
         self._ended = False
         self._last_rx = 0.0
         self._keepalive_timer: asyncio.TimerHandle | None = None
@@ -223,17 +273,78 @@ class FieldlineHandler(BrokerProtocolHandler):
 
     # -- the work queue ---------------------------------------------------------------------
     async def room_for_work(self) -> None:
-        """Wait while the queue is long; the reader calls this before each packet."""
-        if self.work.qsize() >= WORK_HIGH:
-            self._room.clear()
-            await self._room.wait()
+        """Wait while the queue is long, the budget spent or the client not reading its replies.
+
+        The reader calls this before each packet. Only a connection that has just published
+        waits for the budget, and only while nothing is in flight to it: subscribers' PUBACKs
+        are what frees the budget, so they are always read.
+        """
+        paused = False
+        budget = self.budget
+        outbox = self.link.outbox
+        while True:
+            if self.work.qsize() >= WORK_HIGH or self.work_bytes >= WORK_HIGH_BYTES:
+                self._room.clear()
+                await self._pause(self._room.wait())
+            elif (
+                self._published
+                and budget is not None
+                and budget.full
+                and (outbox is None or not outbox.inflight)
+            ):
+                budget.paused += 1
+                budget.pauses += 1
+                self.link.wake = asyncio.Event()
+                try:
+                    await self._pause(budget.room.wait(), self.link.wake.wait())
+                finally:
+                    budget.paused -= 1
+                    self.link.wake = None
+            elif self.link.backed_up():
+                await self._pause(self.link.wait_drained())
+            else:
+                break
+            paused = True
+        self._published = False
+        if paused:
             self._last_rx = self._loop.time()  # the wait was ours, not the client's silence
+
+    async def _pause(self, *waits: Coroutine[Any, Any, Any]) -> None:
+        """Not reading until one of `waits` is done, or the connection is closed (then
+        ConnectionError)."""
+        self._pausing = True
+        waiters = [asyncio.ensure_future(w) for w in (*waits, self._closed.wait())]
+        try:
+            await asyncio.wait(waiters, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            self._pausing = False
+            for waiter in waiters:
+                waiter.cancel()
+        if self._closed.is_set():
+            raise ConnectionError("closed while not reading")
 
     async def next_work(self) -> Any:
         item = await self.work.get()
-        if not self._room.is_set() and self.work.qsize() <= WORK_LOW:
+        if isinstance(item, Incoming):
+            size = len(item.topic) + len(item.data) + MESSAGE_OVERHEAD
+            self.work_bytes -= size
+            if self.budget is not None:
+                self.budget.release(size)
+        if (
+            not self._room.is_set()
+            and self.work.qsize() <= WORK_LOW
+            and self.work_bytes <= WORK_LOW_BYTES
+        ):
             self._room.set()
         return item
+
+    def _queue_publish(self, message: Incoming) -> None:
+        size = len(message.topic) + len(message.data) + MESSAGE_OVERHEAD
+        self.work_bytes += size
+        if self.budget is not None:
+            self.budget.charge(size)
+        self._published = True
+        self.work.put_nowait(message)
 
     def _end(self, packet: DisconnectPacket | None) -> None:
         if not self._ended:
@@ -277,6 +388,10 @@ class FieldlineHandler(BrokerProtocolHandler):
 
     def _check_keepalive(self) -> None:
         keepalive = self.session.keep_alive if self.session is not None else 0
+        if self._pausing:
+            # the broker is not reading this client: its silence cannot be told; ask again later
+            self._keepalive_timer = self._loop.call_later(keepalive, self._check_keepalive)
+            return
         idle = self._loop.time() - self._last_rx
         if idle >= keepalive:
             # nothing from the client for 1.5 x its keepalive: MQTT-3.1.2-24
@@ -328,19 +443,19 @@ class FieldlineHandler(BrokerProtocolHandler):
         if "\x00" in topic:
             raise ProtocolError("a topic name with a NUL character (MQTT-4.7.3-2)")
         if qos == 0:
-            self.work.put_nowait(Incoming(topic, body[2 + size :], 0, bool(first & 1)))
+            self._queue_publish(Incoming(topic, body[2 + size :], 0, bool(first & 1)))
             return
         packet_id = (body[2 + size] << 8) | body[3 + size]
         if packet_id == 0:
             raise ProtocolError("a QoS 1 or 2 PUBLISH with packet id 0 (MQTT-2.3.1-1)")
         message = Incoming(topic, body[4 + size :], qos, bool(first & 1))
         if qos == 1:
-            self.work.put_nowait(message)
+            self._queue_publish(message)
             self.link.write(b"\x40\x02" + body[2 + size : 4 + size])  # PUBACK
             return
         if packet_id not in self.qos2_received:  # a DUP of a delivered one is not delivered again
             self.qos2_received.add(packet_id)
-            self.work.put_nowait(message)
+            self._queue_publish(message)
         self.link.write(b"\x50\x02" + body[2 + size : 4 + size])  # PUBREC
 
     # -- the rest ---------------------------------------------------------------------------
@@ -351,6 +466,7 @@ class FieldlineHandler(BrokerProtocolHandler):
     def close(self, reason: str) -> None:
         """Drop the connection; the reader sees it and the broker runs the disconnect path."""
         self.close_reason = self.close_reason or reason
+        self._closed.set()
         self.link.abort()
 
 

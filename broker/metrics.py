@@ -3,10 +3,14 @@
 from __future__ import annotations
 
 from collections.abc import Iterator
+from typing import TYPE_CHECKING
 
 from prometheus_client import CollectorRegistry, Counter, Gauge
-from prometheus_client.core import CounterMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
+
+if TYPE_CHECKING:
+    from broker.budget import MemoryBudget
 
 
 class BrokerMetrics:
@@ -37,7 +41,8 @@ class BrokerMetrics:
         )
         self.dropped = Counter(
             "fieldline_broker_dropped_total",
-            "Messages not delivered to a subscriber, by reason.",
+            "Messages not delivered to a subscriber, by reason (queue-full, queue-bytes, "
+            "offline-budget, offline-qos0, not-receivable).",
             ["reason"],
             registry=r,
         )
@@ -65,6 +70,44 @@ class BrokerMetrics:
             "Connections closed, by reason.",
             ["reason"],
             registry=r,
+        )
+
+    def watch_budget(self, budget: MemoryBudget) -> None:
+        """Expose the memory budget: bytes held by pool, the limit, publishers paused."""
+        self.registry.register(_BudgetCollector(budget))
+
+
+class _BudgetCollector(Collector):
+    def __init__(self, budget: MemoryBudget) -> None:
+        self._budget = budget
+
+    def collect(self) -> Iterator[Metric]:
+        b = self._budget
+        held = GaugeMetricFamily(
+            "fieldline_broker_held_bytes",
+            "Bytes of messages the broker holds for clients, by pool: connected (outboxes of "
+            "connected sessions and PUBLISHes not yet routed), offline (persistent sessions "
+            "away), socket (written, not yet read by the client).",
+            labels=["pool"],
+        )
+        held.add_metric(["connected"], b.connected)
+        held.add_metric(["offline"], b.offline)
+        held.add_metric(["socket"], b.socket)
+        yield held
+        yield GaugeMetricFamily(
+            "fieldline_broker_memory_budget_bytes",
+            "broker.memory_budget_bytes: beyond it publishers are not read.",
+            value=b.limit,
+        )
+        yield GaugeMetricFamily(
+            "fieldline_broker_publishers_paused",
+            "Connections not read now because the memory budget is spent.",
+            value=b.paused,
+        )
+        yield CounterMetricFamily(
+            "fieldline_broker_backpressure_pauses",
+            "Times a publishing connection stopped being read because the budget was spent.",
+            value=b.pauses,
         )
 
 

@@ -27,9 +27,33 @@ from certs import CertsError, Pki, Role
 # long as you want to survive.
 DEFAULT_MAX_INFLIGHT = 1000
 DEFAULT_MAX_QUEUED = 200_000
-DEFAULT_MAX_QUEUED_BYTES = 256 * 1024 * 1024
 DEFAULT_SESSION_EXPIRY = "7d"
 DEFAULT_MAX_PACKET = 2 * 1024 * 1024  # as the embedded broker's max_packet_bytes
+MIB = 1024 * 1024
+# Byte limits besides the count limits (all per client session, except memory_limit): a queue
+# of 200,000 backlog messages of 2 MiB each would be 400 GiB. The queue is per *subscriber*:
+# once the ingest session's queue is full, Mosquitto drops (and has already PUBACKed) the
+# messages of every device alike, so max_queued_bytes must hold the whole fleet's bytes for the
+# longest worker outage to survive (README, Mosquitto limits).
+DEFAULT_MAX_QUEUED_BYTES = 256 * MIB
+# 10,000 in flight (the worker's Receive Maximum) x 1.6 KiB; a bigger backlog message still
+# goes out alone. 2.0.11 applies it only to a message's first try at flight, not when the
+# queue moves on (fixed in 2.0.13): there the count window is what bounds in-flight bytes.
+DEFAULT_MAX_INFLIGHT_BYTES = 16 * MIB
+# memory_limit caps Mosquitto's own heap, but 2.0.11 allocates a packet's declared length when
+# its header arrives, before CONNECT: one certificate holder reserved the whole 1 GiB with 535
+# TLS connections of 4 bytes each (benchmarks/mosquitto_limits.py), after which every client
+# whose message needs memory is disconnected. So it is off unless asked for; the systemd
+# unit's MemoryMax bounds the process instead (README, Mosquitto limits).
+DEFAULT_MEMORY_LIMIT = 0
+# the embedded broker's broker.max_connections; counts every TCP connection of the listener,
+# including ones that have not finished TLS or sent CONNECT. 2.0.11 counts each closed
+# connection twice (fixed in 2.0.12), so the limit drifts up; LimitNOFILE is what holds.
+DEFAULT_MAX_CONNECTIONS = 20_000
+# MQTT 5 clients asking for a longer keepalive, or none (0), are told to use this one; it is
+# the largest keepalive fieldline's own clients accept (broker.keepalive_s <= 3600), which
+# they do not renegotiate. Mosquitto 2.0 does not apply it to MQTT 3.1.1 clients.
+DEFAULT_MAX_KEEPALIVE = 3600
 
 
 @dataclass(frozen=True)
@@ -52,8 +76,11 @@ class MosquittoOptions:
     max_inflight_messages: int = DEFAULT_MAX_INFLIGHT
     max_queued_messages: int = DEFAULT_MAX_QUEUED
     max_queued_bytes: int = DEFAULT_MAX_QUEUED_BYTES
+    max_inflight_bytes: int = DEFAULT_MAX_INFLIGHT_BYTES
+    memory_limit: int = DEFAULT_MEMORY_LIMIT  # 0: none
     max_packet_size: int = DEFAULT_MAX_PACKET
-    max_connections: int = -1
+    max_connections: int = DEFAULT_MAX_CONNECTIONS  # -1: none
+    max_keepalive: int = DEFAULT_MAX_KEEPALIVE
     persistent_client_expiration: str = DEFAULT_SESSION_EXPIRY
     run_as: str | None = None  # the account mosquitto drops to when started as root
     log_dest: str = "stderr"
@@ -131,7 +158,13 @@ def render_config(files: MosquittoFiles, options: MosquittoOptions | None = None
         f"max_inflight_messages {opts.max_inflight_messages}",
         f"max_queued_messages {opts.max_queued_messages}",
         f"max_queued_bytes {opts.max_queued_bytes}",
+        f"max_inflight_bytes {opts.max_inflight_bytes}",
+        f"memory_limit {opts.memory_limit}",
         f"max_packet_size {opts.max_packet_size}",
+        f"max_keepalive {opts.max_keepalive}",
+        # Mosquitto cannot refuse retain per topic (its ACL has no notion of it) and
+        # `retain_available false` would disconnect every device publishing its retained
+        # status: retain on telemetry, events and commands is kept (README, Mosquitto limits)
         "retain_available true",
         "",
         f"log_dest {opts.log_dest}",

@@ -11,6 +11,7 @@ from pathlib import Path
 from cryptography import x509
 
 from broker.errors import TlsSetupError
+from certs import expired_line
 
 log = logging.getLogger(__name__)
 
@@ -36,6 +37,8 @@ class RevocationList:
         self._ca = _load_ca(ca_file)
         self._stamp: tuple[int, int] | None = None
         self.snapshot = self._read()
+        self.expired = False
+        self.check_expiry()
 
     @property
     def serials(self) -> frozenset[int]:
@@ -44,8 +47,33 @@ class RevocationList:
     def is_revoked(self, serial: int) -> bool:
         return serial in self.snapshot.serials
 
+    def check_expiry(self, now: datetime | None = None) -> bool:
+        """True while the enforced CRL is past its nextUpdate (then every handshake fails).
+
+        Logs one line when it becomes stale and one when a current CRL replaces it: called
+        on every refresh, so never a line every few seconds.
+        """
+        next_update = self.snapshot.next_update
+        expired = next_update is not None and next_update <= (now or datetime.now(UTC))
+        if expired and not self.expired:
+            log.error("%s", expired_line(self.crl_file, next_update))
+        elif self.expired and not expired:
+            log.info(
+                "event=crl_current next_update=%s file=%s",
+                next_update.isoformat() if next_update else "never",
+                self.crl_file,
+            )
+        self.expired = expired
+        return expired
+
     def refresh(self) -> bool:
         """Re-read the file if it changed; True when a new, valid CRL was loaded."""
+        try:
+            return self._refresh()
+        finally:
+            self.check_expiry()
+
+    def _refresh(self) -> bool:
         try:
             stamp = _stamp(self.crl_file)
         except OSError as exc:
@@ -70,7 +98,7 @@ class RevocationList:
         except OSError as exc:
             raise TlsSetupError(
                 f"cannot read the CRL {self.crl_file}: {exc.strerror}; "
-                "`fieldline certs crl` writes one"
+                "`fieldline certs crl renew` writes one"
             ) from exc
         try:
             crl = (
@@ -83,15 +111,8 @@ class RevocationList:
         if crl.issuer != self._ca.subject or not crl.is_signature_valid(self._ca.public_key()):  # type: ignore[arg-type]
             raise TlsSetupError(f"{self.crl_file} is not signed by the fieldline CA")
         self._stamp = stamp
-        next_update = crl.next_update_utc
-        if next_update is not None and next_update < datetime.now(UTC):
-            log.warning(
-                "event=crl_expired file=%s next_update=%s hint='run fieldline certs crl'",
-                self.crl_file,
-                next_update.isoformat(),
-            )
         return CrlSnapshot(
-            frozenset(r.serial_number for r in crl), crl.last_update_utc, next_update
+            frozenset(r.serial_number for r in crl), crl.last_update_utc, crl.next_update_utc
         )
 
 

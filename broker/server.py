@@ -7,6 +7,11 @@ connection's certificate, before any existing session is touched; answer MQTT 5 
 messages going through the ACL, outgoing delivery (an outbox per session that survives
 reconnects, min(publish, subscription) QoS, retain only on retained messages), and
 subscription matching (an index instead of a scan of every filter).
+
+Memory is bounded in bytes as well as messages: each outbox by its own limits (a connected
+client whose queue reaches them is cut off as a slow consumer), all of them together by the
+`MemoryBudget` (publishers are not read while it is spent; offline sessions keep at most half
+of it; when it stays spent, the largest client that has stopped reading is cut off).
 """
 
 from __future__ import annotations
@@ -32,12 +37,13 @@ from amqtt.plugins.base import BaseTopicPlugin
 from amqtt.session import Session
 
 from broker import wire
+from broker.budget import MemoryBudget
 from broker.connection import Ended, FieldlineHandler, FramedReader, Incoming, Link
 from broker.errors import BrokerError, ProtocolError, TlsSetupError, UnsupportedProtocolError
 from broker.identity import AUTH_REFUSAL, SERIAL, last_denial, principal_of
 from broker.index import SubscriptionIndex
 from broker.metrics import BrokerMetrics
-from broker.outbox import Message, Outbox
+from broker.outbox import QUEUE_BYTES, Message, Outbox
 from broker.plugins import Refusal
 from broker.retained import RetainedTopics
 from broker.revocation import RevocationList
@@ -53,6 +59,10 @@ TLS_READ_BUFFER = 32 * 1024
 _QOS_MAX = 2
 # A CONNECT carries at most a client id, a Will and credentials, each with a 16-bit length.
 _MAX_CONNECT_BYTES = 4 * 65_537 + 16
+# how often the bytes in sockets are summed and a spent budget looks for a client to cut off
+MEMORY_SWEEP_S = 1.0
+# a client whose socket has not drained for this long, while the budget is spent, may be cut
+STUCK_S = 5.0
 
 
 @dataclass(frozen=True)
@@ -74,6 +84,14 @@ class BrokerOptions:
     # while it restarts, so `service` principals get a wider window and a deeper queue.
     service_max_inflight: int = 10_000
     service_max_queued: int = 200_000
+    # the same limits in bytes (topic + payload + 120 per message); a connected client whose
+    # queue reaches max_queued_bytes is cut off, as it is not reading
+    max_inflight_bytes: int = 4 * 1024 * 1024
+    max_queued_bytes: int = 16 * 1024 * 1024
+    service_max_inflight_bytes: int = 64 * 1024 * 1024
+    service_max_queued_bytes: int = 256 * 1024 * 1024
+    # all sessions together; publishers are not read beyond it
+    memory_budget_bytes: int = 1024 * 1024 * 1024
     session_expiry_s: int = 7 * 24 * 3600
     keepalive_factor: float = 1.5
     crl_refresh_s: float = 5.0
@@ -82,6 +100,19 @@ class BrokerOptions:
     # every PUBLISH the policy allowed, (topic, payload), for an embedding process: the edge
     # agent's LAN listener takes its devices' messages this way instead of subscribing
     tap: Callable[[str, bytes], None] | None = None
+
+    def __post_init__(self) -> None:
+        half = self.memory_budget_bytes // 2
+        for role, inflight, queued in (
+            ("", self.max_inflight_bytes, self.max_queued_bytes),
+            ("service_", self.service_max_inflight_bytes, self.service_max_queued_bytes),
+        ):
+            if inflight + queued > half:
+                raise BrokerError(
+                    f"broker.{role}max_inflight_bytes + broker.{role}max_queued_bytes "
+                    f"({inflight + queued}) must be at most half of broker.memory_budget_bytes "
+                    f"({self.memory_budget_bytes}), so that no one session can take the budget"
+                )
 
     def amqtt_config(self) -> dict[str, Any]:
         """amqtt's configuration, with an explicit plugins section so no default plugin loads."""
@@ -141,6 +172,7 @@ class FieldlineSession(Session):
         # emptying it from here (amqtt does on session delete) would leave that loop hanging
         while not self.retained_messages.empty():
             self.retained_messages.get_nowait()
+        self.outbox.clear()  # the session is deleted (or expired): its bytes leave the budget
 
     def resume_from(self, fresh: FieldlineSession) -> None:
         """A persistent session taken up by a new, authenticated connection: its identity wins."""
@@ -173,7 +205,11 @@ class FieldlineBroker(Broker):
         self._open_connections = 0
         self._closing = False
         self._maintenance: asyncio.Task[None] | None = None
+        self._memory_watch: asyncio.Task[None] | None = None
+        self.budget = MemoryBudget(options.memory_budget_bytes)
+        self._offline_drops = 0
         self._update_crl_metrics()
+        self.metrics.watch_budget(self.budget)
         self.metrics.sessions.set_function(lambda: len(self._sessions))
         self.metrics.subscriptions.set_function(lambda: len(self._index))
         self.metrics.retained.set_function(lambda: len(self._retained_topics))
@@ -195,14 +231,16 @@ class FieldlineBroker(Broker):
         except AMQTTError as exc:
             raise BrokerError(f"cannot start the broker: {exc}") from exc
         self._maintenance = asyncio.create_task(self._maintain())
+        self._memory_watch = asyncio.create_task(self._watch_memory())
         log.info("event=broker_started bind=%s port=%s", self.options.bind, self.port)
 
     async def shutdown(self) -> None:
         """Stop accepting, close every connection (no Wills: the broker is going), stop."""
         self._closing = True
-        if self._maintenance is not None:
-            self._maintenance.cancel()
-            await asyncio.gather(self._maintenance, return_exceptions=True)
+        for task in (self._maintenance, self._memory_watch):
+            if task is not None:
+                task.cancel()
+                await asyncio.gather(task, return_exceptions=True)
         for server in self._servers.values():
             if server.instance is not None:
                 server.instance.close()
@@ -246,6 +284,63 @@ class FieldlineBroker(Broker):
                 self.refresh_crl()
             except Exception:  # the broker must outlive a bad CRL file
                 log.exception("event=crl_refresh_failed")
+
+    async def _watch_memory(self) -> None:
+        while True:
+            await asyncio.sleep(MEMORY_SWEEP_S)
+            try:
+                self.sweep_memory()
+            except Exception:  # the broker must outlive a bug here
+                log.exception("event=memory_sweep_failed")
+
+    def sweep_memory(self) -> str | None:
+        """Sum the bytes waiting in sockets; if the budget is spent, cut off the client holding
+        the most among those that have not read for STUCK_S (its id, or None)."""
+        now = asyncio.get_running_loop().time()
+        in_sockets = 0
+        stuck: list[tuple[int, FieldlineSession]] = []
+        for session, _handler in self._sessions.values():
+            handler = getattr(session, "handler", None)
+            if handler is None:
+                continue
+            link = handler.link
+            held = link.buffered()
+            in_sockets += held
+            if link.stuck_since is not None and now - link.stuck_since >= STUCK_S:
+                stuck.append((held + session.outbox.held_bytes, session))
+        self.budget.sampled_sockets(in_sockets)
+        if not self.budget.full or not stuck:
+            return None
+        _held, victim = max(stuck, key=lambda pair: pair[0])
+        self._cut_off(victim, "memory-budget")
+        return str(victim.client_id)
+
+    def _cut_off(self, session: FieldlineSession, reason: str) -> None:
+        """Disconnect a client that does not read; its persistent session keeps what fits."""
+        handler = session.handler
+        if handler is None or handler.close_reason is not None:
+            return
+        outbox = session.outbox
+        log.warning(
+            "event=cut_off client=%s reason=%s queued=%d queued_bytes=%d inflight_bytes=%d "
+            "budget_used=%d",
+            session.client_id, reason, len(outbox.queue), outbox.queued_bytes,
+            outbox.inflight_bytes, self.budget.used,
+        )  # fmt: skip
+        handler.close(reason)
+
+    def _trim_offline(self, session: FieldlineSession) -> None:
+        """A session just went offline: offline sessions together keep half the budget."""
+        excess = self.budget.offline - self.budget.offline_limit
+        if excess <= 0:
+            return
+        dropped = session.outbox.trim(excess)
+        if dropped:
+            self.metrics.dropped.labels("offline-budget").inc(dropped)
+            log.warning(
+                "event=offline_trimmed client=%s dropped=%d offline_bytes=%d",
+                session.client_id, dropped, self.budget.offline,
+            )  # fmt: skip
 
     def refresh_crl(self) -> int:
         """Re-read the CRL if it changed: new handshakes use it, revoked clients are dropped."""
@@ -322,7 +417,7 @@ class FieldlineBroker(Broker):
             return
 
         link = Link(writer, self.metrics)
-        outbox = Outbox(self.options.max_inflight, self.options.max_queued)
+        outbox = Outbox(self.options.max_inflight, self.options.max_queued, budget=self.budget)
         fresh = FieldlineSession.from_connect(connect, link, outbox)
         if not await self._authenticate(fresh, self.listeners_config[listener_name]):
             refusal = fresh.attributes.get(AUTH_REFUSAL) or Refusal(
@@ -335,7 +430,7 @@ class FieldlineBroker(Broker):
 
         session, present = await self._take_session(fresh)
         self._size_outbox(session)
-        handler = FieldlineHandler(self.plugins_manager, link, session.qos2_received)
+        handler = FieldlineHandler(self.plugins_manager, link, session.qos2_received, self.budget)
         # a float: amqtt's reader waits this long for the next packet (MQTT-3.1.2-24)
         session.keep_alive = connect.keepalive * self.options.keepalive_factor
         handler.attach(session, FramedReader(reader, self.options.max_packet_bytes, handler), link)
@@ -366,8 +461,15 @@ class FieldlineBroker(Broker):
         principal = principal_of(session)
         service = principal is not None and principal.role is Role.SERVICE
         o = self.options
-        session.outbox.max_inflight = o.service_max_inflight if service else o.max_inflight
-        session.outbox.max_queued = o.service_max_queued if service else o.max_queued
+        outbox = session.outbox
+        if service:
+            outbox.max_inflight, outbox.max_queued = o.service_max_inflight, o.service_max_queued
+            outbox.max_inflight_bytes = o.service_max_inflight_bytes
+            outbox.max_queued_bytes = o.service_max_queued_bytes
+        else:
+            outbox.max_inflight, outbox.max_queued = o.max_inflight, o.max_queued
+            outbox.max_inflight_bytes = o.max_inflight_bytes
+            outbox.max_queued_bytes = o.max_queued_bytes
 
     async def _work_loop(self, session: FieldlineSession, handler: FieldlineHandler) -> None:
         """This connection's PUBLISHes, SUBSCRIBEs and UNSUBSCRIBEs, in arrival order, to its end.
@@ -409,6 +511,7 @@ class FieldlineBroker(Broker):
         if old.handler is not None:
             handler, old.handler = old.handler, None
             old.outbox.detach(persistent=not old.clean_session)
+            self._trim_offline(old)
             handler.close_reason = "taken-over"
             await self._stop_handler(handler)
             old.transitions.disconnect()
@@ -446,6 +549,7 @@ class FieldlineBroker(Broker):
             return  # superseded by a newer connection with the same client id
         session.handler = None
         session.outbox.detach(persistent=not session.clean_session)
+        self._trim_offline(session)
         session.transitions.disconnect()
         self.metrics.connected.dec()
         graceful = isinstance(packet, DisconnectPacket)
@@ -532,16 +636,31 @@ class FieldlineBroker(Broker):
 
     def _deliver(self, session: FieldlineSession, message: Message) -> None:
         outbox = session.outbox
-        if not outbox.attached and message.qos == 0:
-            self.metrics.dropped.labels("offline-qos0").inc()
+        if not outbox.attached:
+            if message.qos == 0:
+                self.metrics.dropped.labels("offline-qos0").inc()
+                return
+            if not self.budget.offline_room(message.size):
+                self.metrics.dropped.labels("offline-budget").inc()
+                self._offline_drops += 1
+                if _worth_logging(self._offline_drops):
+                    log.warning(
+                        "event=offline_budget_full client=%s offline_bytes=%d dropped=%d",
+                        session.client_id, self.budget.offline, self._offline_drops,
+                    )  # fmt: skip
+                return
+        refused = outbox.put(message)
+        if refused is None:
             return
-        if not outbox.put(message):
-            self.metrics.dropped.labels("queue-full").inc()
-            if outbox.dropped in (1, 10, 100) or outbox.dropped % 1000 == 0:
-                log.warning(
-                    "event=queue_full client=%s queued=%d dropped=%d",
-                    session.client_id, len(outbox.queue), outbox.dropped,
-                )  # fmt: skip
+        self.metrics.dropped.labels(refused).inc()
+        if refused == QUEUE_BYTES and session.handler is not None:
+            self._cut_off(session, "slow-consumer")
+        elif _worth_logging(outbox.dropped):
+            log.warning(
+                "event=queue_full client=%s reason=%s queued=%d queued_bytes=%d dropped=%d",
+                session.client_id, refused, len(outbox.queue), outbox.queued_bytes,
+                outbox.dropped,
+            )  # fmt: skip
 
     # -- access control ---------------------------------------------------------------------
     async def _topic_filtering(
@@ -685,6 +804,11 @@ class FieldlineBroker(Broker):
         for client_id, (session, _handler) in self._sessions.items():
             if getattr(session, "handler", None) is not None:
                 yield client_id
+
+
+def _worth_logging(count: int) -> bool:
+    """Log the 1st, 10th, 100th and every 1000th of a repeated event."""
+    return count in (1, 10, 100) or count % 1000 == 0
 
 
 def _trim_tls_buffers() -> None:

@@ -14,8 +14,8 @@ from prometheus_client import start_http_server
 from broker.errors import BrokerError
 from broker.metrics import BrokerMetrics
 from broker.server import BrokerOptions, FieldlineBroker
-from certs import CertsError, Pki
-from fieldline.settings import Settings
+from certs import CertsError, Pki, Renewer
+from fieldline.settings import Settings, get_settings
 
 log = logging.getLogger("broker")
 
@@ -63,18 +63,41 @@ def options_from_settings(settings: Settings) -> BrokerOptions:
         max_queued=b.max_queued,
         service_max_inflight=b.service_max_inflight,
         service_max_queued=b.service_max_queued,
+        max_inflight_bytes=b.max_inflight_bytes,
+        max_queued_bytes=b.max_queued_bytes,
+        service_max_inflight_bytes=b.service_max_inflight_bytes,
+        service_max_queued_bytes=b.service_max_queued_bytes,
+        memory_budget_bytes=b.memory_budget_bytes,
         session_expiry_s=b.session_expiry_s,
         crl_refresh_s=b.crl_refresh_s,
     )
 
 
+def crl_renewer(settings: Settings) -> Renewer | None:
+    """The CRL renewal a broker runs itself (certs.crl_auto_renew), or None."""
+    c = settings.certs
+    if not c.crl_auto_renew:
+        return None
+    return Renewer(Pki(settings.pki_dir, c.crl_validity_days), c.crl_renew_check_s)
+
+
 class BrokerService:
-    """`async with BrokerService(options):` runs the broker and its metrics endpoint."""
+    """`async with BrokerService(options):` runs the broker and its metrics endpoint.
+
+    With a `crl_renewer`, it renews the CRL before starting and whenever a third of its
+    validity remains; the broker's refresh loop then loads the new file.
+    """
 
     def __init__(
-        self, options: BrokerOptions, metrics_port: int = 0, metrics_bind: str = "127.0.0.1"
+        self,
+        options: BrokerOptions,
+        metrics_port: int = 0,
+        metrics_bind: str = "127.0.0.1",
+        crl_renewer: Renewer | None = None,
     ) -> None:
         self.options = options
+        self.crl_renewer = crl_renewer
+        self._renewal: asyncio.Task[None] | None = None
         self.metrics = BrokerMetrics()
         self.metrics_port = metrics_port
         self.metrics_bind = metrics_bind
@@ -82,6 +105,10 @@ class BrokerService:
         self._http: Any = None
 
     async def start(self) -> None:
+        if self.crl_renewer is not None:
+            # before the broker reads the CRL: a stack started after a month off must not
+            # begin by refusing everyone
+            await asyncio.to_thread(self.crl_renewer.check)
         self.broker = FieldlineBroker(self.options, self.metrics)
         await self.broker.start()
         if self.metrics_port:
@@ -95,8 +122,14 @@ class BrokerService:
                     f"cannot serve metrics on {self.metrics_bind}:{self.metrics_port}: "
                     f"{exc.strerror}; set FIELDLINE_BROKER__METRICS_PORT (0 turns metrics off)"
                 ) from exc
+        if self.crl_renewer is not None:
+            self._renewal = asyncio.create_task(self.crl_renewer.run(), name="crl-renewal")
 
     async def stop(self) -> None:
+        if self._renewal is not None:
+            self._renewal.cancel()
+            await asyncio.gather(self._renewal, return_exceptions=True)
+            self._renewal = None
         if self._http is not None:
             self._http.shutdown()
             self._http = None
@@ -127,6 +160,8 @@ def raise_file_limit(max_connections: int) -> int:
 
 async def serve(service: BrokerService) -> None:
     """Run until SIGTERM or SIGINT, then stop gracefully (the runner owns the signals)."""
+    if service.crl_renewer is None:
+        service.crl_renewer = crl_renewer(get_settings())
     raise_file_limit(service.options.max_connections)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()

@@ -2,6 +2,7 @@
 
 from certs.authority import Pki, load_certificate
 from certs.context import client_context
+from certs.crl import CrlStatus, Renewer, expired_line, read_crl
 from certs.errors import CertsError
 from certs.model import Bundle, CertRecord, Identity, KeyType, Role, Verification
 
@@ -9,11 +10,15 @@ __all__ = [
     "Bundle",
     "CertRecord",
     "CertsError",
+    "CrlStatus",
     "Identity",
     "KeyType",
     "Pki",
+    "Renewer",
     "Role",
     "Verification",
     "client_context",
+    "expired_line",
     "load_certificate",
+    "read_crl",
 ]

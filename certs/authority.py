@@ -20,6 +20,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
+from certs.crl import CrlStatus, read_crl
 from certs.errors import (
     AlreadyExistsError,
     CertsError,
@@ -41,6 +42,7 @@ from certs.model import (
 
 PrivateKey = ec.EllipticCurvePrivateKey | rsa.RSAPrivateKey
 SERVER_TENANT = "fieldline"
+DEFAULT_CRL_DAYS = 30.0
 # certificates are backdated a little so a device whose clock lags still accepts them
 _BACKDATE = timedelta(minutes=5)
 
@@ -99,10 +101,16 @@ class _Request:
 
 
 class Pki:
-    """A PKI rooted at one directory (FIELDLINE_HOME/pki): 0700, keys 0600."""
+    """A PKI rooted at one directory (FIELDLINE_HOME/pki): 0700, keys 0600.
 
-    def __init__(self, root: Path) -> None:
+    Every CRL it writes (init, revoke, re-issue, renew) is current for `crl_validity_days`.
+    """
+
+    def __init__(self, root: Path, crl_validity_days: float = DEFAULT_CRL_DAYS) -> None:
+        if crl_validity_days <= 0:
+            raise CertsError(f"the CRL validity must be positive, got {crl_validity_days} days")
         self.root = root
+        self.crl_validity_days = crl_validity_days
 
     # -- layout --------------------------------------------------------------------------
     @property
@@ -207,7 +215,7 @@ class Pki:
             _write_public(self.ca_cert_path, cert.public_bytes(serialization.Encoding.PEM))
             _write_public(self.ca_der_path, cert.public_bytes(serialization.Encoding.DER))
             self._save([])
-            self._write_crl_locked(cert, key, [], days=30)
+            self._write_crl_locked(cert, key, [])
         return self.ca_cert_path
 
     def ca_certificate(self) -> x509.Certificate:
@@ -480,26 +488,58 @@ class Pki:
             self._write_crl_locked(ca_cert, ca_key, records)
         return record
 
-    def write_crl(self, *, ca_passphrase: str | None = None, days: int = 30) -> Path:
+    def write_crl(self, *, ca_passphrase: str | None = None, days: float | None = None) -> Path:
         """Regenerate the CRL (PEM and DER); brokers re-read it (Mosquitto on SIGHUP)."""
+        self.renew_crl(ca_passphrase=ca_passphrase, days=days)
+        return self.crl_path
+
+    def renew_crl(
+        self, *, ca_passphrase: str | None = None, days: float | None = None
+    ) -> CrlStatus:
+        """Sign a new CRL from the registry, current for `days` (default crl_validity_days)."""
+        if days is not None and days <= 0:
+            raise CertsError(f"--days must be positive, got {days}")
         with self._locked():
             ca_cert, ca_key = self._ca(ca_passphrase)
             self._write_crl_locked(ca_cert, ca_key, self._load(), days=days)
-        return self.crl_path
+            return read_crl(self.crl_path, ca_cert)
+
+    def crl_status(self, path: Path | None = None) -> CrlStatus:
+        """The CRL on disk (or a copy of it at `path`), checked against the CA certificate; the
+        CA key need not be here (a broker host has only the certificate)."""
+        if not self.ca_cert_path.is_file():
+            raise NoCaError(
+                f"no CA certificate in {self.root}: run `fieldline certs init-ca` first"
+            )
+        return read_crl(path or self.crl_path, load_certificate(self.ca_cert_path))
+
+    def ca_key_problem(self) -> str | None:
+        """Why this process cannot sign without a passphrase, or None when it can."""
+        try:
+            data = self.ca_key_path.read_bytes()
+        except OSError as exc:
+            return f"cannot read the CA key {self.ca_key_path}: {exc.strerror}"
+        if b"ENCRYPTED" in data.split(b"\n", 1)[0]:
+            return "the CA key is encrypted (renew with --ca-passphrase-env)"
+        return None
 
     def _write_crl_locked(
         self,
         ca_cert: x509.Certificate,
         ca_key: PrivateKey,
         records: list[CertRecord],
-        days: int = 30,
+        days: float | None = None,
     ) -> None:
         now = _now()
+        validity = timedelta(days=self.crl_validity_days if days is None else days)
+        # thisUpdate a little in the past: a broker whose clock is behind must not find the CRL
+        # "not yet valid" (that refuses everyone too); a short test CRL is backdated less
+        backdate = min(_BACKDATE, validity / 10)
         builder = (
             x509.CertificateRevocationListBuilder()
             .issuer_name(ca_cert.subject)
-            .last_update(now - _BACKDATE)
-            .next_update(now + timedelta(days=days))
+            .last_update(now - backdate)
+            .next_update(now + validity)
         )
         for record in records:
             if record.revoked_at is not None:

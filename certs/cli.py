@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import typer
@@ -11,6 +12,7 @@ from rich.console import Console
 from rich.table import Table
 
 from certs.authority import Pki
+from certs.crl import expired_line, format_left
 from certs.errors import PassphraseError
 from certs.model import CLIENT_ROLES, KeyType, Role
 from fieldline.settings import get_settings
@@ -22,6 +24,7 @@ app = typer.Typer(
     no_args_is_help=True,
 )
 console = Console()
+err_console = Console(stderr=True)
 
 _CA_KEY_ENV_HELP = (
     "Name of an environment variable holding the CA key's passphrase "
@@ -30,7 +33,8 @@ _CA_KEY_ENV_HELP = (
 
 
 def _pki() -> Pki:
-    return Pki(get_settings().pki_dir)
+    settings = get_settings()
+    return Pki(settings.pki_dir, crl_validity_days=settings.certs.crl_validity_days)
 
 
 def _from_env(var: str | None) -> str | None:
@@ -155,16 +159,137 @@ def revoke(
     console.print(f"revoked {record.id} (serial {record.serial_hex}); CRL: {pki.crl_path}")
 
 
-@app.command()
+crl_app = typer.Typer(
+    help="The certificate revocation list. Both brokers refuse EVERY client once it is past its "
+    "next update (default 30 days after it was written): `fieldline certs crl` shows how long "
+    "it has left and exits non-zero when it is expired (2) or expires within --within days (1), "
+    "so it serves as a check; `fieldline certs crl renew` signs a new one.",
+)
+app.add_typer(crl_app, name="crl")
+
+_WITHIN_HELP = "Exit 1 when the CRL expires within this many days (expired: exit 2)."
+_FILE_HELP = (
+    "Check this CRL file instead of FIELDLINE_HOME/pki/crl.pem, e.g. the copy Mosquitto reads "
+    "(/etc/fieldline/mosquitto/certs/crl.pem); its signature is checked against the CA."
+)
+
+
+@crl_app.callback(invoke_without_command=True)
 def crl(
-    days: int = typer.Option(30, "--days", min=1, help="Days until the CRL's next update."),
+    ctx: typer.Context,
+    within: float = typer.Option(7.0, "--within", min=0, help=_WITHIN_HELP),
+    file: Path | None = typer.Option(None, "--file", help=_FILE_HELP),
+    as_json: bool = typer.Option(False, "--json", help="Print JSON instead of a table."),
+) -> None:
+    """Show the CRL (same as `crl show`); `crl renew` writes a new one."""
+    if ctx.invoked_subcommand is None:
+        _show_crl(within, file, as_json)
+
+
+@crl_app.command("show")
+def crl_show(
+    within: float = typer.Option(7.0, "--within", min=0, help=_WITHIN_HELP),
+    file: Path | None = typer.Option(None, "--file", help=_FILE_HELP),
+    as_json: bool = typer.Option(False, "--json", help="Print JSON instead of a table."),
+) -> None:
+    """Issuer, this and next update, revoked count, time left. Exit 0 current, 1 expiring
+    within --within days, 2 expired (or unreadable): usable as a monitoring check."""
+    _show_crl(within, file, as_json)
+
+
+@crl_app.command("renew")
+def crl_renew(
+    days: float | None = typer.Option(
+        None,
+        "--days",
+        help="Days until the new CRL's next update, fractions allowed "
+        "(default: the setting certs.crl_validity_days, 30).",
+    ),
+    if_due: bool = typer.Option(
+        False,
+        "--if-due",
+        help="Only when a third of its validity remains (for a timer); otherwise do nothing.",
+    ),
     ca_passphrase_env: str | None = typer.Option(
         None, "--ca-passphrase-env", help=_CA_KEY_ENV_HELP
     ),
 ) -> None:
-    """Regenerate the CRL (do this before it expires: brokers refuse clients on a stale CRL)."""
-    path = _pki().write_crl(days=days, ca_passphrase=_from_env(ca_passphrase_env))
-    console.print(f"CRL written: {path}")
+    """Sign a new CRL with every revoked serial. The embedded broker picks it up by itself;
+    Mosquitto reads a copy: re-render (`fieldline broker mosquitto-config`) and SIGHUP it."""
+    pki = _pki()
+    if if_due:
+        current = pki.crl_status()
+        if not current.renewal_due():
+            start = current.renew_from()
+            when = f"{start:%Y-%m-%d %H:%M:%S} UTC" if start else "never (no next update)"
+            console.print(f"CRL current until {_when(current.next_update)}; renewal due {when}")
+            return
+    status = pki.renew_crl(days=days, ca_passphrase=_from_env(ca_passphrase_env))
+    console.print(
+        f"CRL renewed: {status.path}, next update {_when(status.next_update)}, "
+        f"{status.revoked} revoked",
+        highlight=False,
+        soft_wrap=True,
+    )
+
+
+def _when(moment: datetime | None) -> str:
+    return f"{moment:%Y-%m-%d %H:%M:%S} UTC" if moment else "never"
+
+
+def _show_crl(within: float, file: Path | None, as_json: bool) -> None:
+    pki = _pki()
+    status = pki.crl_status(file)
+    now = datetime.now(UTC)
+    left = status.time_left(now)
+    if status.expired(now):
+        code, state = 2, "EXPIRED: both brokers refuse every client"
+    elif left is not None and left <= timedelta(days=within):
+        code, state = 1, f"expires within {within:g} days"
+    elif status.renewal_due(now):
+        code, state = 0, "current, renewal due"
+    else:
+        code, state = 0, "current"
+    if as_json:
+        typer.echo(
+            json.dumps(
+                {
+                    "file": str(status.path),
+                    "issuer": status.issuer,
+                    "this_update": status.this_update.isoformat(),
+                    "next_update": status.next_update.isoformat() if status.next_update else None,
+                    "revoked": status.revoked,
+                    "seconds_left": left.total_seconds() if left is not None else None,
+                    "renewal_due": status.renewal_due(now),
+                    "state": state,
+                },
+                indent=2,
+            )
+        )
+    else:
+        renew_from = status.renew_from()
+        rows = [
+            ("file", str(status.path)),
+            ("issuer", status.issuer),
+            ("this update", _when(status.this_update)),
+            ("next update", _when(status.next_update)),
+            ("revoked", f"{status.revoked} certificate(s)"),
+            ("time left", format_left(left) if left is not None else "unlimited"),
+            ("renew from", _when(renew_from) if renew_from else "never"),
+            ("status", state),
+        ]
+        for key, value in rows:
+            console.print(f"{key:12} {value}", highlight=False, soft_wrap=True)
+    if code == 2:
+        # the same line the embedded broker logs, for the journal of whoever runs the check
+        err_console.print(
+            expired_line(status.path, status.next_update),
+            highlight=False,
+            soft_wrap=True,
+            markup=False,
+        )
+    if code:
+        raise typer.Exit(code)
 
 
 @app.command("list")

@@ -12,7 +12,7 @@ import asyncio
 import json
 import logging
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -27,7 +27,7 @@ from edge_agent.outbox import Outbox
 from edge_agent.rules import Firing, Rule
 from schemas import topics
 from schemas.messages import CommandStatus
-from simulator.commands import answer
+from simulator.commands import CommandIntake, Refusal, ReplayPolicy
 from simulator.device import BootCounter
 from simulator.errors import CommandError, LinkError, SimulatorError
 from simulator.link import DeviceLink
@@ -68,6 +68,11 @@ class AgentMetrics:
         self.dropped = Counter(
             "fieldline_edge_outbox_dropped", "Messages the full outbox dropped", registry=r
         )
+        self.commands_refused = Counter(
+            "fieldline_edge_commands_refused",
+            "Commands refused before they ran: retained, duplicate, no_ts, future_ts, expired",
+            ["reason"], registry=r,
+        )  # fmt: skip
 
 
 @dataclass
@@ -79,6 +84,7 @@ class AgentOptions:
     pki_dir: Path | None = None  # the CA a LAN listener trusts; default home/pki
     metrics_port: int | None = None
     metrics_bind: str = "127.0.0.1"
+    commands: ReplayPolicy = field(default_factory=ReplayPolicy)  # replays refused by the intake
 
 
 class EdgeAgent:
@@ -120,6 +126,7 @@ class EdgeAgent:
             keepalive=manifest.broker.keepalive_s, on_message=self._on_command,
             on_ack=self._on_ack, on_disconnect=self._disconnected,
         )  # fmt: skip
+        self.intake = CommandIntake(options.commands, on_refused=self._refused)
         self.boot = 0
         self.seq = 0
         self._inflight: dict[int, list[int]] = {}
@@ -287,8 +294,8 @@ class EdgeAgent:
                     log.warning("event=rule_command_failed rule=%s error=%r", firing.rule, str(exc))
 
     # -- cloud-to-device ------------------------------------------------------------------
-    def _on_command(self, topic: str, payload: bytes) -> None:
-        cid, status, detail = self.handle_command(topic, payload)
+    def _on_command(self, topic: str, payload: bytes, retained: bool) -> None:
+        cid, status, detail = self.handle_command(topic, payload, retained=retained)
         if cid is None:
             log.warning("event=command_unanswerable detail=%r", detail)
             return
@@ -296,9 +303,18 @@ class EdgeAgent:
         self.outbox.put(self.topics[topics.Kind.COMMAND_RESULT], _dumps(result), kind="cmd-res")
         self._wake.set()
 
-    def handle_command(self, topic: str, payload: bytes) -> tuple[str | None, str, str]:
-        """(command id or None, result status, detail) for one command message."""
-        return answer(topic, payload, self._apply, (SimulatorError, EdgeError))
+    def handle_command(
+        self, topic: str, payload: bytes, *, retained: bool = False
+    ) -> tuple[str | None, str, str]:
+        """(command id or None, result status, detail) for one command message; `retained` is
+        the MQTT retain flag it was delivered with."""
+        return self.intake.answer(
+            topic, payload, retained, self._apply, (SimulatorError, EdgeError)
+        )
+
+    def _refused(self, reason: Refusal) -> None:
+        self.metrics.commands_refused.labels(reason.value).inc()
+        log.warning("event=command_refused agent=%s reason=%s", self.id, reason.value)
 
     def _apply(self, name: str, args: dict[str, Any]) -> str:
         if name == "rules-reload":

@@ -13,6 +13,7 @@ from edge_agent.agent import AgentOptions, EdgeAgent
 from edge_agent.manifest import load_manifest
 from fieldline.logs import configure_logging
 from fieldline.settings import get_settings
+from simulator.commands import ReplayPolicy
 
 app = typer.Typer(
     help="The edge agent: a gateway that runs modules (simulated sensors and machines), "
@@ -41,7 +42,12 @@ def run(
     settings = get_settings()
     configure_logging(settings.log_level)
     spec = load_manifest(manifest)
-    options = AgentOptions(home=settings.home, manifest_path=manifest, metrics_port=metrics_port)
+    options = AgentOptions(
+        home=settings.home,
+        manifest_path=manifest,
+        metrics_port=metrics_port,
+        commands=ReplayPolicy(**settings.commands.model_dump()),
+    )
     asyncio.run(_serve(EdgeAgent(spec, options)))
 
 

@@ -13,6 +13,7 @@ from typing import Any
 import paho.mqtt.client as mqtt
 import typer
 from paho.mqtt.enums import CallbackAPIVersion, MQTTProtocolVersion
+from pydantic import ValidationError
 from rich.console import Console
 from rich.table import Table
 
@@ -22,6 +23,7 @@ from fieldline.errors import FieldlineError
 from fieldline.ops import list_devices, parse_duration, query, record_command
 from fieldline.settings import Settings, get_settings
 from schemas import topics
+from schemas.limits import MAX_TTL_S
 from schemas.messages import Command
 
 console = Console()
@@ -170,7 +172,11 @@ def cmd_send(
     name: str = typer.Argument(..., help="reset, set-interval, sensor-add, sensor-remove, ..."),
     args: str = typer.Option("{}", "--args", help='The arguments as JSON, e.g. {"interval_s": 5}.'),
     ttl: int = typer.Option(
-        60, "--ttl", min=1, help="Seconds after which the device answers expired."
+        60,
+        "--ttl",
+        min=1,
+        max=MAX_TTL_S,
+        help="Seconds after which the device answers expired (sent as ttl_s, with ts = now).",
     ),
     wait: bool = typer.Option(False, "--wait", help="Wait for the device's result and print it."),
     timeout: float = typer.Option(30.0, "--timeout", help="How long --wait waits (seconds)."),
@@ -184,7 +190,13 @@ def cmd_send(
         raise FieldlineError(f"--args is not JSON: {exc}") from exc
     if not isinstance(arguments, dict):
         raise FieldlineError('--args must be a JSON object, e.g. {"interval_s": 5}')
-    command = Command.new(name, arguments, ttl_s=ttl)
+    try:
+        # always ts and ttl_s: devices refuse a command that cannot expire
+        command = Command.new(name, arguments, ttl_s=ttl)
+    except ValidationError as exc:
+        first = exc.errors(include_url=False)[0]
+        where = ".".join(str(p) for p in first["loc"]) or "command"
+        raise FieldlineError(f"{where}: {first['msg']}") from None
     dsn = database_url(settings, tenant)
     asyncio.run(record_command(dsn, tenant, device, command))
     result_topic = topics.command_result(tenant, device)

@@ -46,6 +46,25 @@ class BrokerSettings(_Section):
     service_max_queued: int = Field(
         default=200_000, ge=0, description="for `service` sessions: what a stopped worker misses"
     )
+    max_inflight_bytes: int = Field(
+        default=4 * 1024 * 1024, ge=1024, description="per client: bytes of QoS 1/2 unacknowledged"
+    )
+    max_queued_bytes: int = Field(
+        default=16 * 1024 * 1024,
+        ge=1024,
+        description="per session, beyond in flight; a connected client past it is cut off",
+    )
+    service_max_inflight_bytes: int = Field(
+        default=64 * 1024 * 1024, ge=1024, description="the same for `service` clients"
+    )
+    service_max_queued_bytes: int = Field(
+        default=256 * 1024 * 1024, ge=1024, description="the same for `service` sessions"
+    )
+    memory_budget_bytes: int = Field(
+        default=1024 * 1024 * 1024,
+        ge=64 * 1024,
+        description="messages held for all sessions together; publishers wait beyond it",
+    )
     session_expiry_s: int = Field(default=7 * 24 * 3600, ge=0, description="offline sessions")
     crl_refresh_s: float = Field(default=5.0, gt=0, description="how often the CRL is re-read")
     metrics_port: int = Field(default=9883, ge=0, le=65535, description="0 turns it off")
@@ -76,11 +95,85 @@ class IngestSettings(_Section):
     queue_max_rows: int = Field(
         default=200_000, ge=100, description="the rows those messages carry, at most"
     )
+    queue_max_bytes: int = Field(
+        default=64 * 1024 * 1024, ge=64 * 1024, description="their payload bytes, at most"
+    )
+    transient_tries: int = Field(
+        default=3,
+        ge=1,
+        description="tries of a batch failing transiently (deadlock, timeout) before it is "
+        "split to isolate the message at fault (a dead letter, db_rejected)",
+    )
+    statement_timeout_s: float = Field(
+        default=15.0, ge=0, description="longest a write statement may run (0: no limit)"
+    )
     offline_after_s: float = Field(default=20.0, gt=0, description="silence that means offline")
-    max_future_skew_s: float = Field(default=300.0, ge=0)
+    max_future_skew_s: float = Field(
+        default=300.0, ge=0, description="timestamps further ahead of receipt are refused"
+    )
+    max_payload_bytes: int = Field(
+        default=256 * 1024, ge=1024, description="larger payloads are dead letters (too_large)"
+    )
+    max_samples: int = Field(
+        default=1000, ge=1, description="samples in one backlog message (too_many_samples)"
+    )
+    max_metrics_per_message: int = Field(
+        default=256, ge=1, description="metrics in one sample (too_many_metrics)"
+    )
+    max_backfill_s: float = Field(
+        default=7 * 24 * 3600.0,
+        gt=0,
+        description="samples older than this (or the tenant's retention) are refused (too_old)",
+    )
+    max_metrics_per_device: int = Field(
+        default=1000, ge=1, description="metric names one device may have (metric_limit)"
+    )
+    new_metrics_per_minute: int = Field(
+        default=1000, ge=1, description="metric names a device may create a minute (metric_rate)"
+    )
+    dead_letter_payload_bytes: int = Field(
+        default=4096, ge=0, description="payload prefix a dead letter keeps (+ size and sha256)"
+    )
+    dead_letters_per_device_per_minute: int = Field(
+        default=60, ge=1, description="dead letters stored per device; the rest only counted"
+    )
     retention_every_s: float = Field(default=3600.0, gt=0)
     metrics_port: int = Field(default=9884, ge=0, le=65535, description="0 turns it off")
     metrics_bind: str = "127.0.0.1"
+
+
+class CertsSettings(_Section):
+    """The PKI's revocation list: how long each CRL is current, and who renews it."""
+
+    crl_validity_days: float = Field(
+        default=30.0,
+        gt=0,
+        le=3650,
+        description="how long a written CRL is current (its nextUpdate); past it both brokers "
+        "refuse every client. Renewed when a third remains",
+    )
+    crl_auto_renew: bool = Field(
+        default=True,
+        description="the embedded broker and `fieldline up` renew the CRL themselves when the "
+        "CA key is on their machine and not encrypted",
+    )
+    crl_renew_check_s: float = Field(
+        default=300.0, gt=0, description="how often they check whether renewal is due"
+    )
+
+
+class CommandSettings(_Section):
+    """How devices of the simulator and the edge agent refuse replayed or stale commands."""
+
+    recent_ids: int = Field(
+        default=256, ge=1, description="command ids a device remembers; a repeat is rejected"
+    )
+    default_ttl_s: int = Field(
+        default=60, ge=1, le=7 * 24 * 3600, description="ttl of a command without ttl_s"
+    )
+    max_clock_skew_s: float = Field(
+        default=60.0, ge=0, description="how far a command's ts may be ahead of the device clock"
+    )
 
 
 class PostgresSettings(_Section):
@@ -118,6 +211,8 @@ class Settings(BaseSettings):
     broker: BrokerSettings = BrokerSettings()
     ingest: IngestSettings = IngestSettings()
     postgres: PostgresSettings = PostgresSettings()
+    commands: CommandSettings = CommandSettings()
+    certs: CertsSettings = CertsSettings()
 
     @field_validator("database_url")
     @classmethod

@@ -12,6 +12,7 @@ import asyncio
 import logging
 import os
 import pwd
+import signal
 import subprocess
 import tomllib
 from dataclasses import dataclass, field
@@ -21,9 +22,11 @@ from typing import Any
 
 import asyncpg
 
+from broker.errors import BrokerError
 from broker.mosquitto import MosquittoOptions, write_mosquitto_files
-from broker.service import BrokerService, options_from_settings
+from broker.service import BrokerService, crl_renewer, options_from_settings
 from certs import Pki, Role
+from certs.crl import RENEW_HINT
 from edge_agent.agent import AgentOptions, EdgeAgent
 from edge_agent.manifest import parse_manifest
 from fieldline.db_cli import cluster
@@ -65,7 +68,7 @@ class View:
 
 def ensure_certificates(settings: Settings, tenant: str) -> Pki:
     """The CA and the identities the stack needs; existing ones are kept."""
-    pki = Pki(settings.pki_dir)
+    pki = Pki(settings.pki_dir, settings.certs.crl_validity_days)
     if not pki.exists():
         pki.init_ca(name="fieldline local CA")
     have = pki.bundles([settings.broker.server_cert, settings.ingest.identity,
@@ -104,6 +107,7 @@ class LocalStack:
         self.agent: EdgeAgent | None = None
         self.fleet: Fleet | None = None
         self._fleet_task: asyncio.Task[Any] | None = None
+        self._crl_task: asyncio.Task[None] | None = None
         self.view = View()
         self._last_rows: tuple[float, float] | None = None
 
@@ -150,8 +154,11 @@ class LocalStack:
                 bind=s.broker.bind, port=s.broker.port, persistence_dir=data,
                 run_as=run_as[0] if run_as else None, log_dest="stderr",
             )  # fmt: skip
+            renewer = crl_renewer(s)
+            if renewer is not None:
+                await asyncio.to_thread(renewer.check)  # before Mosquitto copies the CRL
             files = write_mosquitto_files(pki, s.home / "mosquitto", options=options)
-            self.mosquitto = _spawn(
+            self.mosquitto = proc = _spawn(
                 ["mosquitto", "-c", str(files.config)], s.home / "mosquitto.log"
             )
             await asyncio.sleep(0.5)
@@ -160,9 +167,18 @@ class LocalStack:
                     f"Mosquitto exited at once; see {s.home / 'mosquitto.log'} (is port "
                     f"{s.broker.port} taken?)"
                 )
+            if renewer is not None:
+                out = s.home / "mosquitto"
+                self._crl_task = asyncio.create_task(
+                    renewer.run(lambda _new: reload_mosquitto(pki, out, options, proc)),
+                    name="up-crl-renewal",
+                )
         else:
             self.broker = BrokerService(
-                options_from_settings(s), s.broker.metrics_port, s.broker.metrics_bind
+                options_from_settings(s),
+                s.broker.metrics_port,
+                s.broker.metrics_bind,
+                crl_renewer=crl_renewer(s),
             )
             await self.broker.start()
 
@@ -180,6 +196,9 @@ class LocalStack:
             steps.append(("ingest worker", self.worker.stop()))
         if self.broker is not None:
             steps.append(("broker", self.broker.stop()))
+        if self._crl_task is not None:
+            self._crl_task.cancel()
+            steps.append(("CRL renewal", asyncio.gather(self._crl_task, return_exceptions=True)))
         for what, step in steps:
             try:
                 await step
@@ -233,6 +252,23 @@ class LocalStack:
         finally:
             await conn.close()
         return v
+
+
+def reload_mosquitto(
+    pki: Pki, out_dir: Path, options: MosquittoOptions, proc: subprocess.Popen[bytes]
+) -> bool:
+    """Mosquitto reads a private copy of the CRL: render its files again, then SIGHUP it (it
+    re-reads the CRL and the ACL without dropping anyone). False when that failed (logged)."""
+    if proc.poll() is not None:
+        return False
+    try:
+        files = write_mosquitto_files(pki, out_dir, options=options)
+    except (BrokerError, OSError) as exc:
+        log.error("event=mosquitto_render_failed error=%r hint='%s'", str(exc), RENEW_HINT)
+        return False
+    proc.send_signal(signal.SIGHUP)
+    log.info("event=mosquitto_reloaded reason=crl_renewed crl=%s", files.crl)
+    return True
 
 
 def _spawn(argv: list[str], log_file: Path) -> subprocess.Popen[bytes]:

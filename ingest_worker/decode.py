@@ -48,6 +48,7 @@ class Decoded:
     # with the metrics as validated: name -> bool | int | float | str | Quantity
     samples: list[tuple[datetime, bool, dict[str, MetricValue]]] = field(default_factory=list)
     nrows: int = 1
+    oldest: datetime | None = None  # the earliest device timestamp among the samples
     seq: int | None = None  # the highest seq the message carries
     first_seq: int | None = None
     boot: int | None = None
@@ -56,6 +57,7 @@ class Decoded:
     result: CommandResult | None = None
     dead_reason: str | None = None
     dead_error: str | None = None
+    keep: bool | None = None  # as a dead letter: stored (True) or past its device's budget
     ignored: bool = False  # nothing to store (a cleared retained status)
     done: bool = False  # committed (or nothing to commit): may be acknowledged
     weight: int = 0  # rows it counted for in the pipeline's bound (kill() changes nrows)
@@ -96,14 +98,21 @@ def decode_message(
             item.boot = telemetry.boot
             out = item.samples
             rows = 1
+            oldest = None
             for ts, seq, metrics in telemetry.iter_samples():
-                out.append((ts, False, metrics) if ts is not None else (now, True, metrics))
+                if ts is None:
+                    out.append((now, True, metrics))
+                else:
+                    out.append((ts, False, metrics))
+                    if oldest is None or ts < oldest:
+                        oldest = ts
                 rows += len(metrics)
                 if seq is not None:
                     if item.first_seq is None:
                         item.first_seq = seq
                     item.seq = seq
             item.nrows = rows
+            item.oldest = oldest
         elif parsed.kind is Kind.STATUS:
             if not payload:
                 item.ignored = True  # an empty retained message clears the retained status

@@ -18,6 +18,7 @@ class IngestMetrics:
         # per-message values are plain numbers read at scrape time (no lock per message)
         self.received = 0
         self.pending = 0
+        self.pending_bytes = 0
         self.connected = 0
         self.last_commit = 0.0
         r.register(_Live(self))
@@ -31,6 +32,17 @@ class IngestMetrics:
             "fieldline_ingest_dead_letters_total",
             "Messages acknowledged into fieldline.dead_letters, by reason.",
             ["reason"],
+            registry=r,
+        )
+        self.dead_letters_suppressed = Counter(
+            "fieldline_ingest_dead_letters_suppressed_total",
+            "Refused messages past their device's dead-letter budget: counted, not stored.",
+            ["reason"],
+            registry=r,
+        )
+        self.conflicts = Counter(
+            "fieldline_ingest_conflicting_readings_total",
+            "Readings sent for a (metric, time) already stored with another value (not stored).",
             registry=r,
         )
         self.batch_rows = Histogram(
@@ -82,6 +94,25 @@ class IngestMetrics:
             "Batches retried after a transient database error.",
             registry=r,
         )
+        self.batch_failures = Counter(
+            "fieldline_ingest_batch_failures_total",
+            "Tries of a batch (or part) that failed for a reason of its own, not the "
+            "connection: transient (retried, then split) or permanent (split), by SQLSTATE.",
+            ["failure", "sqlstate"],
+            registry=r,
+        )
+        self.batch_splits = Counter(
+            "fieldline_ingest_batch_splits_total",
+            "Failing batches split in halves to isolate the messages the database refuses.",
+            registry=r,
+        )
+        self.pauses = Counter(
+            "fieldline_ingest_receive_pauses_total",
+            "Times the worker stopped reading from the broker, by the bound its queue reached "
+            "(ingest.queue_max: messages, queue_max_rows: rows, queue_max_bytes: bytes).",
+            ["bound"],
+            registry=r,
+        )
         self.seq_gaps = Counter(
             "fieldline_ingest_seq_gaps_total",
             "Messages missing by the devices' `seq` counters.",
@@ -122,6 +153,11 @@ class _Live(Collector):
             "fieldline_ingest_queue_depth",
             "Messages received and not yet acknowledged (the worker's queue).",
             value=m.pending,
+        )
+        yield GaugeMetricFamily(
+            "fieldline_ingest_queue_bytes",
+            "Payload bytes of the messages received and not yet acknowledged.",
+            value=m.pending_bytes,
         )
         yield GaugeMetricFamily(
             "fieldline_ingest_acks_pending",

@@ -3,9 +3,9 @@
 Every received message waits in `pending`, in receive order, until its batch commits; then
 the longest committed prefix is acknowledged, so PUBACKs leave in the order the PUBLISHes
 came (MQTT 4.6) and never before the rows are in the database. When `pending` reaches
-`queue_max` messages or `queue_max_rows` rows (a backlog message may carry hundreds) the
-receiver stops reading (the broker's window fills and it stops sending), so memory is
-bounded whatever the publishers do.
+`queue_max` messages, `queue_max_rows` rows (a backlog message may carry hundreds) or
+`queue_max_bytes` payload bytes (a message may be megabytes) the receiver stops reading (the
+broker's window fills and it stops sending), so memory is bounded whatever the publishers do.
 """
 
 from __future__ import annotations
@@ -41,6 +41,7 @@ class Pipeline:
         max_wait_s: float,
         queue_max: int,
         queue_max_rows: int = 200_000,
+        queue_max_bytes: int = 64 * 1024 * 1024,
         ack: Callable[[Any], None],
         pause: Callable[[], None],
         resume: Callable[[], None],
@@ -51,7 +52,12 @@ class Pipeline:
         self.max_wait_s = max_wait_s
         self.queue_max = queue_max
         self.queue_max_rows = queue_max_rows
+        self.queue_max_bytes = queue_max_bytes
         self.pending_rows = 0
+        self.pending_bytes = 0
+        # payload bytes of each pending message, counted as received (dead letters shrink
+        # theirs later), so what is released is exactly what was counted
+        self._sizes: deque[int] = deque()
         self._ack, self._pause, self._resume = ack, pause, resume
         self.metrics = metrics
         self.pending: deque[Decoded] = deque()
@@ -71,6 +77,8 @@ class Pipeline:
         self.pending.append(item)
         item.weight = item.rows
         self.pending_rows += item.weight
+        self._sizes.append(len(payload))
+        self.pending_bytes += len(payload)
         self._drained.clear()
         if item.ignored:
             item.done = True
@@ -88,12 +96,23 @@ class Pipeline:
                 del self.open[key]
                 self.sealed.append((key, batch.items))
                 self._wake.set()
-        if not self.paused and (
-            len(self.pending) >= self.queue_max or self.pending_rows >= self.queue_max_rows
-        ):
-            self.paused = True
-            self._pause()
+        if not self.paused:
+            bound = self._full()
+            if bound is not None:
+                self.paused = True
+                self.metrics.pauses.labels(bound).inc()
+                self._pause()
         self.release()
+
+    def _full(self) -> str | None:
+        """Which bound the pending messages have reached, if any."""
+        if len(self.pending) >= self.queue_max:
+            return "messages"
+        if self.pending_rows >= self.queue_max_rows:
+            return "rows"
+        if self.pending_bytes >= self.queue_max_bytes:
+            return "bytes"
+        return None
 
     # -- to the writers -----------------------------------------------------------------------
     def ready(self) -> tuple[str | None, list[Decoded]] | None:
@@ -137,12 +156,15 @@ class Pipeline:
         while pending and pending[0].done:
             item = pending.popleft()
             self.pending_rows -= item.weight
+            self.pending_bytes -= self._sizes.popleft()
             self._ack(item.source)
         self.metrics.pending = len(pending)
+        self.metrics.pending_bytes = self.pending_bytes
         if (
             self.paused
             and len(pending) <= self.queue_max // 2
             and self.pending_rows <= self.queue_max_rows // 2
+            and self.pending_bytes <= self.queue_max_bytes // 2
         ):
             self.paused = False
             self._resume()

@@ -25,6 +25,7 @@ from prometheus_client import start_http_server
 
 import certs
 from certs import CertsError
+from ingest_worker.admission import CONFLICTING_VALUE, AdmissionLimits
 from ingest_worker.database import connect
 from ingest_worker.decode import Decoded
 from ingest_worker.errors import StorageError
@@ -34,7 +35,7 @@ from ingest_worker.migrate import RetentionMode, detect_capabilities, migrate_al
 from ingest_worker.pipeline import Pipeline
 from ingest_worker.receive import BrokerTarget, LeanReceiver, PahoReceiver
 from ingest_worker.registry import Registry
-from ingest_worker.writer import is_transient, write_narrowed
+from ingest_worker.writer import Narrowing, Written, classify, sqlstate, write_narrowed
 from schemas.limits import Limits
 from schemas.topics import Kind, service_filters, shared
 
@@ -55,8 +56,15 @@ class WorkerConfig:
     writers: int = 2
     queue_max: int = 5000
     queue_max_rows: int = 200_000
+    queue_max_bytes: int = 64 * 1024 * 1024
+    transient_tries: int = 3
+    statement_timeout_s: float = 15.0
     offline_after_s: float = 20.0
     max_future_skew_s: float = 300.0
+    max_payload_bytes: int = 256 * 1024
+    max_samples: int = 1000
+    max_metrics_per_message: int = 256
+    admission: AdmissionLimits = field(default_factory=AdmissionLimits)
     retention_every_s: float = 3600.0
     chunk_interval: str = "1 day"
     metrics_port: int = 0
@@ -100,19 +108,25 @@ class IngestWorker:
         self.metrics = metrics or IngestMetrics()
         receiver_class = PahoReceiver if config.client == "paho" else LeanReceiver
         self.receiver = receiver_class(config.target, self.metrics)
-        limits = Limits(max_future_skew=timedelta(seconds=config.max_future_skew_s))
+        limits = Limits(
+            max_future_skew=timedelta(seconds=config.max_future_skew_s),
+            max_payload_bytes=config.max_payload_bytes,
+            max_samples=config.max_samples,
+            max_metrics=config.max_metrics_per_message,
+        )
         self.pipeline = Pipeline(
             limits=limits,
             max_rows=config.batch_max_rows,
             max_wait_s=config.batch_max_wait_s,
             queue_max=config.queue_max,
             queue_max_rows=config.queue_max_rows,
+            queue_max_bytes=config.queue_max_bytes,
             ack=self.receiver.ack,
             pause=self.receiver.pause,
             resume=self.receiver.resume,
             metrics=self.metrics,
         )
-        self.registry = Registry(chunk_interval=config.chunk_interval)
+        self.registry = Registry(chunk_interval=config.chunk_interval, admission=config.admission)
         self._tasks: list[asyncio.Task[Any]] = []
         self._receiving: asyncio.Task[None] | None = None
         self._http: Any = None
@@ -200,6 +214,19 @@ class IngestWorker:
                 with contextlib.suppress(Exception):
                     await conn.close()
 
+    async def _connect_writer(self, dsn: str) -> asyncpg.Connection:
+        """A writer's connection: no statement may run longer than ingest.statement_timeout_s,
+        so one try of a batch is bounded (a timeout counts as a transient failure)."""
+        conn = await self._connect_db(dsn)
+        timeout_ms = int(self.config.statement_timeout_s * 1000)
+        try:
+            await conn.execute(f"SET statement_timeout = {timeout_ms}")
+        except BaseException:
+            with contextlib.suppress(Exception):
+                await conn.close()
+            raise
+        return conn
+
     async def _write_until_committed(
         self,
         conn: asyncpg.Connection | None,
@@ -207,35 +234,32 @@ class IngestWorker:
         tenant: str | None,
         items: list[Decoded],
     ) -> asyncpg.Connection | None:
-        """Write the batch; a transient failure is retried (for as long as it takes) with
-        nothing acknowledged, and the connection replaced."""
+        """Write the batch, acknowledging each part as it commits. The database unreachable
+        (or a dead letter unwritable): retried for as long as it takes with what is left,
+        nothing acknowledged meanwhile, the connection replaced. Anything else is the batch's
+        own: `write_narrowed` isolates the messages at fault into dead letters."""
+        policy = Narrowing(
+            tries=self.config.transient_tries,
+            committed=self._committed,
+            failed=lambda exc, n, retry: self._failed(tenant, exc, n, retry),
+        )
         backoff = 0.1
-        while True:
+        left = items
+        while left:
             try:
                 if conn is None or conn.is_closed():
-                    conn = await self._connect_db(dsn)
-                started = time.monotonic()
-                written = await write_narrowed(conn, self.registry, tenant, items)
-                break
+                    conn = await self._connect_writer(dsn)
+                await write_narrowed(conn, self.registry, tenant, left, policy)
+                return conn
             except (StorageError, asyncpg.PostgresError, OSError, TimeoutError,
                     asyncpg.InterfaceError) as exc:  # fmt: skip
-                if isinstance(exc, asyncpg.PostgresError) and not is_transient(exc):
-                    # the narrowing itself failed: even the dead letter cannot be written
-                    log.error(
-                        "event=unwritable tenant=%s messages=%d error=%r",
-                        tenant,
-                        len(items),
-                        str(exc),
-                    )
-                    self.metrics.dead_letters.labels("unwritable").inc(len(items))
-                    self.pipeline.committed(items)
-                    return conn
+                left = [i for i in left if not i.done]  # parts committed before it failed
                 self.metrics.retries.inc()
                 if tenant is not None:
                     self.registry.forget_tenant(tenant)
                 log.warning(
                     "event=db_retry tenant=%s messages=%d error=%r retry_in=%.1fs",
-                    tenant, len(items), str(exc)[:200], backoff,
+                    tenant, len(left), str(exc)[:200], backoff,
                 )  # fmt: skip
                 if conn is not None:
                     with contextlib.suppress(Exception):
@@ -243,8 +267,25 @@ class IngestWorker:
                 conn = None
                 await asyncio.sleep(backoff)
                 backoff = min(backoff * 2, 5.0)
+        return conn
+
+    def _failed(self, tenant: str | None, exc: BaseException, messages: int, retry: bool) -> None:
+        """A try of a batch failed for a reason of its own (not the connection)."""
+        failure = classify(exc)
+        self.metrics.batch_failures.labels(failure.value, sqlstate(exc)).inc()
+        if retry:
+            self.metrics.retries.inc()
+            log.warning(
+                "event=batch_retry tenant=%s messages=%d sqlstate=%s error=%r",
+                tenant, messages, sqlstate(exc), str(exc)[:200],
+            )  # fmt: skip
+        elif messages > 1:
+            self.metrics.batch_splits.inc()
+
+    def _committed(self, items: list[Decoded], written: Written, seconds: float) -> None:
+        """A part of a batch committed: count it, then acknowledge (in receive order)."""
         now = time.time()
-        self.metrics.commit_seconds.observe(time.monotonic() - started)
+        self.metrics.commit_seconds.observe(seconds)
         self.metrics.last_commit = now
         self.metrics.rows.labels("numeric_values").inc(written.numeric)
         self.metrics.rows.labels("text_values").inc(written.text)
@@ -252,6 +293,11 @@ class IngestWorker:
         self.metrics.rows.labels("commands").inc(written.results)
         if written.gaps:
             self.metrics.seq_gaps.inc(written.gaps)
+        for reason, n in written.suppressed.items():
+            self.metrics.dead_letters_suppressed.labels(reason).inc(n)
+        if written.conflicts:
+            self.metrics.conflicts.inc(written.conflict_readings)
+            self.metrics.dead_letters.labels(CONFLICTING_VALUE).inc(len(written.conflicts))
         for _device, _old, new in written.transitions:
             self.metrics.presence.labels(new).inc()
         for item in items:
@@ -261,7 +307,6 @@ class IngestWorker:
             elif item.kind is Kind.TELEMETRY and item.samples and not item.samples[-1][1]:
                 self.metrics.publish_lag_seconds.observe(now - item.samples[-1][0].timestamp())
         self.pipeline.committed(items)
-        return conn
 
     # -- schedules --------------------------------------------------------------------------
     async def _maintain(self) -> None:

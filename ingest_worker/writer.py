@@ -12,31 +12,87 @@ messages that cause them, which become dead letters.
 
 from __future__ import annotations
 
+import asyncio
+import copy
+import dataclasses
 import json
+import logging
+import time
 import weakref
-from collections.abc import Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
-from datetime import datetime, timedelta
+from datetime import UTC, datetime, timedelta
+from enum import Enum
 from typing import Any
 
 import asyncpg
 
+from ingest_worker.admission import (
+    CONFLICTING_VALUE,
+    METRIC_LIMIT,
+    METRIC_RATE,
+    TOO_OLD,
+    bound_payload,
+    earliest_allowed,
+)
 from ingest_worker.decode import DB_REJECTED, KIND_CHANGED, WRONG_TENANT, Decoded
+from ingest_worker.errors import StorageError
 from ingest_worker.registry import MetricRef, Registry
 from schemas.messages import MetricKind, Quantity
 
 # how stale `devices.last_seen` may get (presence times out after ingest.offline_after_s)
 LAST_SEEN_RESOLUTION = timedelta(seconds=1)
-# SQLSTATE classes after which the same transaction may well succeed later
-_TRANSIENT_CLASSES = ("08", "40", "53", "57", "58")
+
+log = logging.getLogger("ingest")
+
+
+class Failure(Enum):
+    """What a failed write says, and so what the worker does next."""
+
+    # the connection or the server is gone: retried for as long as it takes, nothing split
+    # and nothing acknowledged (the delivery guarantee rests on this)
+    UNREACHABLE = "unreachable"
+    # this batch failed but may pass if tried again (a deadlock, a lock or statement timeout):
+    # retried `ingest.transient_tries` times, then split to find the message at fault
+    TRANSIENT = "transient"
+    # this batch will fail again (a constraint, bad data, out of memory, a program limit):
+    # split at once; the message the database refuses becomes a dead letter
+    PERMANENT = "permanent"
+
+
+# the server going down (57P01-57P03) or refusing connections (53300) is the database, not
+# the batch; 57014 is our statement_timeout (or an operator's pg_cancel_backend)
+_UNREACHABLE_STATES = frozenset({"57P01", "57P02", "57P03", "53300"})
+_TRANSIENT_STATES = frozenset({"40001", "40P01", "55P03", "57014"})
+
+
+def classify(exc: BaseException) -> Failure:
+    """Sort a write's failure by SQLSTATE: the database unreachable, this batch failing
+    transiently, or for good. Anything unexpected counts as the batch's own fault."""
+    if isinstance(exc, asyncpg.PostgresError):
+        state = getattr(exc, "sqlstate", None) or ""
+        if state.startswith("08") or state in _UNREACHABLE_STATES:
+            return Failure.UNREACHABLE
+        return Failure.TRANSIENT if state in _TRANSIENT_STATES else Failure.PERMANENT
+    # StorageError: no connection could be made, or a tenant's migration failed (no message
+    # is at fault for either: retried, never turned into dead letters)
+    if isinstance(exc, OSError | TimeoutError | asyncpg.InterfaceError | StorageError):
+        return Failure.UNREACHABLE
+    return Failure.PERMANENT
 
 
 def is_transient(exc: BaseException) -> bool:
-    """Connection trouble, deadlocks, serialization failures, out of resources, shutdowns."""
-    if isinstance(exc, asyncpg.PostgresError):
-        state = getattr(exc, "sqlstate", None) or ""
-        return state[:2] in _TRANSIENT_CLASSES
-    return isinstance(exc, OSError | TimeoutError | asyncpg.InterfaceError | ConnectionError)
+    """Worth trying the same batch again: the database unreachable, or a transient failure."""
+    return classify(exc) is not Failure.PERMANENT
+
+
+def sqlstate(exc: BaseException) -> str:
+    """The SQLSTATE of a database error, or the exception's type (for labels and logs)."""
+    return str(getattr(exc, "sqlstate", None) or type(exc).__name__)
+
+
+class DeadLetterError(StorageError):
+    """A refused message's dead letter could not be written either: retried, never dropped."""
 
 
 @dataclass
@@ -53,6 +109,11 @@ class Written:
     metrics: dict[tuple[str, str], dict[str, MetricRef]] = field(default_factory=dict)
     owners: dict[str, str] = field(default_factory=dict)
     devices: dict[tuple[str, str], tuple[str, datetime]] = field(default_factory=dict)
+    # readings whose (metric, time) was already stored with another value, per device
+    conflicts: dict[str, list[str]] = field(default_factory=dict)
+    conflict_readings: int = 0
+    # dead letters past their device's budget: counted (by reason), not stored
+    suppressed: dict[str, int] = field(default_factory=dict)
 
     @property
     def rows(self) -> int:
@@ -73,6 +134,7 @@ async def write_batch(
         async with conn.transaction():
             if schema is not None and tenant is not None:
                 await _check_owners(conn, registry, tenant, items, out)
+                await _window(conn, registry, tenant, items)
                 numeric, text = await _readings(conn, registry, schema, tenant, items, out)
                 await _values(conn, schema, numeric, text, out)
                 # device rows last: their row locks are then held only until the commit, so
@@ -80,7 +142,7 @@ async def write_batch(
                 await _devices(conn, registry, schema, tenant, items, out)
                 await _events(conn, schema, items, out)
                 await _results(conn, schema, items, out)
-            await _dead_letters(conn, items, out)
+            await _dead_letters(conn, registry, tenant, items, out)
     except BaseException:
         # a staging table created in the rolled back transaction went with it
         _staged.pop(conn, None)
@@ -96,28 +158,128 @@ def apply(registry: Registry, written: Written) -> None:
     registry.devices.update(written.devices)
 
 
+@dataclass
+class Narrowing:
+    """How `write_narrowed` retries and splits a failing batch, and whom it tells."""
+
+    # tries of a batch failing transiently before it is split (a batch of one message:
+    # refused); a part of a split batch gets one try before it is split again (or refused)
+    tries: int = 3
+    backoff_s: float = 0.1
+    # a part committed: its messages, what it wrote, seconds its transaction took
+    committed: Callable[[list[Decoded], Written, float], None] = lambda *_a: None
+    # a transient failure about to be retried, or a batch about to be split
+    failed: Callable[[BaseException, int, bool], None] = lambda *_a: None
+
+
 async def write_narrowed(
-    conn: asyncpg.Connection, registry: Registry, tenant: str | None, items: list[Decoded]
-) -> Written:
-    """After a permanent error: write halves separately until single messages are left; a
-    single message the database refuses becomes a dead letter with the database's reason."""
-    try:
-        written = await write_batch(conn, registry, tenant, items)
-    except asyncpg.PostgresError as exc:
-        if is_transient(exc):
-            raise
-        if len(items) == 1:
-            item = items[0]
-            item.kill(DB_REJECTED, f"{type(exc).__name__}: {exc}"[:1000])
+    conn: asyncpg.Connection,
+    registry: Registry,
+    tenant: str | None,
+    items: list[Decoded],
+    policy: Narrowing,
+) -> None:
+    """Write `items`; whatever the database refuses, isolate it into dead letters.
+
+    A batch failing for good, or `policy.tries` times transiently, is split in halves, each
+    tried once and split alike, until the messages at fault are alone; a single message the
+    database refuses becomes a dead letter `db_rejected` with the SQLSTATE and message.
+    Each committed part goes to `policy.committed`. A `Failure.UNREACHABLE` error is raised
+    (the caller reconnects and calls again with the messages not committed yet), and so is
+    a `DeadLetterError`: a message is never acknowledged without its row.
+    """
+    await _narrow(conn, registry, tenant, items, policy, whole=True)
+
+
+async def _narrow(
+    conn: asyncpg.Connection,
+    registry: Registry,
+    tenant: str | None,
+    items: list[Decoded],
+    policy: Narrowing,
+    *,
+    whole: bool,
+) -> None:
+    # once a batch has failed `tries` times, its parts are searched, not retried: one try
+    # each, down to the single message (a slow poison costs one statement_timeout per
+    # halving, not `tries` of them; a batch of one message is the whole and gets `tries`)
+    tries = policy.tries if whole else 1
+    attempt = 0
+    while True:
+        attempt += 1
+        started = time.monotonic()
+        try:
             written = await write_batch(conn, registry, tenant, items)
-            return written
-        half = len(items) // 2
-        first = await write_narrowed(conn, registry, tenant, items[:half])
-        apply(registry, first)
-        second = await write_narrowed(conn, registry, tenant, items[half:])
-        return _merge(first, second)
-    apply(registry, written)
-    return written
+        except Exception as exc:
+            failure = classify(exc)
+            if failure is Failure.UNREACHABLE:
+                raise
+            if tenant is not None:
+                registry.forget_tenant(tenant)  # a dropped schema is made again next time
+            retry = failure is Failure.TRANSIENT and attempt < tries
+            policy.failed(exc, len(items), retry)
+            if retry:
+                await asyncio.sleep(policy.backoff_s * 2 ** (attempt - 1))
+                continue
+            if len(items) == 1:
+                await _reject(conn, registry, items[0], exc, policy)
+                return
+            half = len(items) // 2
+            log.warning(
+                "event=batch_split tenant=%s messages=%d sqlstate=%s error=%r",
+                tenant, len(items), sqlstate(exc), str(exc)[:200],
+            )  # fmt: skip
+            await _narrow(conn, registry, tenant, items[:half], policy, whole=False)
+            await _narrow(conn, registry, tenant, items[half:], policy, whole=False)
+            return
+        apply(registry, written)
+        policy.committed(items, written, time.monotonic() - started)
+        return
+
+
+async def _reject(
+    conn: asyncpg.Connection,
+    registry: Registry,
+    item: Decoded,
+    exc: BaseException,
+    policy: Narrowing,
+) -> None:
+    """One message the database refuses: its dead letter, alone, in a transaction of its own
+    (no tenant schema needed). If even that fails, the message is left as it was and the
+    failure raised as a DeadLetterError, so it is retried with the database, never dropped."""
+    saved = copy.copy(item)
+    if not item.dead:
+        item.kill(DB_REJECTED, f"SQLSTATE {sqlstate(exc)}: {type(exc).__name__}: {exc}"[:1000])
+    log.warning(
+        "event=db_rejected topic=%s sqlstate=%s error=%r",
+        item.topic, sqlstate(exc), str(exc)[:200],
+    )  # fmt: skip
+    started = time.monotonic()
+    try:
+        written = await write_batch(conn, registry, None, [item])
+    except Exception as failed:
+        for f in dataclasses.fields(item):
+            setattr(item, f.name, getattr(saved, f.name))
+        raise DeadLetterError(
+            f"the dead letter of a message on {item.topic} could not be written "
+            f"({sqlstate(failed)}: {failed}); after {sqlstate(exc)}: {exc}"
+        ) from failed
+    policy.committed([item], written, time.monotonic() - started)
+
+
+def statement_chunks(
+    rows: Sequence[Any], size: Callable[[Any], int], budget: int
+) -> Iterator[Sequence[Any]]:
+    """Consecutive runs of `rows` of at most `budget` bytes by `size` (a larger row alone)."""
+    start, total = 0, 0
+    for end, row in enumerate(rows):
+        n = size(row)
+        if end > start and total + n > budget:
+            yield rows[start:end]
+            start, total = end, 0
+        total += n
+    if start < len(rows):
+        yield rows[start:]
 
 
 def _merge(a: Written, b: Written) -> Written:
@@ -130,6 +292,11 @@ def _merge(a: Written, b: Written) -> Written:
             merged.metrics.setdefault(device, {}).update(refs)
         merged.owners.update(source.owners)
         merged.devices.update(source.devices)
+        for dev, notes in source.conflicts.items():
+            merged.conflicts.setdefault(dev, []).extend(notes)
+        merged.conflict_readings += source.conflict_readings
+        for reason, n in source.suppressed.items():
+            merged.suppressed[reason] = merged.suppressed.get(reason, 0) + n
     return merged
 
 
@@ -169,6 +336,32 @@ async def _check_owners(
                 WRONG_TENANT,
                 f"device {item.device!r} belongs to tenant {owner!r}, not {tenant!r}; device ids "
                 "are unique across tenants (is the broker's ACL in force?)",
+            )
+
+
+async def _window(
+    conn: asyncpg.Connection, registry: Registry, tenant: str, items: Sequence[Decoded]
+) -> None:
+    """Refuse telemetry with samples older than the backfill window or the tenant's retention.
+
+    A sample far in the past lands in a chunk of its own: a few messages with timestamps a
+    day apart since 2000 once made PostgreSQL run out of lock memory in one transaction.
+    """
+    old = [i for i in _live(items) if i.oldest is not None]
+    if not old:
+        return
+    window = earliest_allowed(
+        registry.admission.max_backfill, await registry.retention_days(conn, tenant)
+    )
+    for item in old:
+        assert item.oldest is not None
+        earliest = item.received_at - window
+        if item.oldest < earliest:
+            item.kill(
+                TOO_OLD,
+                f"a sample at {item.oldest.isoformat()} is older than the accepted window "
+                f"({window.days} days before receipt, ingest.max_backfill_s or the tenant's "
+                "retention); the message was not stored",
             )
 
 
@@ -227,12 +420,17 @@ async def _readings(
                     pending.append((item, when, stamped, name, value, unit, kind))
     if not pending:
         return numeric, text
-    resolved = await _resolve(conn, registry, schema, tenant, pending, out)
+    resolved, refused = await _resolve(conn, registry, schema, tenant, pending, out)
     killed = False
     for item, when, stamped, name, value, _unit, kind in pending:
         if item.dead:
             continue
-        ref = resolved[(item.device or "", name)]
+        ref = resolved.get((item.device or "", name))
+        if ref is None:
+            reason, why = refused[(item.device or "", name)]
+            item.kill(reason, why)
+            killed = True
+            continue
         if ref.kind is not kind:
             item.kill(
                 KIND_CHANGED,
@@ -256,8 +454,12 @@ async def _resolve(
     tenant: str,
     pending: list[tuple[Decoded, datetime, bool, str, Any, str | None, MetricKind]],
     out: Written,
-) -> dict[tuple[str, str], MetricRef]:
-    """Create the metrics not seen before, record new units; their refs, by (device, name)."""
+) -> tuple[dict[tuple[str, str], MetricRef], dict[tuple[str, str], tuple[str, str]]]:
+    """Refs of the metrics these readings need, created within each device's metric budget.
+
+    Returns the refs by (device, name), and the names refused by (device, name) with the
+    dead-letter reason and message for the messages that carry them.
+    """
     wanted: dict[tuple[str, str], tuple[str | None, MetricKind]] = {}
     for item, _when, _stamped, name, _value, unit, kind in pending:
         key = (item.device or "", name)
@@ -270,18 +472,22 @@ async def _resolve(
         "ON CONFLICT (id) DO NOTHING",
         devices,
     )
-    await conn.execute(
-        f"INSERT INTO {schema}.metrics (device_id, name, unit, display_name, kind) "
-        "SELECT d, n, u, n, k FROM unnest($1::text[], $2::text[], $3::text[], $4::text[]) "
-        "AS t(d, n, u, k) ON CONFLICT (device_id, name) DO NOTHING",
-        devices, names, [v[0] for v in wanted.values()], [v[1].value for v in wanted.values()],
-    )  # fmt: skip
-    rows = await conn.fetch(
-        f"SELECT m.device_id, m.name, m.id, m.kind, m.unit FROM {schema}.metrics m "
-        "JOIN unnest($1::text[], $2::text[]) AS t(d, n) ON m.device_id = t.d AND m.name = t.n",
-        devices,
-        names,
-    )
+    rows = list(await _fetch_metrics(conn, schema, devices, names))
+    missing = [k for k in wanted if k not in {(r["device_id"], r["name"]) for r in rows}]
+    refused: dict[tuple[str, str], tuple[str, str]] = {}
+    if missing:
+        granted = await _metric_budget(conn, registry, schema, tenant, missing, refused)
+        if granted:
+            await conn.execute(
+                f"INSERT INTO {schema}.metrics (device_id, name, unit, display_name, kind) "
+                "SELECT d, n, u, n, k FROM unnest($1::text[], $2::text[], $3::text[], "
+                "$4::text[]) AS t(d, n, u, k) ON CONFLICT (device_id, name) DO NOTHING",
+                [k[0] for k in granted], [k[1] for k in granted],
+                [wanted[k][0] for k in granted], [wanted[k][1].value for k in granted],
+            )  # fmt: skip
+            rows += await _fetch_metrics(
+                conn, schema, [k[0] for k in granted], [k[1] for k in granted]
+            )
     resolved: dict[tuple[str, str], MetricRef] = {}
     new_units: dict[int, str] = {}
     for row in rows:
@@ -300,7 +506,71 @@ async def _resolve(
             list(new_units),
             list(new_units.values()),
         )
-    return resolved
+    return resolved, refused
+
+
+async def _fetch_metrics(
+    conn: asyncpg.Connection, schema: str, devices: list[str], names: list[str]
+) -> list[Any]:
+    return list(
+        await conn.fetch(
+            f"SELECT m.device_id, m.name, m.id, m.kind, m.unit FROM {schema}.metrics m "
+            "JOIN unnest($1::text[], $2::text[]) AS t(d, n) ON m.device_id = t.d "
+            "AND m.name = t.n",
+            devices,
+            names,
+        )
+    )
+
+
+async def _metric_budget(
+    conn: asyncpg.Connection,
+    registry: Registry,
+    schema: str,
+    tenant: str,
+    missing: list[tuple[str, str]],
+    refused: dict[tuple[str, str], tuple[str, str]],
+) -> list[tuple[str, str]]:
+    """The new (device, name) pairs each device may still create; the others into `refused`.
+
+    The device rows are locked (in one order for every writer) while their metrics are
+    counted, so two writers creating names for one device cannot both stay under the cap.
+    """
+    limits = registry.admission
+    by_device: dict[str, list[str]] = {}
+    for device, name in missing:
+        by_device.setdefault(device, []).append(name)
+    counts = {
+        row["id"]: row["n"]
+        for row in await conn.fetch(
+            f"SELECT d.id, (SELECT count(*) FROM {schema}.metrics m WHERE m.device_id = d.id) "
+            f"AS n FROM {schema}.devices d WHERE d.id = ANY($1::text[]) ORDER BY d.id "
+            "FOR UPDATE OF d",
+            sorted(by_device),
+        )
+    }
+    now = time.monotonic()
+    granted: list[tuple[str, str]] = []
+    for device, names in by_device.items():
+        room = max(0, limits.max_metrics_per_device - counts.get(device, 0))
+        allowed = min(room, len(names))
+        rate = registry.new_metrics.take(f"{tenant}/{device}", allowed, now) if allowed else 0
+        granted += [(device, n) for n in names[:rate]]
+        for name in names[rate:allowed]:
+            refused[(device, name)] = (
+                METRIC_RATE,
+                f"device {device!r} creates metric names faster than "
+                f"ingest.new_metrics_per_minute ({limits.new_metrics_per_minute}); {name!r} "
+                "was refused: send it again later, or raise the limit",
+            )
+        for name in names[allowed:]:
+            refused[(device, name)] = (
+                METRIC_LIMIT,
+                f"device {device!r} has {counts.get(device, 0)} metrics, the limit is "
+                f"ingest.max_metrics_per_device ({limits.max_metrics_per_device}); {name!r} "
+                "was refused: reuse a metric name, or raise the limit",
+            )
+    return granted
 
 
 @dataclass
@@ -477,7 +747,7 @@ _staged: weakref.WeakKeyDictionary[asyncpg.Connection, set[str]] = weakref.WeakK
 
 
 async def _stage(
-    conn: asyncpg.Connection, table: str, schema: str, rows: list[tuple[Any, ...]]
+    conn: asyncpg.Connection, table: str, schema: str, rows: list[tuple[Any, ...]], out: Written
 ) -> None:
     stage, value_type = _STAGE[table]
     made = _staged.setdefault(conn, set())
@@ -488,20 +758,42 @@ async def _stage(
         )
         made.add(stage)
     await conn.copy_records_to_table(stage, records=rows, columns=_COLUMNS)
-    await conn.execute(
+    status = await conn.execute(
         f"INSERT INTO {schema}.{table} (time, metric_id, value, received) "
         f"SELECT time, metric_id, value, received FROM {stage} ON CONFLICT DO NOTHING"
     )
+    if int(status.rsplit(" ", 1)[-1]) < len(rows):
+        # some (metric, time) were there already: a redelivery (same value, silently nothing)
+        # or a device sending another value for a stored timestamp, which must not be silent
+        await _conflicts(conn, schema, table, stage, out)
+
+
+async def _conflicts(
+    conn: asyncpg.Connection, schema: str, table: str, stage: str, out: Written
+) -> None:
+    rows = await conn.fetch(
+        f"SELECT m.device_id, count(*) AS n, min(format('%s at %s: stored %s, sent %s', m.name, "
+        f"s.time, t.value, s.value)) AS example FROM {stage} s "
+        f"JOIN {schema}.{table} t ON t.metric_id = s.metric_id AND t.time = s.time "
+        f"JOIN {schema}.metrics m ON m.id = s.metric_id "
+        "WHERE t.value IS DISTINCT FROM s.value GROUP BY m.device_id"
+    )
+    for row in rows:
+        out.conflict_readings += row["n"]
+        out.conflicts.setdefault(row["device_id"], []).append(
+            f"{row['n']} reading(s) sent for timestamps already stored with another value "
+            f"(the stored value is kept), e.g. {row['example']}"
+        )
 
 
 async def _values(
     conn: asyncpg.Connection, schema: str, numeric: list[Row], text: list[Row], out: Written
 ) -> None:
     if numeric:
-        await _stage(conn, "numeric_values", schema, numeric)
+        await _stage(conn, "numeric_values", schema, numeric, out)
         out.numeric = len(numeric)
     if text:
-        await _stage(conn, "text_values", schema, text)
+        await _stage(conn, "text_values", schema, text, out)
         out.text = len(text)
 
 
@@ -559,20 +851,67 @@ async def _results(
     out.results += len(rows)
 
 
-async def _dead_letters(conn: asyncpg.Connection, items: Sequence[Decoded], out: Written) -> None:
-    dead = [i for i in items if i.dead]
-    if not dead:
-        return
+# a dead letter statement carries at most this many payload bytes (PostgreSQL refuses a
+# message over 1 GB; a backlog of dead letters after an outage once made one that large)
+DEAD_LETTER_STATEMENT_BYTES = 8 * 1024 * 1024
+
+
+async def _dead_letters(
+    conn: asyncpg.Connection,
+    registry: Registry,
+    tenant: str | None,
+    items: Sequence[Decoded],
+    out: Written,
+) -> None:
+    """Dead letters of the batch, each within its device's budget, in bounded statements.
+
+    A dead letter keeps a prefix of the payload with its size and sha256; past the device's
+    budget (ingest.dead_letters_per_device_per_minute) it is counted in `out.suppressed` only.
+    """
+    limits = registry.admission
+    now = time.monotonic()
+    rows: list[tuple[Any, ...]] = []
+    for item in items:
+        if not item.dead:
+            continue
+        if item.keep is None:  # decided once: a retried batch stores the same dead letters
+            key = f"{item.tenant}/{item.device}"
+            item.keep = registry.dead_letter_budget.take(key, 1, now) == 1
+        if not item.keep:
+            reason = item.dead_reason or "unknown"
+            out.suppressed[reason] = out.suppressed.get(reason, 0) + 1
+            continue
+        kept = bound_payload(item.payload, limits.dead_letter_payload_bytes)
+        rows.append((
+            item.received_at, item.topic, kept.prefix, kept.size, kept.sha256,
+            item.dead_reason, item.dead_error, item.tenant, item.device,
+        ))  # fmt: skip
+    if tenant is not None:
+        for device, notes in out.conflicts.items():
+            # the data was stored; what was refused is the other value: counted, and kept as
+            # a dead letter within the same budget so it is visible where the others are
+            if registry.dead_letter_budget.take(f"{tenant}/{device}", 1, now) != 1:
+                out.suppressed[CONFLICTING_VALUE] = out.suppressed.get(CONFLICTING_VALUE, 0) + 1
+                continue
+            rows.append((
+                datetime.now(UTC), f"fl/{tenant}/{device}/telemetry", None, None, None,
+                CONFLICTING_VALUE, "; ".join(notes)[:2000], tenant, device,
+            ))  # fmt: skip
+    for chunk in statement_chunks(rows, _dead_letter_bytes, DEAD_LETTER_STATEMENT_BYTES):
+        await _insert_dead_letters(conn, list(chunk))
+    out.dead += sum(1 for r in rows if r[5] != CONFLICTING_VALUE)
+
+
+def _dead_letter_bytes(row: tuple[Any, ...]) -> int:
+    """What a dead letter row weighs in a statement: its payload and its error text."""
+    return len(row[2] or b"") + len(row[6] or "")
+
+
+async def _insert_dead_letters(conn: asyncpg.Connection, rows: list[tuple[Any, ...]]) -> None:
     await conn.execute(
-        "INSERT INTO fieldline.dead_letters (time, topic, payload, reason, error, tenant_id, "
-        "device_id) SELECT * FROM unnest($1::timestamptz[], $2::text[], $3::bytea[], $4::text[], "
-        "$5::text[], $6::text[], $7::text[])",
-        [i.received_at for i in dead],
-        [i.topic for i in dead],
-        [i.payload for i in dead],
-        [i.dead_reason for i in dead],
-        [i.dead_error for i in dead],
-        [i.tenant for i in dead],
-        [i.device for i in dead],
+        "INSERT INTO fieldline.dead_letters (time, topic, payload, payload_size, payload_sha256, "
+        "reason, error, tenant_id, device_id) SELECT * FROM unnest($1::timestamptz[], "
+        "$2::text[], $3::bytea[], $4::int[], $5::bytea[], $6::text[], $7::text[], $8::text[], "
+        "$9::text[])",
+        *([row[c] for row in rows] for c in range(9)),
     )
-    out.dead += len(dead)

@@ -18,6 +18,7 @@ from certs.errors import CertsError
 from fieldline.logs import configure_logging
 from fieldline.settings import Settings, get_settings
 from simulator import arma
+from simulator.commands import ReplayPolicy
 from simulator.errors import SimulatorError
 from simulator.fleet import KINDS, Fleet, FleetConfig, FleetStats, Kind, bundle_dirs, device_ids
 
@@ -248,6 +249,7 @@ def device(
     config = FleetConfig(
         tenant=tenant, ids=(device_id,), kind=_kind(kind), sensors=sensors,
         interval_s=interval, host=host, port=port, seed=seed,
+        replay=ReplayPolicy(**settings.commands.model_dump()),
     )  # fmt: skip
     if certs is not None:
         dirs = {device_id: certs / device_id}
@@ -296,6 +298,7 @@ def fleet(
     config = FleetConfig(
         tenant=tenant, devices=devices, sensors=sensors, interval_s=interval, kind=_kind(kind),
         prefix=prefix, host=host, port=port, seed=seed,
+        replay=ReplayPolicy(**settings.commands.model_dump()),
     )  # fmt: skip
     ids = device_ids(config)
     dirs = bundle_dirs(ids, tenant, pki=Pki(settings.pki_dir), certs_dir=certs)

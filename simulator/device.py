@@ -19,7 +19,14 @@ from typing import Any, Protocol
 
 from schemas import topics
 from schemas.messages import CommandStatus
-from simulator.commands import SensorAdd, SensorRemove, SetInterval, answer, parse_args
+from simulator.commands import (
+    CommandIntake,
+    ReplayPolicy,
+    SensorAdd,
+    SensorRemove,
+    SetInterval,
+    parse_args,
+)
 from simulator.errors import CommandError, LinkError
 from simulator.link import DeviceLink
 
@@ -84,6 +91,7 @@ class DeviceStats:
     connects: int = 0
     last_error: str = ""
     results: dict[str, int] = field(default_factory=dict)
+    refused: dict[str, int] = field(default_factory=dict)  # by reason, before they ran
 
 
 class SimDevice:
@@ -102,6 +110,7 @@ class SimDevice:
         state_dir: Path,
         keepalive: int = 30,
         on_interval: Callable[[SimDevice], None] | None = None,
+        replay: ReplayPolicy | None = None,
     ) -> None:
         self.tenant = topics.validate_id(tenant, "tenant id")
         self.device_id = topics.validate_id(device_id)
@@ -111,6 +120,9 @@ class SimDevice:
         self.boot = 0
         self.seq = 0
         self.stats = DeviceStats()
+        # one per device and kept across reconnects and `reset`: ids answered lately
+        self.intake = CommandIntake(replay)
+        self.stats.refused = self.intake.refused
         self.next_due = 0.0
         self._on_interval = on_interval
         self._topics = topics.device_topics(tenant, device_id)
@@ -193,9 +205,9 @@ class SimDevice:
         return True
 
     # -- commands ---------------------------------------------------------------------------
-    def _on_message(self, topic: str, payload: bytes) -> None:
+    def _on_message(self, topic: str, payload: bytes, retained: bool) -> None:
         self.stats.commands += 1
-        command_id, status, detail = self.handle_command(topic, payload)
+        command_id, status, detail = self.handle_command(topic, payload, retained=retained)
         self.stats.results[status] = self.stats.results.get(status, 0) + 1
         if command_id is None:
             log.warning("event=command_unanswerable device=%s detail=%r", self.device_id, detail)
@@ -205,9 +217,12 @@ class SimDevice:
         if status == CommandStatus.OK and topic.rsplit("/", 1)[-1] == "reset":
             self._reboot()
 
-    def handle_command(self, topic: str, payload: bytes) -> tuple[str | None, str, str]:
-        """(command id or None, result status, detail) for one command message."""
-        return answer(topic, payload, self._apply)
+    def handle_command(
+        self, topic: str, payload: bytes, *, retained: bool = False
+    ) -> tuple[str | None, str, str]:
+        """(command id or None, result status, detail) for one command message; `retained` is
+        the MQTT retain flag it was delivered with."""
+        return self.intake.answer(topic, payload, retained, self._apply)
 
     def _apply(self, name: str, args: dict[str, Any]) -> str:
         parsed = parse_args(name, args)

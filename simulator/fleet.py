@@ -20,6 +20,7 @@ from typing import Literal
 
 from certs import Bundle, CertsError, Pki, Role, client_context
 from schemas import topics
+from simulator.commands import ReplayPolicy
 from simulator.device import SimDevice
 from simulator.errors import SimulatorError
 from simulator.sources import SensorBank, make_source
@@ -46,6 +47,7 @@ class FleetConfig:
     keepalive: int = 30
     seed: int | None = None
     connect_concurrency: int = 32
+    replay: ReplayPolicy = field(default_factory=ReplayPolicy)  # per device: see ReplayPolicy
 
 
 def device_ids(config: FleetConfig) -> list[str]:
@@ -120,6 +122,7 @@ class FleetStats:
     published: int = 0
     unacknowledged: int = 0
     commands: int = 0
+    refused: int = 0  # commands refused before they ran: retained, repeated, out of time
     behind: bool = False
     tick_ms: float = 0.0
     last_error: str = ""
@@ -167,6 +170,7 @@ class Fleet:
                 state_dir=state_dir,
                 keepalive=config.keepalive,
                 on_interval=self._interval_changed,
+                replay=config.replay,
             )
             self.devices.append(device)
         self.tick_s = config.interval_s
@@ -235,6 +239,7 @@ class Fleet:
         stats.published = sum(d.stats.published for d in self.devices)
         stats.unacknowledged = sum(d.link.unacknowledged() for d in self.devices)
         stats.commands = sum(d.stats.commands for d in self.devices)
+        stats.refused = sum(sum(d.stats.refused.values()) for d in self.devices)
         stats.requested_rate = sum(1.0 / d.interval_s for d in self.devices)
         stats.achieved_rate = self._rate.add(now, stats.published)
         span = now - self._rate.points[0][0] if self._rate.points else 0.0

@@ -23,7 +23,8 @@ from paho.mqtt.reasoncodes import ReasonCode
 
 from simulator.errors import LinkError
 
-MessageHandler = Callable[[str, bytes], None]
+MessageHandler = Callable[[str, bytes, bool], None]
+"""(topic, payload, retained): the retain flag a message was delivered with."""
 
 
 class DeviceLink:
@@ -135,7 +136,8 @@ class DeviceLink:
 
     def _message(self, _c: mqtt.Client, _u: Any, message: mqtt.MQTTMessage) -> None:
         if self._on_message is not None:
-            self._on_message(message.topic, bytes(message.payload))
+            # retain set on delivery: a retained message sent because of a (re)subscription
+            self._on_message(message.topic, bytes(message.payload), bool(message.retain))
 
     def _acknowledged(self, _c: mqtt.Client, _u: Any, mid: int, _r: Any, _p: Any) -> None:
         self._unacked.discard(mid)

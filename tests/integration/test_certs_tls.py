@@ -7,6 +7,7 @@ import subprocess
 import threading
 import time
 import uuid
+from datetime import UTC, datetime
 from pathlib import Path
 
 import paho.mqtt.client as mqtt
@@ -15,7 +16,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from paho.mqtt.enums import CallbackAPIVersion
 
-from certs import Bundle
+from certs import Bundle, Pki, Role
 from tests.fixtures.mosquitto import MosquittoProcess
 from tests.fixtures.pki import TestPki
 from tests.fixtures.prereq import require_binary
@@ -49,6 +50,28 @@ def test_openssl_crl_check_rejects_the_revoked_certificate(test_pki: TestPki) ->
     )
     assert bad.returncode != 0
     assert "certificate revoked" in bad.stdout + bad.stderr
+
+
+def test_openssl_refuses_every_certificate_on_a_stale_crl_until_renewed(tmp_path: Path) -> None:
+    """What both brokers do past the CRL's nextUpdate (why it must be renewed in time)."""
+    pki = Pki(tmp_path / "pki")
+    pki.init_ca()
+    good = pki.issue("dev-fresh", tenant="acme", role=Role.DEVICE)
+    gone_bundle = pki.issue("dev-gone", tenant="acme", role=Role.DEVICE)
+    gone = pki.revoke("dev-gone")
+    stale = pki.renew_crl(days=1 / 86400)
+    assert stale.next_update is not None
+    while datetime.now(UTC) <= stale.next_update:
+        time.sleep(0.05)
+    args = ("verify", "-crl_check", "-CAfile", str(pki.ca_cert_path), "-CRLfile")
+    out = _openssl(*args, str(pki.crl_path), str(good.cert))
+    assert out.returncode != 0
+    assert "CRL has expired" in out.stdout + out.stderr
+    renewed = pki.renew_crl()
+    assert renewed.serials == {gone.serial}
+    assert _openssl(*args, str(pki.crl_path), str(good.cert)).returncode == 0
+    revoked = _openssl(*args, str(pki.crl_path), str(gone_bundle.cert))
+    assert "certificate revoked" in revoked.stdout + revoked.stderr
 
 
 def test_openssl_rejects_expired_and_wrong_ca(test_pki: TestPki) -> None:

@@ -355,6 +355,7 @@ def test_commands_are_answered_and_act(rig: Rig) -> None:
     sent = [op.send(Command.new("set-interval", args, ttl_s=60)) for args in bad_args]
     nan_id = str(uuid.uuid4())
     nan_body = {"id": nan_id, "name": "set-interval", "args": {"interval_s": float("nan")}}
+    nan_body["ts"] = int(time.time() * 1000)
     op.send_raw("set-interval", json.dumps(nan_body).encode())  # NaN: not even JSON proper
     for args, command_id in [*zip(bad_args, sent, strict=True), (nan_body["args"], nan_id)]:
         answer = op.result(command_id)
@@ -392,12 +393,13 @@ def test_commands_are_answered_and_act(rig: Rig) -> None:
     burst_results = [m for m in op.seen(RESULTS) if _json(m).get("id") in answers_by_id]
     assert len(burst_results) == len(burst)
 
-    # a redelivered command (same id) gets the same answer and is not run again
+    # a command sent twice (same id) runs once; the second copy is refused
     twice = Command.new("set-interval", {"interval_s": 0.5}, ttl_s=60)
     op.send(twice)
     op.send(twice)
     answers = op.wait(RESULTS, count=2, where=lambda m: _json(m).get("id") == str(twice.id))
-    assert answers[0].payload == answers[1].payload
+    statuses = [decode_command_result(a.payload).status for a in answers]
+    assert statuses == [CommandStatus.OK, CommandStatus.REJECTED]
 
     # garbage on a command topic is reported as an event, not answered and not run
     mark = op.mark()
@@ -427,6 +429,77 @@ def test_commands_are_answered_and_act(rig: Rig) -> None:
     ids = [int(r.detail.rsplit("pid=", 1)[1]) for r in board.of_kind("publish")]
     assert ids
     assert all(1 <= i <= 65535 for i in ids), sorted(set(ids))
+
+
+# -- replays: retained, repeated and late commands never run -------------------------------------
+def _interval_was(result: CommandResult) -> str:
+    """The interval a set-interval found in force: "(was 2.0 s)" in its detail."""
+    assert result.status == CommandStatus.OK, result
+    assert result.detail is not None
+    return result.detail.split("(was ", 1)[1].split(")", 1)[0]
+
+
+def test_a_command_runs_once_and_never_late(rig: Rig) -> None:
+    pico, op = rig.pico, rig.operator
+    pico.power_on()
+    op.wait(STATUS, where=_state("online"))
+    first = Command.new("set-interval", {"interval_s": 0.6}, ttl_s=60)
+    assert _interval_was(op.result(op.send(first))) == "0.5 s"
+    assert _interval_was(op.result(op.send(Command.new("set-interval", {"interval_s": 2}))))
+
+    op.send(first)  # the same id again
+    answers = op.wait(RESULTS, count=2, where=lambda m: _json(m).get("id") == str(first.id))
+    replay = decode_command_result(answers[1].payload)
+    assert replay.status == CommandStatus.REJECTED, replay
+    assert replay.detail is not None
+    assert "received before (answered ok)" in replay.detail
+    probe = Command.new("set-interval", {"interval_s": 0.5}, ttl_s=60)
+    assert _interval_was(op.result(op.send(probe))) == "2.0 s", "the repeat must not run"
+
+    long_ago = datetime.now(UTC) - timedelta(seconds=90)
+    stale = Command.new("set-interval", {"interval_s": 3}, ttl_s=60, now=long_ago)
+    assert op.result(op.send(stale)).status == CommandStatus.EXPIRED
+    no_ttl = Command.new("set-interval", {"interval_s": 3}, now=long_ago)  # 60 s by default
+    assert op.result(op.send(no_ttl)).status == CommandStatus.EXPIRED
+    untimed = str(uuid.uuid4())
+    body = {"id": untimed, "name": "set-interval", "args": {"interval_s": 3}, "ttl_s": 60}
+    op.send_raw("set-interval", json.dumps(body).encode())
+    refused = op.result(untimed)
+    assert refused.status == CommandStatus.REJECTED
+    assert refused.detail is not None
+    assert "no ts" in refused.detail
+    probe = Command.new("set-interval", {"interval_s": 0.5}, ttl_s=60)
+    assert _interval_was(op.result(op.send(probe))) == "0.5 s", "none of the three ran"
+
+
+@pytest.mark.parametrize("broker", ["mosquitto"], indirect=True)
+def test_a_retained_command_is_refused(rig: Rig) -> None:
+    """Mosquitto only: the embedded broker drops retain on cmd topics, Mosquitto keeps it."""
+    board, pico, op = rig.board, rig.pico, rig.operator
+    # retained while the device is off: it comes with the retain flag when the device subscribes
+    waiting = Command.new("set-interval", {"interval_s": 3}, ttl_s=60)
+    op.client.publish(topics.command(TENANT, DEVICE, "set-interval"), encode(waiting), retain=True)
+    pico.power_on()
+    refused = op.result(str(waiting.id))
+    assert refused.status == CommandStatus.REJECTED, refused
+    assert refused.detail is not None
+    assert refused.detail.startswith("refused: delivered retained")
+
+    # retained while it is connected: delivered live (no retain flag) it runs once; after a
+    # lost link the resubscription brings it back retained, and it is refused
+    live = Command.new("set-interval", {"interval_s": 0.6}, ttl_s=60)
+    op.client.publish(topics.command(TENANT, DEVICE, "set-interval"), encode(live), retain=True)
+    assert _interval_was(op.result(str(live.id))) == "0.5 s", "the retained one ran"
+    mark = op.mark()
+    board.drop_links()
+    op.wait(STATUS, where=_state("online"), after=mark)
+    again = op.wait(RESULTS, after=mark, where=lambda m: _json(m).get("id") == str(live.id))
+    replay = decode_command_result(again[0].payload)
+    assert replay.status == CommandStatus.REJECTED, replay
+    assert replay.detail is not None
+    assert "retained" in replay.detail
+    probe = Command.new("set-interval", {"interval_s": 0.5}, ttl_s=60)
+    assert _interval_was(op.result(op.send(probe))) == "0.6 s"
 
 
 # -- sensor faults ------------------------------------------------------------------------------

@@ -10,9 +10,18 @@ import sys
 from pathlib import Path
 
 import pytest
+from typer.testing import CliRunner
 
+from broker.cli import app as broker_app
 from broker.errors import BrokerError
-from broker.mosquitto import MosquittoOptions, render_acl, write_mosquitto_files
+from broker.mosquitto import (
+    DEFAULT_MAX_CONNECTIONS,
+    DEFAULT_MAX_INFLIGHT_BYTES,
+    DEFAULT_MAX_QUEUED_BYTES,
+    MosquittoOptions,
+    render_acl,
+    write_mosquitto_files,
+)
 from broker.policy import Principal
 from certs import Pki, Role
 
@@ -84,6 +93,21 @@ def test_config_binds_identity_to_the_certificate(pki: Pki, tmp_path: Path) -> N
         "max_queued_messages 200000",
     ):
         assert expected in lines, expected
+    assert "retain_available false" not in lines  # it would disconnect every device's status
+
+
+def test_config_has_byte_memory_connection_and_keepalive_limits(pki: Pki, tmp_path: Path) -> None:
+    files = write_mosquitto_files(pki, tmp_path / "mq")
+    lines = files.config.read_text().splitlines()
+    for expected in (
+        f"max_queued_bytes {256 * 1024 * 1024}",
+        f"max_inflight_bytes {16 * 1024 * 1024}",
+        "memory_limit 0",  # off: reservable before CONNECT (benchmarks/mosquitto_limits.py)
+        "max_connections 20000",
+        "max_keepalive 3600",
+        f"max_packet_size {2 * 1024 * 1024}",
+    ):
+        assert expected in lines, expected
     assert files.key.read_bytes() == pki.bundle("broker").key.read_bytes()
     assert files.crl.read_bytes() == pki.crl_path.read_bytes()
 
@@ -132,5 +156,37 @@ def test_cli_renders_after_issue_and_revoke(pki: Pki, tmp_path: Path) -> None:
     acl = tmp_path / "mq" / "fieldline.acl"
     cli("certs", "issue", "pump-3", "--tenant", "acme", "--role", "device")
     cli("certs", "revoke", "pump-1")
-    cli("broker", "mosquitto-config", "--out", str(tmp_path / "mq"), "--port", "18883")
+    limits = ("--max-queued-bytes", "1000", "--max-inflight-bytes", "2000", "--memory-limit",
+              "3000", "--max-connections", "40", "--max-keepalive", "50")  # fmt: skip
+    cli("broker", "mosquitto-config", "--out", str(tmp_path / "mq"), "--port", "18883", *limits)
     assert set(_blocks(acl.read_text())) == {"pump-3", "alice", "ingest-1"}
+    lines = (tmp_path / "mq" / "mosquitto.conf").read_text().splitlines()
+    assert {"max_queued_bytes 1000", "max_inflight_bytes 2000", "memory_limit 3000",
+            "max_connections 40", "max_keepalive 50"} <= set(lines)  # fmt: skip
+
+
+def test_cli_refuses_max_connections_zero(tmp_path: Path) -> None:
+    """Mosquitto reads 0 as no limit at all: the CLI says to write -1 for that."""
+    result = CliRunner().invoke(
+        broker_app, ["mosquitto-config", "--out", str(tmp_path / "mq"), "--max-connections", "0"]
+    )
+    assert result.exit_code != 0
+    assert "use -1" in result.output
+    assert result.exception is None or isinstance(result.exception, SystemExit)
+    assert not (tmp_path / "mq" / "mosquitto.conf").exists()
+
+
+def test_systemd_unit_limits_sit_above_the_rendered_ones() -> None:
+    """LimitNOFILE is the connection ceiling that holds on 2.0.11; MemoryMax must hold two
+    ingest sessions' full queues and windows plus TLS state, ~40 KiB a connection (measured
+    by benchmarks/mosquitto_limits.py)."""
+    unit = Path(__file__).resolve().parents[2] / "deploy/systemd/fieldline-mosquitto.service"
+    settings = dict(
+        line.split("=", 1) for line in unit.read_text().splitlines() if line[:1].isalpha()
+    )
+    nofile = int(settings["LimitNOFILE"])
+    assert DEFAULT_MAX_CONNECTIONS < nofile <= DEFAULT_MAX_CONNECTIONS + 1024
+    units = {"K": 1024, "M": 1024**2, "G": 1024**3}
+    memory_max = int(settings["MemoryMax"][:-1]) * units[settings["MemoryMax"][-1]]
+    sessions = 2 * (DEFAULT_MAX_QUEUED_BYTES + DEFAULT_MAX_INFLIGHT_BYTES)
+    assert memory_max >= sessions + DEFAULT_MAX_CONNECTIONS * 40 * 1024

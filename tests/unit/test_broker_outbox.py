@@ -1,4 +1,5 @@
-"""The per-session outbox: order, the in-flight window, redelivery with DUP, bounds."""
+"""The per-session outbox: order, the in-flight window, redelivery with DUP, bounds in
+messages and bytes, and the memory budget its bytes are charged to."""
 
 from __future__ import annotations
 
@@ -8,7 +9,8 @@ from amqtt.adapters import BufferReader
 from amqtt.mqtt.publish import PublishPacket
 
 from broker import wire
-from broker.outbox import Message, Outbox
+from broker.budget import MESSAGE_OVERHEAD, MemoryBudget
+from broker.outbox import QUEUE_BYTES, QUEUE_FULL, Message, Outbox
 
 
 class FakeLink:
@@ -113,9 +115,9 @@ def test_full_socket_holds_messages_back_and_bounded_queue_drops() -> None:
     box, link = Outbox(max_queued=2), FakeLink()
     link.full = True
     box.attach(link)
-    assert box.put(msg(b"a"))
-    assert box.put(msg(b"b"))
-    assert not box.put(msg(b"c"))
+    assert box.put(msg(b"a")) is None
+    assert box.put(msg(b"b")) is None
+    assert box.put(msg(b"c")) == QUEUE_FULL
     assert box.dropped == 1
     assert link.written == []
     link.full = False
@@ -139,3 +141,118 @@ def test_packet_ids_skip_those_in_flight_and_wrap() -> None:
     for payload in (b"a", b"b", b"c"):
         box.put(msg(payload))
     assert [p[3] for p in link.publishes()] == [65535, 1, 2]
+
+
+def sized(n: int, qos: int = 1) -> Message:
+    """A message whose accounted size is exactly n bytes."""
+    topic = b"fl/acme/dev-1/cmd/x"
+    return Message(topic, b"x" * (n - len(topic) - MESSAGE_OVERHEAD), qos, False)
+
+
+def test_queue_refuses_past_its_byte_limit_but_takes_one_message_whatever_its_size() -> None:
+    box, link = Outbox(max_queued_bytes=3000), FakeLink()
+    link.full = True  # a client that does not read: everything stays queued
+    box.attach(link)
+    assert box.put(sized(5000)) is None  # an empty queue takes any message
+    assert box.put(sized(500)) == QUEUE_BYTES
+    box = Outbox(max_queued_bytes=3000)
+    box.attach(link)
+    assert [box.put(sized(1000)) for _ in range(4)] == [None, None, None, QUEUE_BYTES]
+    assert (box.queued_bytes, box.dropped) == (3000, 1)
+
+
+def test_inflight_window_is_bounded_in_bytes_and_one_message_always_fits() -> None:
+    box, link = Outbox(max_inflight=100, max_inflight_bytes=2500), FakeLink()
+    box.attach(link)
+    for _ in range(3):
+        box.put(sized(1000))
+    assert len(link.publishes()) == 2  # a third would make 3000 bytes in flight
+    assert (box.inflight_bytes, box.queued_bytes) == (2000, 1000)
+    box.acknowledge(link.publishes()[0][3])
+    assert len(link.publishes()) == 3
+    big, link2 = Outbox(max_inflight_bytes=100), FakeLink()
+    big.attach(link2)
+    big.put(sized(5000))
+    assert len(link2.publishes()) == 1
+
+
+def test_bytes_are_charged_to_the_budget_and_change_pool_with_the_client() -> None:
+    budget = MemoryBudget(10_000)
+    box, link = Outbox(max_inflight=1, budget=budget), FakeLink()
+    box.attach(link)
+    box.put(sized(1000))  # in flight
+    box.put(sized(1000))  # queued
+    box.put(sized(500, qos=0))  # queued behind; QoS 0 is not kept offline
+    assert (budget.connected, budget.offline) == (2500, 0)
+    box.detach(persistent=True)
+    assert (budget.connected, budget.offline) == (0, 2000)
+    box.put(sized(1000))  # arrives while away
+    assert budget.offline == 3000
+    again = FakeLink()
+    box.attach(again)
+    assert (budget.connected, budget.offline) == (3000, 0)
+    box.acknowledge(again.publishes()[0][3])  # the resent one
+    assert budget.connected == 2000
+    box.clear()  # the session is deleted
+    assert (budget.connected, budget.offline, len(box)) == (0, 0, 0)
+
+
+def test_qos0_leaves_the_budget_when_written_and_clean_detach_releases_all() -> None:
+    budget = MemoryBudget(10_000)
+    box, link = Outbox(budget=budget), FakeLink()
+    box.attach(link)
+    box.put(sized(700, qos=0))
+    assert budget.used == 0
+    box.put(sized(700))
+    box.detach(persistent=False)
+    assert budget.used == 0
+
+
+def test_trim_drops_the_newest_queued_messages_and_keep_releases_bytes() -> None:
+    budget = MemoryBudget(100_000)
+    box = Outbox(budget=budget)
+    for i in range(5):
+        box.put(Message(b"t", b"%d" % i + b"x" * 999, 1, False))
+    size = box.queue[0].size
+    assert budget.offline == 5 * size
+    assert box.trim(size + 1) == 2
+    assert [m.payload[:1] for m in box.queue] == [b"0", b"1", b"2"]
+    assert budget.offline == box.queued_bytes == 3 * size
+    assert box.keep(lambda m: m.payload[:1] != b"1") == 1
+    assert budget.offline == 2 * size
+
+
+def test_budget_closes_at_its_limit_and_opens_at_low_water() -> None:
+    budget = MemoryBudget(1000)
+    budget.charge(600)
+    budget.charge(300, offline=True)
+    assert not budget.full
+    budget.charge(100)
+    assert budget.full
+    budget.release(50)  # 950: still above low water (900)
+    assert budget.full
+    budget.release(50, offline=True)
+    assert not budget.full
+    assert budget.offline_room(250)  # offline sessions keep half of 1000 at most
+    assert not budget.offline_room(251)
+    budget.sampled_sockets(200)  # unread socket bytes count too
+    assert budget.full
+
+
+def test_resends_after_reconnect_are_paced_by_the_socket() -> None:
+    box, link = Outbox(), FakeLink()
+    box.attach(link)
+    for payload in (b"a", b"b", b"c"):
+        box.put(msg(payload))
+    box.detach(persistent=True)
+    box.put(msg(b"d"))
+    slow = FakeLink()
+    writes = iter([True, False])
+    slow.writable = lambda: next(writes, False)  # type: ignore[method-assign]
+    assert box.attach(slow) == 1  # one resend, then the socket is full
+    acked = link.publishes()[1][3]
+    assert box.acknowledge(acked)  # b acknowledged meanwhile: not resent
+    slow.full = False
+    slow.writable = lambda: not slow.full  # type: ignore[method-assign]
+    box.pump()
+    assert [(p[0], p[2]) for p in slow.publishes()] == [(b"a", True), (b"c", True), (b"d", False)]

@@ -6,6 +6,7 @@ import json
 import os
 import ssl
 import stat
+import time
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
@@ -238,10 +239,12 @@ def test_cli_walkthrough(home: Path, monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 @pytest.mark.parametrize(
-    "command", ["init-ca", "issue", "server", "revoke", "crl", "list", "verify", "show"]
-)
+    "command",
+    ["init-ca", "issue", "server", "revoke", "crl", "crl show", "crl renew", "list", "verify",
+     "show"],
+)  # fmt: skip
 def test_every_command_has_help(command: str) -> None:
-    result = runner.invoke(app, [command, "--help"])
+    result = runner.invoke(app, [*command.split(), "--help"])
     assert result.exit_code == 0
     assert len(result.output) > 200
 
@@ -283,3 +286,164 @@ def test_client_context_loads_a_bundle_or_names_what_is_missing(pki: Pki) -> Non
     bundle.key.write_text("not a key")
     with pytest.raises(BundleError, match="cannot load"):
         client_context(bundle.directory)
+
+
+# -- the CRL's life cycle ----------------------------------------------------------------------
+
+
+def test_crl_status_says_what_the_crl_holds_and_when_it_is_due(pki: Pki) -> None:
+    from certs import read_crl
+
+    pki.issue("dev-a", tenant="acme", role=Role.DEVICE)
+    revoked = pki.revoke("dev-a")
+    status = pki.crl_status()
+    assert status.issuer == "O=fieldline,CN=fieldline CA"
+    assert status.serials == {revoked.serial}
+    assert status.revoked == 1
+    assert status.next_update is not None
+    # 30 days (the default), thisUpdate backdated 5 minutes against clock skew
+    assert status.next_update - status.this_update == timedelta(days=30, minutes=5)
+    now = datetime.now(UTC)
+    assert not status.expired(now)
+    assert not status.renewal_due(now)
+    # due once a third remains (10 days of 30), expired at nextUpdate
+    assert not status.renewal_due(status.next_update - timedelta(days=10, minutes=3))
+    assert status.renewal_due(status.next_update - timedelta(days=10))
+    assert status.expired(status.next_update)
+    assert read_crl(pki.crl_der_path, _cert(pki.ca_cert_path)).serials == status.serials
+
+
+def test_renewal_keeps_every_revoked_serial_and_uses_the_configured_validity(
+    tmp_path: Path,
+) -> None:
+    pki = Pki(tmp_path / "pki", crl_validity_days=0.5)
+    pki.init_ca()
+    assert pki.crl_status().validity == timedelta(hours=12, minutes=5)
+    serials = {pki.issue(f"dev-{i}", tenant="acme", role=Role.DEVICE).serial for i in range(3)}
+    for i in range(3):
+        pki.revoke(f"dev-{i}")
+    # a revocation rewrites the CRL with the PKI's validity too
+    assert pki.crl_status().validity == timedelta(hours=12, minutes=5)
+    before = pki.crl_status()
+    renewed = pki.renew_crl(days=2)
+    assert renewed.serials == serials == before.serials
+    assert renewed.next_update is not None
+    assert before.next_update is not None
+    assert renewed.next_update > before.next_update
+    assert renewed.validity == timedelta(days=2, minutes=5)
+    # a very short CRL (tests) is backdated by a tenth of its validity, not 5 minutes
+    short = pki.renew_crl(days=10 / 86400)
+    assert short.validity == timedelta(seconds=11)
+    with pytest.raises(CertsError, match="positive"):
+        pki.renew_crl(days=0)
+    with pytest.raises(CertsError, match="positive"):
+        Pki(tmp_path / "x", crl_validity_days=0)
+
+
+def test_a_crl_from_another_ca_is_refused(pki: Pki, tmp_path: Path) -> None:
+    other = Pki(tmp_path / "other")
+    other.init_ca(name="not ours")
+    with pytest.raises(CertsError, match="not signed by the CA"):
+        pki.crl_status(other.crl_path)
+    (tmp_path / "junk.pem").write_text("-----BEGIN X509 CRL-----\nAAAA\n-----END X509 CRL-----\n")
+    with pytest.raises(CertsError, match="is not a CRL"):
+        pki.crl_status(tmp_path / "junk.pem")
+
+
+def test_the_renewer_renews_only_when_due_and_only_with_a_usable_key(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    from certs import Renewer
+
+    pki = Pki(tmp_path / "pki")
+    pki.init_ca()
+    pki.issue("dev-r", tenant="acme", role=Role.DEVICE)
+    pki.revoke("dev-r")
+    renewer = Renewer(pki, check_s=1)
+    first, first_bytes = pki.crl_status(), pki.crl_path.read_bytes()
+    assert first.next_update is not None
+    assert renewer.check() is None  # 30 days left: nothing to do
+    assert pki.crl_path.read_bytes() == first_bytes
+    later = first.next_update - timedelta(days=9)  # less than a third left
+    renewed = renewer.check(now=later)
+    assert renewed is not None
+    assert pki.crl_path.read_bytes() != first_bytes  # signed again (ECDSA: never the same)
+    assert renewed.serials == first.serials
+
+    locked = Pki(tmp_path / "locked")
+    locked.init_ca(passphrase="pw")
+    assert locked.ca_key_problem() is not None
+    assert Pki(tmp_path / "pki").ca_key_problem() is None
+    status, status_bytes = locked.crl_status(), locked.crl_path.read_bytes()
+    assert status.next_update is not None
+    caplog.set_level("INFO", logger="certs.crl")
+    stuck = Renewer(locked, check_s=1)
+    for _ in range(3):
+        assert stuck.check(now=status.next_update) is None
+    assert locked.crl_path.read_bytes() == status_bytes
+    skipped = [r for r in caplog.records if "crl_renewal_skipped" in r.getMessage()]
+    assert len(skipped) == 1, "logged once, not on every check"
+    assert "encrypted" in skipped[0].getMessage()
+
+
+def test_cli_crl_shows_renews_and_exits_by_state(home: Path) -> None:
+    assert runner.invoke(app, ["init-ca"]).exit_code == 0
+    assert (
+        runner.invoke(app, ["issue", "dev-c", "--tenant", "acme", "--role", "device"]).exit_code
+        == 0
+    )
+    assert runner.invoke(app, ["revoke", "dev-c"]).exit_code == 0
+
+    result = runner.invoke(app, ["crl"])
+    assert result.exit_code == 0, result.output
+    for words in ("issuer", "O=fieldline,CN=fieldline CA", "next update", "1 certificate",
+                  "time left", "29d 23h", "status       current"):  # fmt: skip
+        assert words in result.output, words
+    # within the threshold: exit 1 (a check), same output from `crl show`
+    result = runner.invoke(app, ["crl", "show", "--within", "31"])
+    assert result.exit_code == 1, result.output
+    assert "expires within 31 days" in result.output
+
+    result = runner.invoke(app, ["crl", "renew", "--if-due"])
+    assert result.exit_code == 0, result.output
+    assert "renewal due" in result.output
+    before = Pki(home / "pki").crl_status()
+    result = runner.invoke(app, ["crl", "renew", "--days", str(1 / 86400)])
+    assert result.exit_code == 0, result.output
+    assert "CRL renewed" in result.output
+    assert "1 revoked" in result.output
+    after = Pki(home / "pki").crl_status()
+    assert after.serials == before.serials
+    deadline = after.next_update
+    assert deadline is not None
+    while datetime.now(UTC) < deadline:
+        time.sleep(0.05)
+    result = runner.invoke(app, ["crl"])
+    assert result.exit_code == 2, result.output
+    assert "EXPIRED" in result.output
+    assert "event=crl_expired next_update=" in result.stderr
+    assert "run: fieldline certs crl renew" in result.stderr
+    data = json.loads(runner.invoke(app, ["crl", "show", "--json"]).stdout)
+    assert data["revoked"] == 1
+    assert data["seconds_left"] <= 0
+    # --if-due renews an expired CRL with the configured validity (30 days)
+    result = runner.invoke(app, ["crl", "renew", "--if-due"])
+    assert result.exit_code == 0, result.output
+    assert "CRL renewed" in result.output
+    assert runner.invoke(app, ["crl"]).exit_code == 0
+    assert Pki(home / "pki").crl_status().serials == before.serials
+
+
+def test_cli_crl_validity_comes_from_settings(home: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from fieldline.settings import get_settings
+
+    monkeypatch.setenv("FIELDLINE_CERTS__CRL_VALIDITY_DAYS", "2")
+    get_settings.cache_clear()
+    assert runner.invoke(app, ["init-ca"]).exit_code == 0
+    assert Pki(home / "pki").crl_status().validity == timedelta(days=2, minutes=5)
+    result = runner.invoke(app, ["crl", "show", "--within", "1"])
+    assert result.exit_code == 0, result.output
+    assert "current, renewal due" not in result.output
+    result = runner.invoke(app, ["crl", "--file", str(home / "nope.pem")])
+    assert isinstance(result.exception, CertsError)
+    assert "cannot read the CRL" in str(result.exception)

@@ -23,6 +23,9 @@ UNITS = (
     "fieldline-ingest@.service",
     "fieldline-edge@.service",
 )
+CRL_UNIT = "fieldline-crl-renew.service"
+CRL_TIMER = "fieldline-crl-renew.timer"
+FIELDLINE = "/opt/fieldline/venv/bin/fieldline"
 HOME = "/var/lib/fieldline"
 runner = CliRunner()
 
@@ -31,7 +34,9 @@ def parse_unit(path: Path) -> dict[str, list[tuple[str, str]]]:
     """Sections -> (key, value) in order; systemd allows a key several times (Environment)."""
     sections: dict[str, list[tuple[str, str]]] = {}
     current: list[tuple[str, str]] | None = None
-    for raw in path.read_text().splitlines():
+    # a trailing backslash continues the line (systemd joins them with a space)
+    text = re.sub(r"\\\n", " ", path.read_text())
+    for raw in text.splitlines():
         line = raw.strip()
         if not line or line.startswith(("#", ";")):
             continue
@@ -61,8 +66,9 @@ def seconds(value: str) -> float:
     return int(match[1]) * (60 if match[2] == "min" else 1)
 
 
-def test_the_four_units_are_shipped() -> None:
-    assert sorted(p.name for p in SYSTEMD.glob("*.service")) == sorted(UNITS)
+def test_the_units_are_shipped() -> None:
+    assert sorted(p.name for p in SYSTEMD.glob("*.service")) == sorted([*UNITS, CRL_UNIT])
+    assert sorted(p.name for p in SYSTEMD.glob("*.timer")) == [CRL_TIMER]
 
 
 @pytest.mark.parametrize("name", UNITS)
@@ -99,7 +105,7 @@ def _setting_exists(env_name: str) -> bool:
     return True
 
 
-@pytest.mark.parametrize("name", UNITS)
+@pytest.mark.parametrize("name", [*UNITS, CRL_UNIT])
 def test_environment_names_real_settings(name: str) -> None:
     unit = parse_unit(SYSTEMD / name)
     for assignment in values(unit, "Environment"):
@@ -211,3 +217,162 @@ def test_the_dashboard_is_a_grafana_dashboard_on_a_prometheus_variable() -> None
         for target in panel["targets"]:
             assert target["datasource"]["uid"] == "${datasource}"
             assert target["expr"].count("(") == target["expr"].count(")"), target["expr"]
+
+
+# -- the CRL renewal timer ---------------------------------------------------------------------
+
+
+def _commands(exec_line: str) -> list[list[str]]:
+    """The argv of every command an Exec line runs, looking inside `/bin/sh -c '...'`."""
+    argv = shlex.split(exec_line.lstrip("+-"))
+    if argv[:2] != ["/bin/sh", "-c"]:
+        return [argv]
+    parts = re.split(r"&&|\|\||;", argv[2])
+    return [shlex.split(part) for part in parts if part.strip()]
+
+
+def _assert_real_fieldline_command(argv: list[str]) -> None:
+    assert argv[0] == FIELDLINE, argv
+    words = []
+    for arg in argv[1:]:
+        if arg.startswith("-"):
+            break
+        words.append(arg)
+    result = runner.invoke(app, [*words, "--help"], env={"COLUMNS": "200"})
+    assert result.exit_code == 0, f"{words}: {result.output}"
+    for flag in (a for a in argv if a.startswith("--")):
+        assert flag in result.output, f"{flag} is not an option of {words}"
+
+
+def test_crl_renewal_unit_renews_rerenders_mosquitto_and_checks_its_copy() -> None:
+    unit = parse_unit(SYSTEMD / CRL_UNIT)
+    assert one(unit, "Type") == "oneshot"
+    assert one(unit, "User") == "fieldline"
+    assert one(unit, "ReadWritePaths") == HOME
+    assert one(unit, "NoNewPrivileges") == "yes"
+    assert one(unit, "ProtectSystem") == "strict"
+    assert f"FIELDLINE_HOME={HOME}" in values(unit, "Environment")
+    commands = [c for line in values(unit, "ExecStart") for c in _commands(line)]
+    fieldline = [c for c in commands if c[0] == FIELDLINE]
+    for argv in fieldline:
+        _assert_real_fieldline_command(argv)
+    # 1. renew, only when a third of the validity remains, as the fieldline account
+    renew = values(unit, "ExecStart")[0]
+    assert shlex.split(renew) == [FIELDLINE, "certs", "crl", "renew", "--if-due"]
+    # 2. as root ("+"): render Mosquitto's files again with the very command of its unit...
+    step2 = values(unit, "ExecStart")[1]
+    assert step2.startswith("+")
+    mosquitto_text = (SYSTEMD / "fieldline-mosquitto.service").read_text()
+    render = re.search(r"fieldline broker mosquitto-config (.*?)\n#\s*(.*?)\n", mosquitto_text)
+    assert render is not None
+    rendered = render[1].rstrip(" \\") + " " + render[2]
+    expected = ["broker", "mosquitto-config", *shlex.split(rendered)]
+    assert [FIELDLINE, *expected] in commands
+    # ...reload it (its ExecReload is SIGHUP), and check the copy it reads now
+    assert ["systemctl", "reload", "fieldline-mosquitto.service"] in commands
+    assert "kill -HUP $MAINPID" in one(
+        parse_unit(SYSTEMD / "fieldline-mosquitto.service"), "ExecReload"
+    )
+    out = expected[expected.index("--out") + 1]
+    assert [FIELDLINE, "certs", "crl", "show", "--file", f"{out}/certs/crl.pem"] in commands
+    assert commands.index(["systemctl", "reload", "fieldline-mosquitto.service"]) < commands.index(
+        [FIELDLINE, "certs", "crl", "show", "--file", f"{out}/certs/crl.pem"]
+    )
+    # skipped, not failed, where Mosquitto does not run (the embedded broker reads the PKI's)
+    assert commands[1] == ["systemctl", "is-active", "--quiet", "fieldline-mosquitto.service"]
+    # the status goes to the journal first; "-": a stale CRL must not stop its renewal
+    pre = one(unit, "ExecStartPre")
+    assert pre.startswith("-")
+    assert _commands(pre) == [[FIELDLINE, "certs", "crl", "show"]]
+    # a oneshot started by its timer: no [Install] of its own
+    assert "Install" not in unit
+
+
+def test_crl_renewal_timer_runs_the_unit_daily_and_catches_up() -> None:
+    timer = parse_unit(SYSTEMD / CRL_TIMER)
+    assert one(timer, "Unit", "Timer") == CRL_UNIT
+    assert (SYSTEMD / one(timer, "Unit", "Timer")).is_file()
+    assert one(timer, "OnCalendar", "Timer") == "daily"
+    assert one(timer, "Persistent", "Timer") == "true"  # a run missed while off happens at boot
+    assert one(timer, "OnBootSec", "Timer")
+    assert one(timer, "WantedBy", "Install") == "timers.target"
+    # daily runs renew long before expiry: a third of the default validity is 10 days
+    assert Settings().certs.crl_validity_days / 3 >= 7
+
+
+# -- Prometheus alerting rules ---------------------------------------------------------------
+
+
+def _exposed_sample_names() -> set[str]:
+    """Every sample name the services' registries expose (as Prometheus scrapes them)."""
+    from broker.metrics import BrokerMetrics
+    from edge_agent.agent import AgentMetrics
+    from ingest_worker.metrics import IngestMetrics
+
+    names: set[str] = set()
+    for registry in (BrokerMetrics().registry, IngestMetrics().registry, AgentMetrics().registry):
+        for family in registry.collect():
+            suffixes = {
+                "counter": ("_total", "_created"),
+                "histogram": ("_bucket", "_count", "_sum", "_created"),
+                "summary": ("_count", "_sum", "_created"),
+            }.get(family.type, ("",))
+            names.update(family.name + suffix for suffix in suffixes)
+    return names
+
+
+def _alert_rules() -> list[dict[str, Any]]:
+    import yaml
+
+    data = yaml.safe_load((REPO / "deploy" / "prometheus" / "alerts.yml").read_text())
+    return [rule for group in data["groups"] for rule in group["rules"]]
+
+
+def test_prometheus_loads_the_alert_rules() -> None:
+    import yaml
+
+    config = yaml.safe_load((REPO / "deploy" / "prometheus.yml").read_text())
+    # rule_files are relative to the configuration file
+    assert [(REPO / "deploy" / f).resolve() for f in config["rule_files"]] == [
+        REPO / "deploy" / "prometheus" / "alerts.yml"
+    ]
+
+
+def test_every_alert_is_complete_and_uses_real_metrics() -> None:
+    rules = _alert_rules()
+    names = [rule["alert"] for rule in rules]
+    assert len(names) == len(set(names))
+    exposed = _exposed_sample_names()
+    assert "fieldline_broker_crl_next_update_timestamp_seconds" in exposed
+    assert "fieldline_broker_dropped_total" in exposed
+    assert "fieldline_broker_dropped" not in exposed  # counters are scraped with _total
+    for rule in rules:
+        assert set(rule) <= {"alert", "expr", "for", "labels", "annotations"}, rule["alert"]
+        assert rule["labels"]["severity"] in {"warning", "critical"}, rule["alert"]
+        assert rule["annotations"]["summary"], rule["alert"]
+        assert rule["annotations"]["description"], rule["alert"]
+        expr = rule["expr"]
+        assert expr.count("(") == expr.count(")"), rule["alert"]
+        assert expr.count("[") == expr.count("]"), rule["alert"]
+        if "for" in rule:
+            assert re.fullmatch(r"\d+[smh]", rule["for"]), rule["alert"]
+    # every metric the file names (expressions and the hints in descriptions) exists
+    text = (REPO / "deploy" / "prometheus" / "alerts.yml").read_text()
+    used = set(re.findall(r"\bfieldline_[a-z0-9_]+", text))
+    assert used, "no metrics found"
+    missing = used - exposed
+    assert not missing, f"alerts.yml names metrics no service exposes: {sorted(missing)}"
+
+
+def test_the_alerts_cover_what_the_issue_asked_for() -> None:
+    exprs = {rule["alert"]: rule["expr"] for rule in _alert_rules()}
+
+    def alerting_on(*metrics: str) -> list[str]:
+        return [name for name, expr in exprs.items() if all(m in expr for m in metrics)]
+
+    expiry = alerting_on("fieldline_broker_crl_next_update_timestamp_seconds")
+    assert any("7 * 86400" in exprs[name] for name in expiry)
+    assert alerting_on("fieldline_ingest_acks_pending", "fieldline_ingest_last_commit_timestamp")
+    assert alerting_on("fieldline_ingest_dead_letters_total")
+    assert alerting_on("fieldline_broker_dropped_total")
+    assert alerting_on("fieldline_edge_outbox_depth")

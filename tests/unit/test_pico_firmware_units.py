@@ -277,10 +277,13 @@ def device(fw: ModuleType, tmp_path: Path) -> Any:
     return fw.Device(cfg, FixedClock(), fw.Thermistor(FakeAdc(), 1), 4, log=lambda _line: None)
 
 
-def _command(device: Any, name: str, body: dict[str, Any]) -> tuple[str, str]:
+def _command(
+    device: Any, name: str, body: dict[str, Any], *, retained: bool = False
+) -> tuple[str, str]:
+    """(status, detail) of one command; issued now (ts) unless `body` says otherwise."""
     topic = f"fl/acme/pump-7/cmd/{name}".encode()
-    body = {"id": str(uuid.uuid4()), **body}
-    result, event = device.command(topic, json.dumps(body).encode())
+    body = {"id": str(uuid.uuid4()), "ts": device.clock.now_ms, **body}
+    result, event = device.command(topic, json.dumps(body).encode(), retained)
     assert event is None
     decoded = decode_command_result(json.dumps(result).encode())
     assert str(decoded.id) == body["id"]
@@ -305,6 +308,7 @@ def test_command_decisions(device: Any) -> None:
         {"ts": "last tuesday", "args": {"interval_s": 1}},
         {"ttl_s": 0, "args": {"interval_s": 1}},
         {"ttl_s": "60", "args": {"interval_s": 1}},
+        {"ts": None, "ttl_s": 0, "args": {"interval_s": 1}},
         {"name": "reset"},
     ]
     for body in bad:
@@ -368,3 +372,83 @@ def test_packet_ids_start_over_before_umqtt_would_send_zero(device: Any) -> None
     client.pid = 64999
     device.publish(client, b"fl/acme/pump-7/telemetry", {"metrics": {"a": 1}})
     assert client.pid == 64999
+
+
+def _run(device: Any, command_id: str, interval_s: float, retained: bool = False) -> str:
+    body = {"id": command_id, "ts": device.clock.now_ms, "args": {"interval_s": interval_s}}
+    topic = b"fl/acme/pump-7/cmd/set-interval"
+    result, _event = device.command(topic, json.dumps(body).encode(), retained)
+    decoded = decode_command_result(json.dumps(result).encode())
+    assert decoded.detail
+    return f"{decoded.status.value}: {decoded.detail}"
+
+
+def test_retained_and_repeated_commands_are_refused_and_not_run(
+    fw: ModuleType, device: Any
+) -> None:
+    first = str(uuid.uuid4())
+    answer = _run(device, first, 2, retained=True)
+    assert answer.startswith("rejected: refused: delivered retained"), answer
+    assert "fl/acme/pump-7/cmd/set-interval" in answer  # where to clear it
+    assert device.interval_ms == 10_000
+    assert _run(device, first, 2).startswith("ok")  # the retained copy was not counted as run
+    assert device.interval_ms == 2000
+    assert _run(device, str(uuid.uuid4()), 3).startswith("ok")
+    again = _run(device, first, 2)
+    assert again.startswith(f"rejected: refused: command {first} was received before"), again
+    assert "(answered ok)" in again
+    assert device.interval_ms == 3000, "the repeat must not run"
+    # the ring holds RECENT_IDS ids: older ones are forgotten (the ttl still bounds them)
+    for _ in range(fw.RECENT_IDS - 2):  # with `first` and the one above: a full ring
+        _run(device, str(uuid.uuid4()), 3)
+    assert _run(device, first, 2).startswith("rejected")
+    _run(device, str(uuid.uuid4()), 3)
+    assert _run(device, first, 2).startswith("ok")
+    assert len(device.recent_ids) == fw.RECENT_IDS
+
+
+def test_commands_out_of_their_time_are_refused(fw: ModuleType, device: Any) -> None:
+    now = device.clock.now_ms
+    args = {"args": {"interval_s": 2}}
+    no_ts = _command(device, "set-interval", {"ts": None, **args})
+    assert no_ts[0] == "rejected"
+    assert "no ts" in no_ts[1]
+    assert _command(device, "set-interval", {"ttl_s": 30, **args})[0] == "ok"
+    # without ttl_s a command lives DEFAULT_TTL_S seconds
+    default = fw.DEFAULT_TTL_S * 1000
+    assert _command(device, "set-interval", {"ts": now - default + 1000, **args})[0] == "ok"
+    old = _command(device, "set-interval", {"ts": now - default - 1000, **args})
+    assert old == ("expired", f"ttl_s {fw.DEFAULT_TTL_S} ran out 1 s before it arrived")
+    skew = fw.MAX_CLOCK_SKEW_S * 1000
+    assert _command(device, "set-interval", {"ts": now + skew, **args})[0] == "ok"
+    ahead = _command(device, "set-interval", {"ts": now + skew + 5000, **args})
+    assert ahead[0] == "rejected"
+    assert f"{fw.MAX_CLOCK_SKEW_S + 5} s ahead" in ahead[1]
+
+
+def test_without_a_set_clock_only_time_checks_are_skipped(fw: ModuleType, device: Any) -> None:
+    device.clock.now_ms = 5_000  # 1970: this clock was never set
+    assert _command(device, "set-interval", {"ts": None, "args": {"interval_s": 2}})[0] == "ok"
+    stale = {"ts": 1_000, "ttl_s": 1, "args": {"interval_s": 3}}
+    assert _command(device, "set-interval", stale)[0] == "ok"
+    assert _run(device, str(uuid.uuid4()), 4, retained=True).startswith("rejected")
+    once = str(uuid.uuid4())
+    assert _run(device, once, 5).startswith("ok")
+    assert _run(device, once, 5).startswith("rejected")
+    assert device.interval_ms == 5000
+
+
+def test_the_retain_bit_comes_from_the_packet_type(fw: ModuleType, device: Any) -> None:
+    """umqtt.simple's callback gets (topic, msg); wait_msg() then returns the PUBLISH's first
+    byte: 0x30 | QoS << 1 | retain."""
+    topic = b"fl/acme/pump-7/cmd/reset"
+    for op, retained in ((0x33, True), (0x32, False), (0x31, True), (0x3A, False)):
+        device.on_message(topic, b"{}")
+        device.delivered(op)
+        assert device.inbox.pop()[2] is retained, hex(op)
+    device.on_message(topic, b"{}")
+    device.delivered(0x90)  # a SUBACK after it: not a PUBLISH, nothing is marked
+    device.delivered(None)
+    assert device.inbox.pop()[2] is False
+    device.delivered(0x33)  # no PUBLISH went to the callback in this call
+    assert device.inbox == []

@@ -61,7 +61,14 @@ MAX_INTERVAL_S = 86400
 POLL_MS = 50  # how often the loop looks for commands
 RESYNC_MS = 24 * 3600 * 1000  # NTP again after this long (at the next reconnect)
 KNOWN_COMMANDS = ("reset", "set-interval")
-REMEMBERED_COMMANDS = 8  # ids answered lately: a QoS 1 redelivery is answered, not re-run
+# Replays: a command delivered retained, or whose id is among the last RECENT_IDS answered,
+# is refused ("rejected"); one without ts, with ts more than MAX_CLOCK_SKEW_S ahead, or past
+# ts + ttl_s (DEFAULT_TTL_S when absent) likewise ("rejected", "expired").  The ring is in RAM:
+# a boot empties it, and from then on the ttl bounds what could run again.
+RECENT_IDS = 32  # ~2 KB of id strings
+DEFAULT_TTL_S = 60  # `fieldline cmd send`'s default
+MAX_CLOCK_SKEW_S = 60
+CLOCK_SET_MS = 1704067200000  # 2024-01-01: a clock reading earlier was never set
 MAX_INBOX = 16  # commands waiting to run; past that only their ids, to answer "rejected"
 MAX_OVERFLOW = 32
 
@@ -461,9 +468,12 @@ class Device:
         self.keepalive_ms = cfg["keepalive_s"] * 1000
         self.seq = 0
         self.fault = None
-        self.inbox = []
+        self.inbox = []  # [topic, msg, retained]
         self.overflow = []
-        self.recent = []
+        self.arrived = None  # the inbox entry of the PUBLISH being received
+        self.recent_ids = [None] * RECENT_IDS  # a ring of the ids answered lately
+        self.recent_status = [None] * RECENT_IDS  # and how each was answered
+        self.recent_next = 0
         self.reset_requested = False
         self.rescheduled = False
         self.online = False
@@ -516,8 +526,10 @@ class Device:
         the outer publish's PUBACK.  umqtt.simple acknowledges the message when this
         returns, so a command that does not fit is remembered by id and answered
         `rejected` rather than lost without a word."""
+        self.arrived = None
         if len(self.inbox) < MAX_INBOX:
-            self.inbox.append((bytes(topic), bytes(msg)))
+            self.arrived = [bytes(topic), bytes(msg), False]
+            self.inbox.append(self.arrived)
             return
         command_id = command_id_of(msg)
         if command_id is not None and len(self.overflow) < MAX_OVERFLOW:
@@ -525,9 +537,16 @@ class Device:
         else:
             self.log(f"command inbox full: dropped a message on {topic!r}")
 
+    def delivered(self, op):
+        """After umqtt.simple's wait_msg() returned the packet type `op`: the callback gets
+        (topic, msg) only, so the retain bit of the PUBLISH it just handled is read here."""
+        if op is not None and op & 0xF1 == 0x31 and self.arrived is not None:
+            self.arrived[2] = True
+        self.arrived = None
+
     def refuse_pending(self, client, detail):
         """Answer every command still waiting (the overflow too) with `rejected`."""
-        waiting = [command_id_of(msg) for _topic, msg in self.inbox] + self.overflow
+        waiting = [command_id_of(entry[1]) for entry in self.inbox] + self.overflow
         self.inbox, self.overflow = [], []
         self.log(f"refusing {len(waiting)} command(s): {detail}")
         for command_id in waiting:
@@ -536,8 +555,21 @@ class Device:
                 result["ts"] = self.clock.epoch_ms()
                 self.publish(client, self.topic_result, result)
 
-    def command(self, topic, msg):
-        """(result or None, event or None) for one message on cmd/{name}."""
+    def seen(self, command_id):
+        """How the command of this id was answered, if it is among the last RECENT_IDS."""
+        for i in range(RECENT_IDS):
+            if self.recent_ids[i] == command_id:
+                return self.recent_status[i]
+        return None
+
+    def remember(self, command_id, status):
+        i = self.recent_next
+        self.recent_ids[i], self.recent_status[i] = command_id, status
+        self.recent_next = (i + 1) % RECENT_IDS
+
+    def command(self, topic, msg, retained=False):
+        """(result or None, event or None) for one message on cmd/{name}; `retained`: the
+        retain flag it was delivered with."""
         prefix = self.command_prefix
         name = topic[len(prefix) :].decode() if topic.startswith(prefix) else ""
         try:
@@ -557,14 +589,23 @@ class Device:
                 "data": {"topic": where},
             }
             return None, event
-        for seen, result in self.recent:
-            if seen == command_id:
-                return result, None  # a redelivery: same answer, not run twice
-        status, detail = self.execute(name, body)
-        result = {"id": command_id, "status": status, "detail": detail, "ts": self.clock.epoch_ms()}
-        self.recent.append((command_id, result))
-        if len(self.recent) > REMEMBERED_COMMANDS:
-            self.recent.pop(0)
+        first = self.seen(command_id)
+        if retained:
+            # a retained command would come back (and run) on every resubscribe
+            status = "rejected"
+            detail = "refused: delivered retained; publish commands without retain and clear "
+            detail += "this one with an empty retained message on " + topic.decode()
+        elif first is not None:
+            status = "rejected"
+            detail = f"refused: command {command_id} was received before (answered {first}); "
+            detail += "an id runs once: send a new id to run it again"
+        else:
+            status, detail = self.execute(name, body)
+            self.remember(command_id, status)
+        result = {"id": command_id, "status": status, "detail": detail}
+        now = self.clock.epoch_ms()
+        if now >= CLOCK_SET_MS:  # an unset clock's ts would be refused upstream
+            result["ts"] = now
         self.log(f"command {name} {command_id}: {status} ({detail})")
         return result, None
 
@@ -577,13 +618,22 @@ class Device:
         issued = timestamp_ms(ts) if ts is not None else None
         if ts is not None and issued is None:
             return "error", "ts must be epoch milliseconds or an RFC 3339 date-time"
-        if ttl is not None:
-            if isinstance(ttl, bool) or not isinstance(ttl, int) or ttl < 1:
-                return "error", "ttl_s must be a positive integer (seconds)"
-            if issued is not None:
-                late_ms = self.clock.epoch_ms() - (issued + ttl * 1000)
-                if late_ms > 0:
-                    return "expired", f"ttl_s {ttl} ran out {late_ms // 1000} s before it arrived"
+        if ttl is not None and (isinstance(ttl, bool) or not isinstance(ttl, int) or ttl < 1):
+            return "error", "ttl_s must be a positive integer (seconds)"
+        now = self.clock.epoch_ms()
+        if now >= CLOCK_SET_MS:  # without a set clock ts cannot be judged: retain and ids only
+            if issued is None:
+                detail = "refused: no ts; a command says when it was issued (epoch ms) "
+                return "rejected", detail + "so that it can expire"
+            ahead_s = (issued - now) // 1000
+            if ahead_s > MAX_CLOCK_SKEW_S:
+                detail = f"refused: ts is {ahead_s} s ahead of this device's clock (at most "
+                return "rejected", detail + f"{MAX_CLOCK_SKEW_S} s): a clock is wrong"
+            if ttl is None:
+                ttl = DEFAULT_TTL_S
+            late_ms = now - (issued + ttl * 1000)
+            if late_ms > 0:
+                return "expired", f"ttl_s {ttl} ran out {late_ms // 1000} s before it arrived"
         args = body.get("args", {})
         if not isinstance(args, dict):
             return "error", "args must be a JSON object"
@@ -658,8 +708,8 @@ class Device:
                 if client.check_msg() is None:
                     break
             while self.inbox:
-                topic, msg = self.inbox.pop(0)
-                result, event = self.command(topic, msg)
+                topic, msg, retained = self.inbox.pop(0)
+                result, event = self.command(topic, msg, retained)
                 if result is not None:
                     self.publish(client, self.topic_result, result)
                 if event is not None:
@@ -751,8 +801,16 @@ def main(config_path="config.json", log=None):
     link = Link(network.WLAN(network.STA_IF), ntptime, cfg, clock, log, device.feed)
     context = tls_context(cert, key, ca)
 
+    class Client(MQTTClient):
+        # umqtt.simple gives its callback (topic, msg) only; the retain bit of the PUBLISH
+        # is in the packet type wait_msg() returns once the callback has run
+        def wait_msg(self):
+            op = MQTTClient.wait_msg(self)
+            device.delivered(op)
+            return op
+
     def make_client():
-        return MQTTClient(
+        return Client(
             client_id=cfg["device"],
             server=cfg["broker_host"],
             port=cfg["broker_port"],
