@@ -62,7 +62,7 @@ class BrokerMetrics:
         )
         self.crl_next_update = Gauge(
             "fieldline_broker_crl_next_update_timestamp_seconds",
-            "When the enforced CRL expires (regenerate it before: `fieldline certs crl`).",
+            "When the enforced CRL expires (renew by hand: `fieldline certs crl renew`).",
             registry=r,
         )
         self.disconnects = Counter(

@@ -282,24 +282,6 @@ def statement_chunks(
         yield rows[start:]
 
 
-def _merge(a: Written, b: Written) -> Written:
-    merged = Written(
-        a.numeric + b.numeric, a.text + b.text, a.events + b.events, a.results + b.results,
-        a.dead + b.dead, a.gaps + b.gaps, a.transitions + b.transitions,
-    )  # fmt: skip
-    for source in (a, b):
-        for device, refs in source.metrics.items():
-            merged.metrics.setdefault(device, {}).update(refs)
-        merged.owners.update(source.owners)
-        merged.devices.update(source.devices)
-        for dev, notes in source.conflicts.items():
-            merged.conflicts.setdefault(dev, []).extend(notes)
-        merged.conflict_readings += source.conflict_readings
-        for reason, n in source.suppressed.items():
-            merged.suppressed[reason] = merged.suppressed.get(reason, 0) + n
-    return merged
-
-
 # -- the steps of a batch ----------------------------------------------------------------------
 def _live(items: Sequence[Decoded]) -> list[Decoded]:
     return [i for i in items if not i.dead and not i.ignored and i.device is not None]
