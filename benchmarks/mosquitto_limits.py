@@ -28,7 +28,6 @@ import contextlib
 import os
 import resource
 import select
-import signal
 import socket
 import ssl
 import subprocess
@@ -40,6 +39,7 @@ from pathlib import Path
 import paho.mqtt.client as mqtt
 from paho.mqtt.enums import CallbackAPIVersion, MQTTProtocolVersion
 
+from benchmarks.broker import RunningBroker
 from benchmarks.mqttload import client_context, connect_packet
 from broker import wire
 from broker.mosquitto import (
@@ -72,33 +72,14 @@ def prepare_pki(home: Path) -> Pki:
 
 
 # -- the broker ------------------------------------------------------------------------------
-@dataclass
-class Broker:
-    kind: str
-    port: int
-    proc: subprocess.Popen[bytes]
-    log: Path
-
-    def rss_mib(self) -> float:
-        for line in Path(f"/proc/{self.proc.pid}/status").read_text().splitlines():
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) / 1024
-        return float("nan")
+class Broker(RunningBroker):
+    """A running broker (benchmarks.broker's), and how many files it holds open."""
 
     def open_files(self) -> int:
         try:
             return len(os.listdir(f"/proc/{self.proc.pid}/fd"))
         except OSError:
             return -1
-
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(30)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
 
 
 def start_broker(kind: str, pki: Pki, workdir: Path, options: MosquittoOptions) -> Broker:

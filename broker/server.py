@@ -408,12 +408,17 @@ class FieldlineBroker(Broker):
             return
         except ProtocolError as exc:
             self._refused("protocol-error", peer, None, str(exc))
+            writer.transport.abort()
             return
         except TimeoutError:
+            # abort, not close: a TLS close waits up to 30 s for the client's close_notify,
+            # and a client that never sent CONNECT will not send that either
             self._refused("connect-timeout", peer, None, "no CONNECT in time")
+            writer.transport.abort()
             return
         except (asyncio.IncompleteReadError, ConnectionError, OSError) as exc:
             self._refused("aborted", peer, None, type(exc).__name__)
+            writer.transport.abort()
             return
 
         link = Link(writer, self.metrics)

@@ -125,6 +125,58 @@ async def test_postgres_down_for_10_s_mid_stream(
         await asyncio.to_thread(stop_cluster, cluster, scratch)
 
 
+async def test_worker_memory_stays_bounded_with_the_database_down(
+    broker_factory: Callable[..., BrokerUnderTest], tmp_path: Path
+) -> None:
+    """Publishing at full speed with PostgreSQL down, 1 in 40 messages a 300 kB payload: the
+    worker stops reading at its byte bound (16 MiB here) instead of holding the broker's whole
+    window (10,000 messages, ~75 MB), stays under 300 MB of RSS, stores everything once later."""
+    bound = 16 * 1024 * 1024
+    junk = b"x" * 300_000  # too large for a payload: a dead letter once the database is back
+    cluster, scratch = await asyncio.to_thread(start_cluster, "fl-test-pgmem-")
+    try:
+        dsn = cluster.dsn()
+        broker = broker_factory("mosquitto")
+        env = {"FIELDLINE_INGEST__QUEUE_MAX_BYTES": str(bound)}
+        worker = start_worker(broker, dsn, tmp_path / "w", env=env)
+        burst(broker, broker.pki.device, stream(0, 10))
+        await exactly(dsn, 10, 30)
+        await cluster.stop()
+        good = stream(10, 19_000)
+        peak_rss, peak_held = 0.0, 0.0
+
+        def pace() -> None:  # 19,500 messages, 150 MB: within Mosquitto's queue bytes
+            for i in range(0, len(good), 195):
+                mixed = good[i : i + 195] + [("fl/acme/dev-1/telemetry", junk)] * 5
+                burst(broker, broker.pki.device, mixed)
+                time.sleep(0.05)
+
+        publisher = threading.Thread(target=pace)
+        publisher.start()
+        while publisher.is_alive():
+            peak_rss = max(peak_rss, _rss_mib(worker.proc.pid))
+            peak_held = max(peak_held, worker.metrics()["fieldline_ingest_queue_bytes"])
+            await asyncio.sleep(0.25)
+        publisher.join()
+        peak_rss = max(peak_rss, _rss_mib(worker.proc.pid))
+        await cluster.start()
+        await exactly(dsn, 19_010, 120)
+        assert peak_held <= bound + len(junk), f"held {peak_held / 2**20:.1f} MiB"
+        assert peak_held >= bound / 2, "the attack never reached the bound: it tested nothing"
+        assert peak_rss < 300, f"worker RSS reached {peak_rss:.0f} MiB"
+        assert worker.metrics()['fieldline_ingest_receive_pauses_total{bound="bytes"}'] >= 1
+        worker.stop()
+    finally:
+        await asyncio.to_thread(stop_cluster, cluster, scratch)
+
+
+def _rss_mib(pid: int) -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    return 0.0
+
+
 async def test_broker_restart_with_persistence_loses_nothing(
     broker_factory: Callable[..., BrokerUnderTest], timescale_dsn: str, tmp_path: Path
 ) -> None:
