@@ -88,6 +88,14 @@ class SubscriptionIndex(Generic[K]):
             self.remove(topic_filter, key)
         return len(filters)
 
+    def count_of(self, key: K) -> int:
+        """How many filters key is subscribed to."""
+        return len(self._filters.get(key, ()))
+
+    def has(self, topic_filter: str, key: K) -> bool:
+        """Whether key is subscribed to exactly this filter."""
+        return topic_filter in self._filters.get(key, ())
+
     def filters_of(self, key: K) -> dict[str, int]:
         """The filters key is subscribed to, with their QoS."""
         return dict(self._filters.get(key, {}))

@@ -76,6 +76,8 @@ class BrokerOptions:
     bind: str = "127.0.0.1"
     port: int = 8883
     max_connections: int = 20_000
+    # filters one client may hold: each costs index memory, and an offline session keeps them
+    max_subscriptions: int = 100
     connect_timeout_s: float = 10.0
     max_packet_bytes: int = 2 * 1024 * 1024
     max_inflight: int = 100
@@ -724,6 +726,18 @@ class FieldlineBroker(Broker):
             return SUBACK_FAILURE
         granted = min(qos, _QOS_MAX)
         assert session.client_id is not None
+        held = self._index.count_of(session.client_id)
+        if held >= self.options.max_subscriptions and not self._index.has(
+            topic_filter, session.client_id
+        ):
+            self.metrics.denials.labels("subscribe", "too-many-subscriptions").inc()
+            log.info(
+                "event=denied client=%s action=subscribe topic=%r reason=%r",
+                session.client_id, topic_filter,
+                f"holds {held} subscriptions, broker.max_subscriptions is "
+                f"{self.options.max_subscriptions}",
+            )  # fmt: skip
+            return SUBACK_FAILURE
         self._index.add(topic_filter, session.client_id, granted)
         return granted
 

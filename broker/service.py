@@ -57,6 +57,7 @@ def options_from_settings(settings: Settings) -> BrokerOptions:
         bind=b.bind,
         port=b.port,
         max_connections=b.max_connections,
+        max_subscriptions=b.max_subscriptions,
         connect_timeout_s=b.connect_timeout_s,
         max_packet_bytes=b.max_packet_bytes,
         max_inflight=b.max_inflight,

@@ -36,6 +36,9 @@ class BrokerSettings(_Section):
     bind: str = Field(default="127.0.0.1", description="the embedded broker's listen address")
     server_cert: str = Field(default="broker", description="name of the `certs server` bundle")
     max_connections: int = Field(default=20_000, ge=1)
+    max_subscriptions: int = Field(
+        default=100, ge=1, description="filters one client may hold; more get SUBACK 0x80"
+    )
     connect_timeout_s: float = Field(default=10.0, gt=0, description="TLS handshake + CONNECT")
     max_packet_bytes: int = Field(default=2 * 1024 * 1024, ge=1024)
     max_inflight: int = Field(default=100, ge=1, le=65535, description="per client, QoS 1/2")

@@ -330,6 +330,12 @@ async def _window(
     day apart since 2000 once made PostgreSQL run out of lock memory in one transaction.
     """
     old = [i for i in _live(items) if i.oldest is not None]
+    for item in _live(items):
+        # events are rows of a hypertable too, and a status's ts dates its presence event
+        stamped = item.event or item.status
+        if stamped is not None and stamped.ts is not None:
+            item.oldest = stamped.ts
+            old.append(item)
     if not old:
         return
     window = earliest_allowed(
@@ -341,9 +347,9 @@ async def _window(
         if item.oldest < earliest:
             item.kill(
                 TOO_OLD,
-                f"a sample at {item.oldest.isoformat()} is older than the accepted window "
-                f"({window.days} days before receipt, ingest.max_backfill_s or the tenant's "
-                "retention); the message was not stored",
+                f"{item.oldest.isoformat()} is older than the accepted window ({window.days} "
+                "days before receipt: ingest.max_backfill_s or the tenant's retention); the "
+                "message was not stored",
             )
 
 
@@ -808,9 +814,17 @@ async def _events(
 async def _results(
     conn: asyncpg.Connection, schema: str, items: Sequence[Decoded], out: Written
 ) -> None:
-    rows = [i for i in _live(items) if i.result is not None]
-    if not rows:
+    # one row per command id, the last answer received: ON CONFLICT DO UPDATE refuses to touch
+    # a row twice in one statement (21000), and a device repeating an id would otherwise fail
+    # every batch it lands in
+    last: dict[Any, Decoded] = {}
+    for item in _live(items):
+        if item.result is not None:
+            last.pop(item.result.id, None)
+            last[item.result.id] = item
+    if not last:
         return
+    rows = list(last.values())
     ids, devices, statuses, results, times = [], [], [], [], []
     for item in rows:
         result = item.result

@@ -96,6 +96,66 @@ async def test_a_chunk_bomb_is_refused_and_a_canary_of_the_same_tenant_commits(
     assert _metric(worker, "fieldline_ingest_dead_letters_total", reason="too_old") == len(bomb)
 
 
+async def test_old_events_and_statuses_are_refused_like_old_telemetry(
+    broker: BrokerUnderTest, timescale_dsn: str
+) -> None:
+    """`events` is a hypertable too: events a week apart since 2000 made a chunk each."""
+    start = 946_684_800_000
+    old = [
+        ("fl/acme/dev-1/events", j({"ts": start + w * 7 * DAY_MS, "kind": "door"}))
+        for w in range(200)
+    ] + [("fl/acme/dev-1/status", j({"state": "online", "ts": start}))]
+    fresh = [("fl/acme/dev-1/events", j({"ts": now_ms(), "kind": "door"}))]
+    async with IngestWorker(worker_config(broker, timescale_dsn)) as worker:
+        await worker.wait_connected(15)
+        await asyncio.to_thread(burst, broker, broker.pki.device, fresh)
+        await wait_for(lambda: _settled(worker, 1), 15, "the fresh event")
+        before = await _event_chunks(timescale_dsn)
+        await asyncio.to_thread(burst, broker, broker.pki.device, old)
+        await wait_for(lambda: _settled(worker, 202), 15, "the old ones")
+    assert await _event_chunks(timescale_dsn) == before
+    dead = await fetch(timescale_dsn, "SELECT topic, reason FROM fieldline.dead_letters")
+    assert {r["reason"] for r in dead} == {"too_old"}
+    assert len(dead) == 60  # the device's dead-letter budget; the other 141 counted only
+    suppressed = _metric(worker, "fieldline_ingest_dead_letters_suppressed_total", reason="too_old")
+    assert suppressed == 141
+    events = await fetchval(
+        timescale_dsn, "SELECT count(*) FROM tenant_acme.events WHERE kind = 'door'"
+    )
+    assert events == 1
+
+
+async def test_a_command_result_id_repeated_in_one_batch_is_one_row_without_a_split(
+    broker: BrokerUnderTest, timescale_dsn: str
+) -> None:
+    """Twice the same id in one statement once failed every batch (SQLSTATE 21000), which
+    split them down to single messages: 52 s of ingest for a 1 s burst."""
+    results = []
+    for n in range(200):
+        command = f"00000000-0000-4000-8000-{n:012d}"
+        for status in ("ok", "error"):
+            results.append(("fl/acme/dev-1/cmd-res", j({"id": command, "status": status})))
+    async with IngestWorker(worker_config(broker, timescale_dsn)) as worker:
+        await worker.wait_connected(15)
+        await asyncio.to_thread(burst, broker, broker.pki.device, results)
+        await wait_for(lambda: _settled(worker, 400), 20, "the results")
+        splits = _metric(worker, "fieldline_ingest_batch_splits_total")
+    assert splits == 0
+    rows = await fetch(timescale_dsn, "SELECT status FROM tenant_acme.commands")
+    assert len(rows) == 200
+    assert await count(timescale_dsn, "fieldline.dead_letters") == 0
+
+
+async def _event_chunks(dsn: str) -> int:
+    return int(
+        await fetchval(
+            dsn,
+            "SELECT count(*) FROM timescaledb_information.chunks "
+            "WHERE hypertable_schema = 'tenant_acme' AND hypertable_name = 'events'",
+        )
+    )
+
+
 async def test_the_window_follows_a_shorter_tenant_retention(
     broker: BrokerUnderTest, timescale_dsn: str
 ) -> None:

@@ -1,4 +1,4 @@
-"""Connections that never log in are closed at broker.connect_timeout_s, not kept for a TLS goodbye.
+"""Limits of the embedded broker against one client: its time to log in, its subscriptions.
 
 A client that completes the TLS handshake and then sends nothing holds a connection slot and
 its buffers; the embedded broker must drop it at the CONNECT deadline. A graceful TLS close
@@ -15,6 +15,7 @@ from collections.abc import Callable
 
 import pytest
 
+from tests.clients import raw
 from tests.fixtures.brokers import BrokerUnderTest
 
 pytestmark = pytest.mark.integration
@@ -50,3 +51,23 @@ def test_tls_connections_without_connect_are_closed_at_the_deadline(
         for s in socks:
             s.close()
     assert "connect-timeout" in broker.log_text()
+
+
+def test_a_client_holds_at_most_max_subscriptions_filters(
+    broker_factory: Callable[..., BrokerUnderTest],
+) -> None:
+    """Every filter costs the broker memory, kept by an offline session for days: one device
+    once subscribed 400,000 filters under its own cmd/# (78 -> 248 MiB in 12 s)."""
+    broker = broker_factory("fieldline", env={"FIELDLINE_BROKER__MAX_SUBSCRIPTIONS": "5"})
+    device = broker.pki.device
+    client = raw(broker, device)
+    try:
+        assert client.connect(device.identity.id)[1] == 0
+        filters = [(f"fl/acme/dev-1/cmd/x{n}", 1) for n in range(7)]
+        assert client.subscribe(*filters[:5]) == [1] * 5
+        assert client.subscribe(filters[5]) == [0x80]  # the sixth
+        assert client.subscribe(filters[0]) == [1]  # a filter it holds: a new QoS, not more
+    finally:
+        client.close()
+    assert "broker.max_subscriptions is 5" in broker.log_text()
+    assert 'reason="too-many-subscriptions"' in broker.metrics()
