@@ -36,6 +36,7 @@ from fieldline.settings import Settings
 from ingest_worker.database import connect
 from ingest_worker.migrate import migrate_all, quote_ident, tenant_schema
 from ingest_worker.service import IngestWorker
+from simulator.commands import ReplayPolicy
 from simulator.fleet import Fleet, FleetConfig, bundle_dirs, device_ids
 
 log = logging.getLogger("fieldline.up")
@@ -114,9 +115,10 @@ class LocalStack:
     async def start(self) -> None:
         s, o = self.settings, self.options
         pki = ensure_certificates(s, o.tenant)
+        replay = ReplayPolicy(**s.commands.model_dump())
         config = FleetConfig(
             tenant=o.tenant, devices=o.devices, interval_s=o.interval_s, prefix="sim",
-            host=s.broker.host, port=s.broker.port, kind="arma",
+            host=s.broker.host, port=s.broker.port, kind="arma", replay=replay,
         )  # fmt: skip
         dirs = bundle_dirs(device_ids(config), o.tenant, pki=pki, certs_dir=None)
         if not s.database_url:
@@ -135,7 +137,7 @@ class LocalStack:
         await self.worker.start()
         await self.worker.wait_connected(30)
         manifest = parse_manifest(demo_manifest(s, o.tenant), "the demo's machine-reset agent")
-        self.agent = EdgeAgent(manifest, AgentOptions(home=s.home))
+        self.agent = EdgeAgent(manifest, AgentOptions(home=s.home, commands=replay))
         await self.agent.start()
         self.fleet = Fleet(config, dirs, s.home / "sim")
         await self.fleet.start(timeout=60)

@@ -8,6 +8,7 @@ import pytest
 
 from fieldline.errors import SettingsError
 from fieldline.settings import load_settings
+from simulator.commands import ReplayPolicy
 
 
 @pytest.fixture(autouse=True)
@@ -88,3 +89,9 @@ def test_unparsable_toml_is_a_settings_error(tmp_path: Path) -> None:
     (tmp_path / "fieldline.toml").write_text("home = \n")
     with pytest.raises(SettingsError, match="cannot read the configuration file"):
         load_settings()
+
+
+def test_command_settings_build_the_devices_replay_policy() -> None:
+    """The CLIs and `fieldline up` build ReplayPolicy from `commands.*`: same names, same
+    defaults (a renamed field would fail at start-up, a drifted default silently)."""
+    assert ReplayPolicy(**load_settings().commands.model_dump()) == ReplayPolicy()
