@@ -534,13 +534,16 @@ def _quantile(buckets: list[tuple[float, float]], total: float, q: float) -> flo
 
 def compare_trees(stack: Stack, args: argparse.Namespace) -> dict[str, Any]:
     """The lean worker of another checkout (--compare-tree) and of this one, alternately on
-    the same backlogs, --rounds times: the cost of a change, side by side in one run."""
+    the same backlogs, --rounds times (use an even number): the cost of a change, side by
+    side in one run."""
     trees = {"baseline": args.compare_tree.resolve(), "this tree": REPO}
     n, m = args.messages, args.backlog_messages
     got: dict[str, dict[str, list[float]]] = {k: {"single": [], "backlog": []} for k in trees}
     start_worker(stack, "lean").stop()
     for round_ in range(args.rounds):
-        for name, tree in trees.items():
+        # ABBA: whoever runs second meets a bigger table, so the order alternates by round
+        order = list(trees.items())
+        for name, tree in order if round_ % 2 == 0 else reversed(order):
             probe = cpu_probe()
             publish(stack, stack.next_tag(), n)
             single = worker_drain(stack, "lean", n * METRICS, n, tree)
@@ -591,7 +594,7 @@ def main() -> None:
         help="another checkout (e.g. a `git worktree` of main): its worker and this one's "
         "drain the same backlogs alternately, --rounds times; nothing else is measured",
     )
-    parser.add_argument("--rounds", type=int, default=3, help="rounds of --compare-tree")
+    parser.add_argument("--rounds", type=int, default=4, help="rounds of --compare-tree")
     args = parser.parse_args()
     # `kill` stops the run like Ctrl-C: through the finally blocks, so nothing is left running
     signal.signal(signal.SIGTERM, lambda *_: sys.exit("stopped by SIGTERM"))

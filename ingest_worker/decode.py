@@ -48,7 +48,8 @@ class Decoded:
     # with the metrics as validated: name -> bool | int | float | str | Quantity
     samples: list[tuple[datetime, bool, dict[str, MetricValue]]] = field(default_factory=list)
     nrows: int = 1
-    oldest: datetime | None = None  # the earliest device timestamp among the samples
+    # the earliest device timestamp it carries (samples, an event's or a status's ts)
+    oldest: datetime | None = None
     seq: int | None = None  # the highest seq the message carries
     first_seq: int | None = None
     boot: int | None = None
@@ -118,8 +119,10 @@ def decode_message(
                 item.ignored = True  # an empty retained message clears the retained status
             else:
                 item.status = decode_status(payload, limits=limits, now=now)
+                item.oldest = item.status.ts  # it dates the presence event it may cause
         elif parsed.kind is Kind.EVENTS:
             item.event = decode_event(payload, limits=limits, now=now)
+            item.oldest = item.event.ts
         elif parsed.kind is Kind.COMMAND_RESULT:
             item.result = decode_command_result(payload, limits=limits, now=now)
         else:

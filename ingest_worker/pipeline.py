@@ -96,23 +96,23 @@ class Pipeline:
                 del self.open[key]
                 self.sealed.append((key, batch.items))
                 self._wake.set()
-        if not self.paused:
-            bound = self._full()
-            if bound is not None:
-                self.paused = True
-                self.metrics.pauses.labels(bound).inc()
-                self._pause()
+        if not self.paused and (
+            len(self.pending) >= self.queue_max
+            or self.pending_rows >= self.queue_max_rows
+            or self.pending_bytes >= self.queue_max_bytes
+        ):
+            self.paused = True
+            self.metrics.pauses.labels(self._full()).inc()
+            self._pause()
         self.release()
 
-    def _full(self) -> str | None:
-        """Which bound the pending messages have reached, if any."""
+    def _full(self) -> str:
+        """Which bound the pending messages have reached (called once one has)."""
         if len(self.pending) >= self.queue_max:
             return "messages"
         if self.pending_rows >= self.queue_max_rows:
             return "rows"
-        if self.pending_bytes >= self.queue_max_bytes:
-            return "bytes"
-        return None
+        return "bytes"
 
     # -- to the writers -----------------------------------------------------------------------
     def ready(self) -> tuple[str | None, list[Decoded]] | None:

@@ -324,33 +324,32 @@ async def _check_owners(
 async def _window(
     conn: asyncpg.Connection, registry: Registry, tenant: str, items: Sequence[Decoded]
 ) -> None:
-    """Refuse telemetry with samples older than the backfill window or the tenant's retention.
+    """Refuse messages dated before the backfill window or the tenant's retention.
 
     A sample far in the past lands in a chunk of its own: a few messages with timestamps a
     day apart since 2000 once made PostgreSQL run out of lock memory in one transaction.
+    Events are rows of a hypertable too, and a status's ts dates its presence event.
     """
-    old = [i for i in _live(items) if i.oldest is not None]
-    for item in _live(items):
-        # events are rows of a hypertable too, and a status's ts dates its presence event
-        stamped = item.event or item.status
-        if stamped is not None and stamped.ts is not None:
-            item.oldest = stamped.ts
-            old.append(item)
-    if not old:
-        return
-    window = earliest_allowed(
-        registry.admission.max_backfill, await registry.retention_days(conn, tenant)
-    )
-    for item in old:
-        assert item.oldest is not None
-        earliest = item.received_at - window
-        if item.oldest < earliest:
-            item.kill(
-                TOO_OLD,
-                f"{item.oldest.isoformat()} is older than the accepted window ({window.days} "
-                "days before receipt: ingest.max_backfill_s or the tenant's retention); the "
-                "message was not stored",
+    window: timedelta | None = None
+    latest = datetime.min.replace(tzinfo=UTC)  # every message's own cutoff is at most this
+    for item in items:
+        oldest = item.oldest
+        if oldest is None or item.dead_reason is not None:
+            continue
+        if window is None:
+            window = earliest_allowed(
+                registry.admission.max_backfill, await registry.retention_days(conn, tenant)
             )
+            # items come in receive order: the last one's cutoff is the latest of the batch
+            latest = max(items[0].received_at, items[-1].received_at) - window
+        if oldest >= latest or oldest >= item.received_at - window:
+            continue  # the common case answered by one comparison
+        item.kill(
+            TOO_OLD,
+            f"{oldest.isoformat()} is older than the accepted window ({window.days} days "
+            "before receipt: ingest.max_backfill_s or the tenant's retention); the message "
+            "was not stored",
+        )
 
 
 _KIND_OF: dict[type, MetricKind] = {
