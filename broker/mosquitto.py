@@ -217,6 +217,11 @@ def write_mosquitto_files(
     _atomic_write(files.config, render_config(files, opts), 0o640, owner)
     if owner is not None:
         os.chown(tls_dir, owner[0], owner[1])
+    if opts.persistence_dir is not None:
+        # Mosquitto runs without it and only fails, silently, when it saves at shutdown
+        opts.persistence_dir.mkdir(parents=True, exist_ok=True)
+        if owner is not None:
+            os.chown(opts.persistence_dir, owner[0], owner[1])
     return files
 
 

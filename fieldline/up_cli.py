@@ -11,6 +11,7 @@ from rich.live import Live
 from rich.table import Table
 
 from fieldline.errors import FieldlineError
+from fieldline.lock import StackLock
 from fieldline.logs import configure_logging
 from fieldline.settings import get_settings
 from fieldline.stack import LocalStack, StackOptions, View, watch_command
@@ -36,7 +37,9 @@ def up(
     settings = get_settings()
     configure_logging("WARNING" if console.is_terminal else settings.log_level)
     options = StackOptions(tenant=tenant, devices=devices, interval_s=interval, broker=broker)
-    asyncio.run(_run(LocalStack(settings, options), seconds))
+    # before anything starts: a second stack must neither start nor stop anything
+    with StackLock(settings.home):
+        asyncio.run(_run(LocalStack(settings, options), seconds))
 
 
 def _render(view: View, stack: LocalStack) -> Group:

@@ -96,6 +96,17 @@ def test_up_runs_the_pipeline_and_stops_cleanly(tmp_path: Path, broker: str) -> 
         assert queried.returncode == 0, queried.stderr
         assert sum(json.loads(line)["count"] for line in queried.stdout.splitlines()) > 0
         assert any("postgres" in p for p in _using(home)), "the embedded PostgreSQL runs"
+        # a second `fieldline up` in the same folder refuses in one line, starting and
+        # stopping nothing (it once failed on the port and stopped the first's PostgreSQL)
+        second = cli("up", "--devices", "1", "--broker", broker)
+        assert second.returncode == 2, (second.stdout, second.stderr)
+        assert f"another `fieldline up` (pid {up.pid})" in second.stderr
+        assert "Traceback" not in second.stdout + second.stderr
+        assert len(second.stderr.strip().splitlines()) == 1, second.stderr
+        assert up.poll() is None
+        assert any("postgres" in p for p in _using(home)), "the first stack's PostgreSQL runs"
+        again = cli("devices", "list", "demo", "--json")
+        assert again.returncode == 0, again.stderr
         up.send_signal(signal.SIGINT)
         assert up.wait(90) == 0, text()[-3000:]
         assert "stopped." in text()

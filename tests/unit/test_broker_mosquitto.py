@@ -94,6 +94,8 @@ def test_config_binds_identity_to_the_certificate(pki: Pki, tmp_path: Path) -> N
     ):
         assert expected in lines, expected
     assert "retain_available false" not in lines  # it would disconnect every device's status
+    # Mosquitto runs without its persistence directory and silently fails to save at shutdown
+    assert (tmp_path / "data").is_dir()
 
 
 def test_config_has_byte_memory_connection_and_keepalive_limits(pki: Pki, tmp_path: Path) -> None:
