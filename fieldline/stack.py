@@ -13,6 +13,7 @@ import logging
 import os
 import pwd
 import signal
+import socket
 import subprocess
 import tomllib
 from dataclasses import dataclass, field
@@ -94,6 +95,30 @@ def demo_manifest(settings: Settings, tenant: str) -> dict[str, Any]:
     return data
 
 
+def ports_free(s: Settings) -> None:
+    """Raise FieldlineError naming the setting if a port the stack listens on is taken."""
+    wanted = [
+        (s.broker.bind, s.broker.port, "broker.port (FIELDLINE_BROKER__PORT)"),
+        (s.broker.metrics_bind, s.broker.metrics_port,
+         "broker.metrics_port (FIELDLINE_BROKER__METRICS_PORT, 0 for none)"),
+        (s.ingest.metrics_bind, s.ingest.metrics_port,
+         "ingest.metrics_port (FIELDLINE_INGEST__METRICS_PORT, 0 for none)"),
+    ]  # fmt: skip
+    for host, port, setting in wanted:
+        if port == 0:
+            continue
+        with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as probe:
+            # as the servers bind: a port in TIME_WAIT is free, one with a listener is not
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            try:
+                probe.bind((host, port))
+            except OSError as exc:
+                raise FieldlineError(
+                    f"port {port} on {host} is not free ({exc.strerror}): another broker or "
+                    f"`fieldline up`? Stop it, or set {setting} to a free port"
+                ) from None
+
+
 class LocalStack:
     """`await start()` brings everything up; `await stop()` takes it down in reverse."""
 
@@ -114,6 +139,8 @@ class LocalStack:
 
     async def start(self) -> None:
         s, o = self.settings, self.options
+        # before anything starts: a taken port is one line, not a half-started stack
+        ports_free(s)
         pki = ensure_certificates(s, o.tenant)
         replay = ReplayPolicy(**s.commands.model_dump())
         config = FleetConfig(

@@ -7,6 +7,7 @@ import json
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
@@ -123,3 +124,32 @@ def test_up_runs_the_pipeline_and_stops_cleanly(tmp_path: Path, broker: str) -> 
                 capture_output=True, timeout=60,
             )  # fmt: skip
         shutil.rmtree(scratch, ignore_errors=True)
+
+
+def test_a_taken_port_is_one_line_and_nothing_starts(tmp_path: Path) -> None:
+    """It once printed 95 lines with 3 tracebacks, after starting PostgreSQL for nothing."""
+    home = tmp_path / "home"
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        env = {
+            **os.environ,
+            "PYTHONPATH": str(REPO),
+            "FIELDLINE_HOME": str(home),
+            "FIELDLINE_BROKER__PORT": str(port),
+            "FIELDLINE_BROKER__METRICS_PORT": "0",
+            "FIELDLINE_INGEST__METRICS_PORT": "0",
+        }
+        env.pop("FIELDLINE_DATABASE_URL", None)
+        done = subprocess.run(
+            [sys.executable, "-m", "fieldline", "up", "--devices", "1", "--seconds", "5"],
+            env=env, capture_output=True, text=True, timeout=120, check=False,
+        )  # fmt: skip
+    assert done.returncode == 2, (done.stdout, done.stderr)
+    assert done.stderr.strip().splitlines() == [
+        f"error: port {port} on 127.0.0.1 is not free (Address already in use): another broker "
+        "or `fieldline up`? Stop it, or set broker.port (FIELDLINE_BROKER__PORT) to a free port"
+    ]
+    assert "Traceback" not in done.stdout
+    assert not (home / "pg").exists(), "nothing was started"
