@@ -36,12 +36,13 @@ def j(data: dict[str, Any]) -> bytes:
     return json.dumps(data).encode()
 
 
-async def _chunks(dsn: str) -> int:
+async def _chunks(dsn: str, table: str = "numeric_values") -> int:
     return int(
         await fetchval(
             dsn,
             "SELECT count(*) FROM timescaledb_information.chunks "
-            "WHERE hypertable_schema = 'tenant_acme' AND hypertable_name = 'numeric_values'",
+            "WHERE hypertable_schema = 'tenant_acme' AND hypertable_name = $1",
+            table,
         )
     )
 
@@ -110,10 +111,10 @@ async def test_old_events_and_statuses_are_refused_like_old_telemetry(
         await worker.wait_connected(15)
         await asyncio.to_thread(burst, broker, broker.pki.device, fresh)
         await wait_for(lambda: _settled(worker, 1), 15, "the fresh event")
-        before = await _event_chunks(timescale_dsn)
+        before = await _chunks(timescale_dsn, "events")
         await asyncio.to_thread(burst, broker, broker.pki.device, old)
         await wait_for(lambda: _settled(worker, 202), 15, "the old ones")
-    assert await _event_chunks(timescale_dsn) == before
+    assert await _chunks(timescale_dsn, "events") == before
     dead = await fetch(timescale_dsn, "SELECT topic, reason FROM fieldline.dead_letters")
     assert {r["reason"] for r in dead} == {"too_old"}
     assert len(dead) == 60  # the device's dead-letter budget; the other 141 counted only
@@ -144,16 +145,6 @@ async def test_a_command_result_id_repeated_in_one_batch_is_one_row_without_a_sp
     rows = await fetch(timescale_dsn, "SELECT status FROM tenant_acme.commands")
     assert len(rows) == 200
     assert await count(timescale_dsn, "fieldline.dead_letters") == 0
-
-
-async def _event_chunks(dsn: str) -> int:
-    return int(
-        await fetchval(
-            dsn,
-            "SELECT count(*) FROM timescaledb_information.chunks "
-            "WHERE hypertable_schema = 'tenant_acme' AND hypertable_name = 'events'",
-        )
-    )
 
 
 async def test_the_window_follows_a_shorter_tenant_retention(
