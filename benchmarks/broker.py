@@ -162,19 +162,27 @@ def start_broker(kind: str, pki: Pki, workdir: Path) -> RunningBroker:
     with log.open("wb") as out:
         proc = subprocess.Popen(argv, stdout=out, stderr=out, env=env, cwd=workdir)
     broker = RunningBroker(kind, port, proc, log)
-    deadline = time.monotonic() + 30
     context = client_context(pki.ca_cert_path, None, None)
     service = pki.bundle("bench-svc")
     context.load_cert_chain(str(service.cert), str(service.key))
+    return wait_ready(broker, context)
+
+
+def wait_ready(broker: RunningBroker, context: ssl.SSLContext) -> RunningBroker:
+    """Once a TLS handshake with `context` completes; exits the benchmark if it never does."""
+    deadline = time.monotonic() + 30
     while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise SystemExit(f"{kind} exited: {log.read_text()[-2000:]}")
-        with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), 1) as raw:
+        if broker.proc.poll() is not None:
+            raise SystemExit(f"{broker.kind} exited: {broker.log.read_text()[-2000:]}")
+        with (
+            contextlib.suppress(OSError),
+            socket.create_connection(("127.0.0.1", broker.port), 1) as raw,
+        ):
             context.wrap_socket(raw, server_hostname="localhost").close()
             return broker
         time.sleep(0.1)
     broker.stop()
-    raise SystemExit(f"{kind} did not start: {log.read_text()[-2000:]}")
+    raise SystemExit(f"{broker.kind} did not start: {broker.log.read_text()[-2000:]}")
 
 
 def serve_plain(config_file: str) -> None:
@@ -368,7 +376,7 @@ def measure(broker: RunningBroker, pki: Pki, qos: int, seconds: float, window: i
         if proc.is_alive():
             proc.kill()
     time.sleep(1.0)  # let the broker drop the sessions before the next round
-    return (c1 - c0) / (t1 - t0)
+    return float(c1 - c0) / (t1 - t0)
 
 
 class Fleet:

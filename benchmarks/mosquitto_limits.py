@@ -39,7 +39,7 @@ from pathlib import Path
 import paho.mqtt.client as mqtt
 from paho.mqtt.enums import CallbackAPIVersion, MQTTProtocolVersion
 
-from benchmarks.broker import RunningBroker
+from benchmarks.broker import RunningBroker, wait_ready
 from benchmarks.mqttload import client_context, connect_packet
 from broker import wire
 from broker.mosquitto import (
@@ -103,17 +103,8 @@ def start_broker(kind: str, pki: Pki, workdir: Path, options: MosquittoOptions) 
     with log.open("wb") as out:
         proc = subprocess.Popen(argv, stdout=out, stderr=out, env=env, cwd=workdir)
     broker = Broker(kind, port, proc, log)
-    context = _context(pki, "probe")
-    deadline = time.monotonic() + 30
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise SystemExit(f"{kind} exited: {log.read_text()[-2000:]}")
-        with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), 1) as raw:
-            context.wrap_socket(raw, server_hostname="localhost").close()
-            return broker
-        time.sleep(0.1)
-    broker.stop()
-    raise SystemExit(f"{kind} did not start: {log.read_text()[-2000:]}")
+    wait_ready(broker, _context(pki, "probe"))
+    return broker
 
 
 def _context(pki: Pki, name: str) -> ssl.SSLContext:
