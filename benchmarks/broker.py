@@ -3,6 +3,7 @@
     python -m benchmarks.broker                       # all three brokers, 10,000 devices
     python -m benchmarks.broker --brokers fieldline --devices 2000 --seconds 3
     python -m benchmarks.broker --brokers fieldline --capacity 19000
+    python -m benchmarks.broker --compare --brokers fieldline-memory,fieldline --repeat 4
 
 For each broker (plain amqtt 0.12.1 as shipped, fieldline's embedded broker, Mosquitto with the
 config `fieldline broker mosquitto-config` renders) it measures telemetry msg/s at QoS 0 and
@@ -12,6 +13,13 @@ load is closed-loop: publishers keep at most --window messages between publish a
 so a slow broker is measured at its own pace instead of queueing without bound. Memory is the
 broker process's RSS at 1,000 and 5,000 (and N) connections; --capacity keeps connecting
 devices to the embedded broker until it refuses or the count is reached.
+
+`fieldline` is the embedded broker as it ships (durable: its store under the benchmark's home),
+`fieldline-memory` the same with `broker.durable = false`. The subscriber holds a persistent
+session (CleanSession 0, as the ingest worker does), so a durable broker stores every QoS 1
+message for it and acknowledges the publisher only once it is committed. `--compare` runs the
+named brokers side by side instead: all started at once, measured in alternating order (ABBA)
+`--repeat` times each, no fleet, and prints each one's median as a share of the first's.
 
 Certificates for the fleet are issued once into .fieldline/bench/pki and reused.
 Publisher, subscriber and fleet run in their own processes, on the same 2 cores as the broker.
@@ -113,13 +121,18 @@ def start_broker(kind: str, pki: Pki, workdir: Path) -> RunningBroker:
     port = free_port()
     log = workdir / f"{kind}.log"
     env = {**os.environ, "PYTHONPATH": str(REPO)}
-    if kind == "fieldline":
+    if kind in ("fieldline", "fieldline-memory"):
         env.update(
             FIELDLINE_HOME=str(pki.root.parent),
             FIELDLINE_LOG_LEVEL="WARNING",
             FIELDLINE_BROKER__MAX_CONNECTIONS="100000",
             FIELDLINE_BROKER__MAX_QUEUED="100000",
+            FIELDLINE_BROKER__DURABLE=str(kind == "fieldline").lower(),
+            FIELDLINE_BROKER__STORE_PATH=str(workdir / "store.sqlite3"),
         )
+        with contextlib.suppress(FileNotFoundError):
+            for suffix in ("", "-wal", "-shm"):
+                (workdir / f"store.sqlite3{suffix}").unlink()
         argv = [sys.executable, "-m", "fieldline", "broker", "run", "--port", str(port),
                 "--metrics-port", "0"]  # fmt: skip
     elif kind == "mosquitto":
@@ -158,7 +171,9 @@ def start_broker(kind: str, pki: Pki, workdir: Path) -> RunningBroker:
         )
         argv = [sys.executable, "-m", "benchmarks.broker", "--serve-plain", str(config)]
     else:
-        raise SystemExit(f"unknown broker {kind!r}: fieldline, mosquitto or amqtt")
+        raise SystemExit(
+            f"unknown broker {kind!r}: fieldline, fieldline-memory, mosquitto or amqtt"
+        )
     with log.open("wb") as out:
         proc = subprocess.Popen(argv, stdout=out, stderr=out, env=env, cwd=workdir)
     broker = RunningBroker(kind, port, proc, log)
@@ -217,14 +232,21 @@ def subscriber_main(
     port: int, ca: str, bundle: tuple[str, str, str], qos: int,
     received: Synchronized[int], ready: Any, stop: Any,
 ) -> None:  # fmt: skip
-    """One service client on fl/+/+/telemetry; publishes its count into `received`."""
+    """One service client on fl/+/+/telemetry, in a persistent session as the ingest worker
+    holds (the last round's leftovers wiped first); publishes its count into `received`."""
 
     async def run() -> None:
         client_id, cert, key = bundle
         context = client_context(Path(ca), Path(cert), Path(key))
+        wipe = await open_client("127.0.0.1", port, context, client_id)
+        assert wipe.transport is not None
+        wipe.transport.write(b"\xe0\x00")
+        wipe.transport.close()
+        await asyncio.sleep(0.2)
         proto = await open_client(
-            "127.0.0.1", port, context, client_id, subscribe=("fl/+/+/telemetry", qos)
-        )
+            "127.0.0.1", port, context, client_id, subscribe=("fl/+/+/telemetry", qos),
+            clean=False,
+        )  # fmt: skip
         ready.set()
         while not stop.is_set():
             received.value = proto.received
@@ -466,11 +488,7 @@ def run_broker(kind: str, pki: Pki, args: argparse.Namespace, workdir: Path) -> 
 
 
 def print_table(results: list[BrokerResult], devices: int) -> None:
-    names = {
-        "amqtt": "plain amqtt 0.12.1",
-        "fieldline": "fieldline (embedded)",
-        "mosquitto": "Mosquitto 2 (rendered)",
-    }
+    names = NAMES
     median = statistics.median
     print(f"\n{'broker':24} {'subscriptions':>13} {'QoS 0 msg/s':>12} {'QoS 1 msg/s':>12}")
     for r in results:
@@ -501,6 +519,39 @@ def print_table(results: list[BrokerResult], devices: int) -> None:
             )
 
 
+NAMES = {
+    "amqtt": "plain amqtt 0.12.1",
+    "fieldline": "fieldline (durable)",
+    "fieldline-memory": "fieldline, not durable",
+    "mosquitto": "Mosquitto 2 (rendered)",
+}
+
+
+def compare(kinds: list[str], pki: Pki, args: argparse.Namespace) -> None:
+    """The brokers side by side: all running, measured in ABBA order, medians compared."""
+    brokers = [start_broker(kind, pki, args.home / "run" / kind) for kind in kinds]
+    samples: dict[str, dict[int, list[float]]] = {k: {0: [], 1: []} for k in kinds}
+    try:
+        for round_ in range(args.repeat):
+            order = brokers if round_ % 2 == 0 else brokers[::-1]
+            for broker in order:
+                for qos in (1, 0):
+                    rate = measure(broker, pki, qos, args.seconds, args.window)
+                    samples[broker.kind][qos].append(rate)
+                    print(f"  round {round_ + 1} {broker.kind} QoS {qos}: {rate:,.0f} msg/s")
+    finally:
+        for broker in brokers:
+            broker.stop()
+    median = statistics.median
+    base = kinds[0]
+    print(f"\n{'broker':26} {'QoS 0 msg/s':>12} {'QoS 1 msg/s':>12} {'QoS 1 vs first':>15}")
+    for kind in kinds:
+        q0, q1 = median(samples[kind][0]), median(samples[kind][1])
+        share = q1 / median(samples[base][1])
+        print(f"{NAMES[kind]:26} {q0:>12,.0f} {q1:>12,.0f} {share:>15.0%}")
+    print(f"(medians of {args.repeat} alternating rounds of {args.seconds:.0f} s each)")
+
+
 def main() -> None:
     if len(sys.argv) == 3 and sys.argv[1] == "--serve-plain":
         serve_plain(sys.argv[2])
@@ -519,8 +570,14 @@ def main() -> None:
     )
     parser.add_argument("--home", type=Path, default=REPO / ".fieldline" / "bench")
     parser.add_argument("--json", type=Path, help="also write the results here")
+    parser.add_argument(
+        "--compare", action="store_true", help="the brokers side by side (ABBA), no fleet"
+    )
     args = parser.parse_args()
     _raise_nofile()
+    if args.compare:
+        compare(args.brokers.split(","), prepare_pki(args.home, 0), args)
+        return
     print(
         f"preparing certificates for {max(args.devices, args.capacity):,} devices in {args.home}",
         flush=True,

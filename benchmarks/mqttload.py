@@ -121,6 +121,7 @@ async def open_client(
     keepalive: int = 60,
     subscribe: tuple[str, int] | None = None,
     timeout: float = 30.0,
+    clean: bool = True,
 ) -> MqttLoadProtocol:
     """TLS, CONNECT (and SUBSCRIBE); raises ConnectionError when refused."""
     loop = asyncio.get_running_loop()
@@ -131,7 +132,7 @@ async def open_client(
         timeout,
     )
     assert protocol.transport is not None
-    protocol.transport.write(connect_packet(client_id, keepalive))
+    protocol.transport.write(connect_packet(client_id, keepalive, clean))
     rc = await asyncio.wait_for(protocol.connack, timeout)
     if rc != 0:
         protocol.transport.close()

@@ -1,7 +1,7 @@
 """One client connection as the embedded broker drives it: its writer, reader and handler.
 
-amqtt's handler is kept for its plumbing (start, stop, SUBACK and UNSUBACK), but what goes
-through a connection is handled here:
+Nothing of amqtt's connection machinery is used; what goes through a connection is handled
+here:
 
 - `Link` is the connection's only writer. Everything written in one turn of the event loop
   (PUBACKs, SUBACKs, PUBLISHes to this client) goes out as one TLS write, instead of one
@@ -12,11 +12,12 @@ through a connection is handled here:
   broker's memory budget is spent (publishers wait for subscribers to catch up instead of
   being acknowledged and dropped), and while the client is not reading what it is sent (its
   acknowledgements would pile up in the broker's socket buffer).
-- `FieldlineHandler` replaces amqtt's reader loop, which wraps every packet read in
-  `asyncio.wait_for` (a task and a timer per packet on Python 3.11) and starts another task
-  per packet: here a packet is decoded in place, PUBLISH, SUBSCRIBE and UNSUBSCRIBE go on one
-  queue in arrival order (ended by a marker when the connection goes), acknowledgements go
-  to the session's outbox, and keepalive is one timer per connection.
+- `Connection` reads packets and decodes them in place (amqtt's reader loop wraps every read
+  in `asyncio.wait_for` and starts a task per packet): PUBLISH, PUBREL, SUBSCRIBE and
+  UNSUBSCRIBE go on one queue in arrival order (ended by a marker when the connection goes),
+  acknowledgements of what the broker sent go to the session's outbox, and keepalive is one
+  timer per connection. With a durable store the PUBACK (PUBREC) of a PUBLISH is not written
+  here but by the broker, once what the message changed is committed.
 """
 
 from __future__ import annotations
@@ -27,15 +28,6 @@ import logging
 from collections.abc import Coroutine
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
-
-from amqtt.adapters import ReaderAdapter, WriterAdapter
-from amqtt.errors import MQTTError
-from amqtt.mqtt.disconnect import DisconnectPacket
-from amqtt.mqtt.protocol.broker_handler import (
-    BrokerProtocolHandler,
-    Subscription,
-    UnSubscription,
-)
 
 from broker import wire
 from broker.budget import MESSAGE_OVERHEAD
@@ -57,8 +49,8 @@ WORK_HIGH_BYTES = 1024 * 1024
 WORK_LOW_BYTES = 256 * 1024
 
 
-class Link(WriterAdapter):
-    """The connection's writer: amqtt's WriterAdapter and the outbox's Transport in one."""
+class Link:
+    """The connection's only writer, and the outbox's Transport."""
 
     HIGH_WATER = 256 * 1024
 
@@ -149,15 +141,7 @@ class Link(WriterAdapter):
                     return
                 await asyncio.sleep(0.005)
 
-    async def drain(self) -> None:
-        # amqtt drains after every packet; the turn's writes leave together at its end, so
-        # only wait when the socket is really backed up
-        if self._transport.get_write_buffer_size() > self.HIGH_WATER:
-            self.flush()
-            with contextlib.suppress(ConnectionError):
-                await self._writer.drain()
-
-    # -- the rest of amqtt's WriterAdapter --------------------------------------------------
+    # -- the connection --------------------------------------------------------------------
     def get_peer_info(self) -> tuple[str, int] | None:
         peer = self._writer.get_extra_info("peername")
         return (peer[0], peer[1]) if peer and len(peer) >= 2 else None
@@ -182,24 +166,67 @@ class Link(WriterAdapter):
 
 @dataclass(frozen=True, slots=True)
 class Ended:
-    """The last item of a connection's work queue: DISCONNECT, or None for any other end."""
+    """The last item of a connection's work queue; `graceful` after a DISCONNECT."""
 
-    packet: DisconnectPacket | None
+    graceful: bool
 
 
-class FramedReader(ReaderAdapter):
+@dataclass(frozen=True, slots=True)
+class Incoming:
+    """A PUBLISH from the client, decoded; `reply` is its PUBACK or PUBREC still to write
+    (empty when already written, or for QoS 0)."""
+
+    topic: str
+    data: bytes
+    qos: int
+    retain: bool
+    reply: bytes = b""
+    packet_id: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class Released:
+    """A PUBREL: the QoS 2 packet id is free again; PUBCOMP is `reply`."""
+
+    packet_id: int
+    reply: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class Reply:
+    """An acknowledgement to write in order with the others (a resent QoS 2 PUBLISH's PUBREC)."""
+
+    reply: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class SubscribeRequest:
+    packet_id: int
+    topics: list[tuple[str, int]]
+
+
+@dataclass(frozen=True, slots=True)
+class UnsubscribeRequest:
+    packet_id: int
+    topics: list[str]
+
+
+Work = Incoming | Released | Reply | SubscribeRequest | UnsubscribeRequest | Ended
+
+
+class FramedReader:
     """Whole packets from the stream, refusing oversized ones before reading their body."""
 
     def __init__(
-        self, reader: asyncio.StreamReader, max_bytes: int, handler: FieldlineHandler
+        self, reader: asyncio.StreamReader, max_bytes: int, connection: Connection
     ) -> None:
         self._reader = reader
         self._max = max_bytes
-        self._handler = handler
+        self._connection = connection
 
     async def next_packet(self) -> tuple[int, bytes] | None:
         """(first byte, body) of the next packet, or None at the end of the stream."""
-        await self._handler.room_for_work()
+        await self._connection.room_for_work()
         try:
             first = (await self._reader.readexactly(1))[0]
         except asyncio.IncompleteReadError:
@@ -215,48 +242,45 @@ class FramedReader(ReaderAdapter):
                 if shift > 21:
                     raise ProtocolError("malformed remaining length")
             if length > self._max:
-                self._handler.close_reason = "packet-too-large"
+                self._connection.close_reason = "packet-too-large"
                 raise ProtocolError(f"a packet of {length} bytes, over the {self._max}-byte limit")
             return first, await self._reader.readexactly(length) if length else b""
         except asyncio.IncompleteReadError as exc:
             raise ProtocolError("the connection closed in the middle of a packet") from exc
 
-    async def read(self, n: int = -1) -> bytes:  # amqtt's interface; nothing reads through it
-        raise NotImplementedError("FieldlineHandler reads whole packets with next_packet()")
 
-    def feed_eof(self) -> None:
-        self._reader.feed_eof()
+class Connection:
+    """One client connection's reader: one ordered work queue, one keepalive timer.
 
-
-@dataclass(frozen=True, slots=True)
-class Incoming:
-    """A PUBLISH from the client, decoded (attribute names as amqtt's ApplicationMessage)."""
-
-    topic: str
-    data: bytes
-    qos: int
-    retain: bool
-
-
-class FieldlineHandler(BrokerProtocolHandler):
-    """amqtt's handler with fieldline's reader: one ordered work queue, one keepalive timer."""
+    With `defer_replies` (a durable broker) PUBACK and PUBREC travel with their PUBLISH on
+    the work queue and the broker writes them once the message is stored.
+    """
 
     def __init__(
         self,
-        plugins_manager: Any,
+        reader: asyncio.StreamReader,
         link: Link,
+        client_id: str,
         qos2_received: set[int],
+        *,
+        keepalive_s: float,
+        max_packet_bytes: int,
         budget: MemoryBudget | None = None,
+        defer_replies: bool = False,
     ) -> None:
-        super().__init__(plugins_manager, loop=asyncio.get_running_loop())
         self.link = link
+        self.client_id = client_id
         self.budget = budget
+        self.keepalive_s = keepalive_s
+        self.defer_replies = defer_replies
         self.close_reason: str | None = None
-        self.work: asyncio.Queue[Any] = asyncio.Queue()
+        self.work: asyncio.Queue[Work] = asyncio.Queue()
         self.work_bytes = 0  # of the PUBLISHes in `work`, charged to the budget until routed
         # packet ids of QoS 2 PUBLISHes delivered but not yet released: kept with the session,
         # so a resent PUBLISH (DUP) after a reconnect is not delivered twice
         self.qos2_received = qos2_received
+        self._packets = FramedReader(reader, max_packet_bytes, self)
+        self._loop = asyncio.get_running_loop()
         self._room = asyncio.Event()
         self._room.set()
         self._closed = asyncio.Event()
@@ -265,11 +289,19 @@ class FieldlineHandler(BrokerProtocolHandler):
         self._ended = False
         self._last_rx = 0.0
         self._keepalive_timer: asyncio.TimerHandle | None = None
+        self._task: asyncio.Task[None] | None = None
 
-    def attach(self, session: Any, reader: ReaderAdapter, writer: WriterAdapter) -> None:
-        # amqtt's code reads the session's incoming queue: make it this connection's
-        session.delivered_message_queue = self.work
-        super().attach(session, reader, writer)
+    def start(self) -> None:
+        """Start reading."""
+        self._task = self._loop.create_task(self._read_loop(), name=f"mqtt-read-{self.client_id}")
+
+    async def stop(self) -> None:
+        """Stop reading (the work queue gets its end marker) and wait for the reader."""
+        task = self._task
+        if task is not None and not task.done() and task is not asyncio.current_task():
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
+        self._end(graceful=False)
 
     # -- the work queue ---------------------------------------------------------------------
     async def room_for_work(self) -> None:
@@ -323,7 +355,7 @@ class FieldlineHandler(BrokerProtocolHandler):
         if self._closed.is_set():
             raise ConnectionError("closed while not reading")
 
-    async def next_work(self) -> Any:
+    async def next_work(self) -> Work:
         item = await self.work.get()
         if isinstance(item, Incoming):
             size = len(item.topic) + len(item.data) + MESSAGE_OVERHEAD
@@ -346,48 +378,41 @@ class FieldlineHandler(BrokerProtocolHandler):
         self._published = True
         self.work.put_nowait(message)
 
-    def _end(self, packet: DisconnectPacket | None) -> None:
+    def _end(self, graceful: bool) -> None:
         if not self._ended:
             self._ended = True
-            self.work.put_nowait(Ended(packet))
+            self.work.put_nowait(Ended(graceful))
             self._room.set()
 
     # -- reading ----------------------------------------------------------------------------
-    async def _reader_loop(self) -> None:
-        assert self._reader_ready is not None
-        assert isinstance(self.reader, FramedReader)
-        self._reader_ready.set()
+    async def _read_loop(self) -> None:
         self._last_rx = self._loop.time()
-        keepalive = self.session.keep_alive if self.session is not None else 0
-        if keepalive and keepalive > 0:
-            self._keepalive_timer = self._loop.call_later(keepalive, self._check_keepalive)
-        disconnect: DisconnectPacket | None = None
+        if self.keepalive_s > 0:
+            self._keepalive_timer = self._loop.call_later(self.keepalive_s, self._check_keepalive)
+        graceful = False
         try:
             while True:
-                packet = await self.reader.next_packet()
+                packet = await self._packets.next_packet()
                 if packet is None:
                     break
                 self._last_rx = self._loop.time()
-                disconnect = self._dispatch(*packet)
-                if disconnect is not None:
+                if self._dispatch(*packet):
+                    graceful = True
                     break
         except asyncio.CancelledError:
             pass
-        except (ProtocolError, MQTTError, UnicodeDecodeError, IndexError, ValueError) as exc:
+        except (ProtocolError, UnicodeDecodeError, IndexError, ValueError) as exc:
             self.close_reason = self.close_reason or "protocol-error"
-            client = self.session.client_id if self.session is not None else None
-            log.info("event=protocol_error client=%s detail=%r", client, str(exc))
+            log.info("event=protocol_error client=%s detail=%r", self.client_id, str(exc))
         except (ConnectionError, OSError):
             pass
         finally:
             if self._keepalive_timer is not None:
                 self._keepalive_timer.cancel()
-            self._end(disconnect)
-            self._reader_stopped.set()
-            await self.stop()
+            self._end(graceful)
 
     def _check_keepalive(self) -> None:
-        keepalive = self.session.keep_alive if self.session is not None else 0
+        keepalive = self.keepalive_s
         if self._pausing:
             # the broker is not reading this client: its silence cannot be told; ask again later
             self._keepalive_timer = self._loop.call_later(keepalive, self._check_keepalive)
@@ -399,8 +424,8 @@ class FieldlineHandler(BrokerProtocolHandler):
         else:
             self._keepalive_timer = self._loop.call_later(keepalive - idle, self._check_keepalive)
 
-    def _dispatch(self, first: int, body: bytes) -> DisconnectPacket | None:
-        """Handle one packet; a DISCONNECT is returned, a protocol violation raised."""
+    def _dispatch(self, first: int, body: bytes) -> bool:
+        """Handle one packet; True for DISCONNECT, a protocol violation raised."""
         kind = first >> 4
         if kind == 3:
             self._publish(first, body)
@@ -412,25 +437,26 @@ class FieldlineHandler(BrokerProtocolHandler):
             if self.link.outbox is not None:
                 self.link.outbox.received(packet_id)
             self.link.write(wire.pubrel(packet_id))  # answers every PUBREC, known or not
-        elif kind == 6 and first & 0x0F == 2:  # PUBREL
+        elif kind == 6 and first & 0x0F == 2:  # PUBREL: in order with the PUBLISHes
             packet_id = _packet_id(body)
-            self.qos2_received.discard(packet_id)
-            self.link.write(b"\x70\x02" + body[:2])  # PUBCOMP
+            self.work.put_nowait(Released(packet_id, b"\x70\x02" + body[:2]))
         elif kind == 7:  # PUBCOMP
             if self.link.outbox is not None:
                 self.link.outbox.acknowledge(_packet_id(body))
         elif kind == 8 and first & 0x0F == 2:
-            self.work.put_nowait(Subscription(*wire.decode_subscribe(body)))
+            self.work.put_nowait(SubscribeRequest(*wire.decode_subscribe(body)))
         elif kind == 10 and first & 0x0F == 2:
-            self.work.put_nowait(UnSubscription(*wire.decode_unsubscribe(body)))
+            self.work.put_nowait(UnsubscribeRequest(*wire.decode_unsubscribe(body)))
         elif kind == 12:
             self.link.write(b"\xd0\x00")  # PINGRESP
         elif kind == 14:
-            return DisconnectPacket()
+            if len(body):
+                raise ProtocolError("a DISCONNECT with a body")
+            return True
         else:
             # CONNECT again (MQTT-3.1.0-2), packets only a server sends, reserved types, bad flags
             raise ProtocolError(f"unexpected packet type {kind} (flags {first & 0x0F})")
-        return None
+        return False
 
     def _publish(self, first: int, body: bytes) -> None:
         qos = (first >> 1) & 0x03
@@ -442,27 +468,30 @@ class FieldlineHandler(BrokerProtocolHandler):
         topic = body[2 : 2 + size].decode("utf-8")
         if "\x00" in topic:
             raise ProtocolError("a topic name with a NUL character (MQTT-4.7.3-2)")
+        retain = bool(first & 1)
         if qos == 0:
-            self._queue_publish(Incoming(topic, body[2 + size :], 0, bool(first & 1)))
+            self._queue_publish(Incoming(topic, body[2 + size :], 0, retain))
             return
         packet_id = (body[2 + size] << 8) | body[3 + size]
         if packet_id == 0:
             raise ProtocolError("a QoS 1 or 2 PUBLISH with packet id 0 (MQTT-2.3.1-1)")
-        message = Incoming(topic, body[4 + size :], qos, bool(first & 1))
-        if qos == 1:
-            self._queue_publish(message)
-            self.link.write(b"\x40\x02" + body[2 + size : 4 + size])  # PUBACK
+        reply = (b"\x40\x02" if qos == 1 else b"\x50\x02") + body[2 + size : 4 + size]
+        if qos == 2 and packet_id in self.qos2_received:
+            # a DUP of a delivered one is not delivered again, only acknowledged
+            if self.defer_replies:
+                self.work.put_nowait(Reply(reply))
+            else:
+                self.link.write(reply)
             return
-        if packet_id not in self.qos2_received:  # a DUP of a delivered one is not delivered again
+        if qos == 2:
             self.qos2_received.add(packet_id)
-            self._queue_publish(message)
-        self.link.write(b"\x50\x02" + body[2 + size : 4 + size])  # PUBREC
+        if self.defer_replies:
+            self._queue_publish(Incoming(topic, body[4 + size :], qos, retain, reply, packet_id))
+        else:
+            self._queue_publish(Incoming(topic, body[4 + size :], qos, retain, b"", packet_id))
+            self.link.write(reply)
 
     # -- the rest ---------------------------------------------------------------------------
-    async def stop(self) -> None:
-        await super().stop()
-        self._end(None)
-
     def close(self, reason: str) -> None:
         """Drop the connection; the reader sees it and the broker runs the disconnect path."""
         self.close_reason = self.close_reason or reason

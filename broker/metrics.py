@@ -11,6 +11,7 @@ from prometheus_client.registry import Collector
 
 if TYPE_CHECKING:
     from broker.budget import MemoryBudget
+    from broker.store import BrokerStore
 
 
 class BrokerMetrics:
@@ -72,6 +73,16 @@ class BrokerMetrics:
             registry=r,
         )
 
+        self.expired = Counter(
+            "fieldline_broker_sessions_expired_total",
+            "Offline persistent sessions deleted after broker.session_expiry_s.",
+            registry=r,
+        )
+
+    def watch_store(self, store: BrokerStore) -> None:
+        """Expose the durable store: commits, changes, errors, pending changes, bytes on disk."""
+        self.registry.register(_StoreCollector(store))
+
     def watch_budget(self, budget: MemoryBudget) -> None:
         """Expose the memory budget: bytes held by pool, the limit, publishers paused."""
         self.registry.register(_BudgetCollector(budget))
@@ -108,6 +119,44 @@ class _BudgetCollector(Collector):
             "fieldline_broker_backpressure_pauses",
             "Times a publishing connection stopped being read because the budget was spent.",
             value=b.pauses,
+        )
+
+
+class _StoreCollector(Collector):
+    def __init__(self, store: BrokerStore) -> None:
+        self._store = store
+
+    def collect(self) -> Iterator[Metric]:
+        s = self._store
+        yield CounterMetricFamily(
+            "fieldline_broker_store_commits",
+            "Transactions committed to the durable store (each holds a group of changes).",
+            value=s.commits,
+        )
+        yield CounterMetricFamily(
+            "fieldline_broker_store_changes",
+            "Changes (messages queued or gone, sessions, subscriptions, retained) committed.",
+            value=s.changes,
+        )
+        yield CounterMetricFamily(
+            "fieldline_broker_store_commit_seconds",
+            "Time spent committing to the durable store.",
+            value=s.commit_seconds,
+        )
+        yield CounterMetricFamily(
+            "fieldline_broker_store_errors",
+            "Commits that failed (retried; acknowledgements wait meanwhile).",
+            value=s.errors,
+        )
+        yield GaugeMetricFamily(
+            "fieldline_broker_store_pending_changes",
+            "Changes recorded and not yet committed.",
+            value=s.pending,
+        )
+        yield GaugeMetricFamily(
+            "fieldline_broker_store_bytes",
+            "Size of the durable store on disk (database and write-ahead log).",
+            value=s.size_bytes(),
         )
 
 

@@ -8,6 +8,9 @@ before anything queued, paced by the socket like everything else.
 
 Each outbox is bounded by count and by bytes, queued and in flight, and charges what it holds
 to the broker's `MemoryBudget` (a message's bytes are its topic, payload and a fixed overhead).
+A persistent session's outbox on a durable broker also has a `Journal`: every QoS 1/2 message
+it takes is recorded in the store, and recorded as gone when it leaves (acknowledged, dropped
+or the session deleted).
 """
 
 from __future__ import annotations
@@ -33,10 +36,18 @@ class Transport(Protocol):
         ...
 
 
+class Journal(Protocol):
+    """Where a durable outbox records the messages it holds (broker.store.Journal)."""
+
+    def added(self, message: Message) -> None: ...
+
+    def removed(self, message: Message) -> None: ...
+
+
 class Message:
     """A message on its way to one client (QoS and retain already as that client gets them)."""
 
-    __slots__ = ("packet_id", "payload", "qos", "released", "retain", "size", "topic")
+    __slots__ = ("packet_id", "payload", "qos", "released", "retain", "seq", "size", "topic")
 
     def __init__(self, topic: bytes, payload: bytes, qos: int, retain: bool) -> None:
         self.topic = topic
@@ -45,6 +56,7 @@ class Message:
         self.retain = retain
         self.packet_id = 0
         self.released = False  # QoS 2: PUBREC received and PUBREL sent, PUBCOMP awaited
+        self.seq = 0  # its key in the durable store (0: not stored)
         self.size = len(topic) + len(payload) + MESSAGE_OVERHEAD
 
     def packet(self, dup: bool = False) -> bytes:
@@ -75,6 +87,7 @@ class Outbox:
         self.max_inflight_bytes = max_inflight_bytes
         self.max_queued_bytes = max_queued_bytes
         self.budget = budget
+        self.journal: Journal | None = None
         self.queue: deque[Message] = deque()
         self.inflight: dict[int, Message] = {}  # insertion order is send order
         self.queued_bytes = 0
@@ -107,6 +120,8 @@ class Outbox:
             return QUEUE_BYTES
         self.queue.append(message)
         self.queued_bytes += size
+        if self.journal is not None and message.qos and not message.seq:
+            self.journal.added(message)
         if self.budget is not None:
             self.budget.charge(size, self._transport is None)
         if self._transport is not None:
@@ -183,8 +198,10 @@ class Outbox:
         """Drop the newest queued messages until `n` bytes are freed (or none is left); how many."""
         freed, count = 0, 0
         while self.queue and freed < n:
-            freed += self.queue.pop().size
+            message = self.queue.pop()
+            freed += message.size
             count += 1
+            self._gone(message)
         self.queued_bytes -= freed
         if self.budget is not None:
             self.budget.release(freed, self._transport is None)
@@ -197,6 +214,9 @@ class Outbox:
         offline = self._transport is None
         self._keep_queued(wanted, offline)
         kept = {pid: m for pid, m in self.inflight.items() if wanted(m)}
+        for message in self.inflight.values():
+            if message.packet_id not in kept:
+                self._gone(message)
         gone = self.inflight_bytes - sum(m.size for m in kept.values())
         self.inflight = kept
         self.inflight_bytes -= gone
@@ -211,6 +231,7 @@ class Outbox:
             return False
         del self.inflight[packet_id]
         self.inflight_bytes -= message.size
+        self._gone(message)
         if self.budget is not None:
             self.budget.release(message.size, self._transport is None)
         if self._transport is not None:
@@ -226,16 +247,28 @@ class Outbox:
         return True
 
     def _keep_queued(self, wanted: Callable[[Message], bool], offline: bool) -> None:
-        kept = deque(m for m in self.queue if wanted(m))
+        kept: deque[Message] = deque()
+        for message in self.queue:
+            if wanted(message):
+                kept.append(message)
+            else:
+                self._gone(message)
         gone = self.queued_bytes - sum(m.size for m in kept)
         self.queue = kept
         self.queued_bytes -= gone
         if self.budget is not None:
             self.budget.release(gone, offline)
 
+    def _gone(self, message: Message) -> None:
+        if message.seq and self.journal is not None:
+            self.journal.removed(message)
+
     def _forget(self, offline: bool) -> None:
         if self.budget is not None:
             self.budget.release(self.held_bytes, offline)
+        if self.journal is not None:
+            for message in (*self.queue, *self.inflight.values()):
+                self._gone(message)
         self.queue.clear()
         self.inflight.clear()
         self.queued_bytes = self.inflight_bytes = 0

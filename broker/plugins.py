@@ -1,21 +1,28 @@
-"""amqtt plugins: identity from this connection's client certificate, and the ACL policy.
+"""The broker's checks, written to amqtt's plugin interface: identity from this connection's
+client certificate, and the ACL policy.
 
-Both are loaded from an explicit `plugins:` section (see broker.server), so none of amqtt's
-defaults (anonymous login, its topic ACL without identity substitution) is ever active.
+`load_plugins` builds exactly the plugins the broker's options name (ours, and any extra ones),
+so none of amqtt's defaults (anonymous login, its topic ACL without identity substitution) is
+ever active.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import importlib
 import logging
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from amqtt.contexts import Action as AmqttAction
-from amqtt.plugins.base import BaseAuthPlugin, BaseTopicPlugin
+from amqtt.contexts import BaseContext
+from amqtt.plugins.base import BaseAuthPlugin, BasePlugin, BaseTopicPlugin
 from cryptography import x509
 
 from broker import wire
+from broker.errors import BrokerError
 from broker.identity import (
     AUTH_REFUSAL,
     DENIAL,
@@ -35,6 +42,36 @@ _ACTIONS = {
     AmqttAction.SUBSCRIBE: Action.SUBSCRIBE,
     AmqttAction.RECEIVE: Action.RECEIVE,
 }
+
+
+def load_plugins(config: Mapping[str, Mapping[str, Any]]) -> list[BasePlugin[Any]]:
+    """Each plugin (dotted class path -> its Config fields), built as amqtt's interface says:
+    a context whose `config` is an instance of the plugin's `Config` dataclass."""
+    plugins: list[BasePlugin[Any]] = []
+    for path, fields in config.items():
+        module_name, _, class_name = path.rpartition(".")
+        try:
+            found: object = getattr(importlib.import_module(module_name), class_name)
+        except (ImportError, AttributeError, ValueError) as exc:
+            raise BrokerError(f"broker plugin {path!r} cannot be imported: {exc}") from exc
+        if not (isinstance(found, type) and issubclass(found, (BaseAuthPlugin, BaseTopicPlugin))):
+            raise BrokerError(
+                f"broker plugin {path!r} is neither an auth nor a topic plugin "
+                "(amqtt.plugins.base.BaseAuthPlugin or BaseTopicPlugin)"
+            )
+        plugin_class: type[BaseAuthPlugin | BaseTopicPlugin] = found
+        context = BaseContext()
+        context.logger = logging.getLogger(f"broker.plugin.{class_name}")
+        try:
+            plugin_config = plugin_class.Config(**fields)  # each plugin's own dataclass
+        except TypeError as exc:
+            raise BrokerError(f"broker plugin {path!r}: bad configuration: {exc}") from exc
+        if not dataclasses.is_dataclass(plugin_config):
+            raise BrokerError(f"broker plugin {path!r}: its Config must be a dataclass")
+        # amqtt's interface: a plugin reads its Config instance from context.config
+        context.config = plugin_config
+        plugins.append(plugin_class(context))
+    return plugins
 
 
 @dataclass(frozen=True)

@@ -1,52 +1,65 @@
-"""fieldline's embedded broker: amqtt 0.12.1 with certificate identity, ACLs and its defects closed.
+"""fieldline's embedded broker: MQTT 3.1.1 over mutual TLS, certificate identity, ACLs, bounded
+memory, and (with a store) nothing acknowledged lost when the process dies.
 
-`FieldlineBroker` keeps amqtt's listeners, packet codec, reader loop and plugin manager, and
-replaces what DESIGN.md lists as broken: the CONNECT path (authenticate first, from this
+The engine is fieldline's own: the listener, the CONNECT path (authenticate first, from this
 connection's certificate, before any existing session is touched; answer MQTT 5 with CONNACK
-0x01; never leak a connection slot), keepalive (1.5 x, then the Will), the Will and retained
-messages going through the ACL, outgoing delivery (an outbox per session that survives
-reconnects, min(publish, subscription) QoS, retain only on retained messages), and
-subscription matching (an index instead of a scan of every filter).
+0x01; never leak a connection slot), the session registry and its expiry, keepalive (1.5 x,
+then the Will), the Will and retained messages going through the ACL, outgoing delivery (an
+outbox per session that survives reconnects, min(publish, subscription) QoS, retain only on
+retained messages), and subscription matching (an index instead of a scan of every filter).
+From amqtt it takes the plugin interface (`BaseAuthPlugin`, `BaseTopicPlugin`, `Action`),
+so an amqtt plugin can add a check; docs/broker.md lists what is used, as the upgrade
+checklist.
 
 Memory is bounded in bytes as well as messages: each outbox by its own limits (a connected
 client whose queue reaches them is cut off as a slow consumer), all of them together by the
 `MemoryBudget` (publishers are not read while it is spent; offline sessions keep at most half
 of it; when it stays spent, the largest client that has stopped reading is cut off).
+
+With `store_file`, persistent sessions, their subscriptions and queued QoS 1/2 messages, and
+retained messages are kept in a `BrokerStore`; a PUBACK, PUBREC, SUBACK or UNSUBACK is
+written only once what its packet changed is committed, and a restart recovers it all.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import logging
-from asyncio import sslproto
+import time
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
-from amqtt.broker import Broker
 from amqtt.contexts import Action as AmqttAction
-from amqtt.contexts import ListenerType
-from amqtt.errors import AMQTTError
-from amqtt.events import BrokerEvents
-from amqtt.mqtt.disconnect import DisconnectPacket
-from amqtt.mqtt.protocol.broker_handler import Subscription, UnSubscription
-from amqtt.plugins.base import BaseTopicPlugin
-from amqtt.session import Session
+from amqtt.plugins.base import BaseAuthPlugin, BasePlugin, BaseTopicPlugin
 
 from broker import wire
 from broker.budget import MemoryBudget
-from broker.connection import Ended, FieldlineHandler, FramedReader, Incoming, Link
+from broker.connection import (
+    Connection,
+    Ended,
+    Incoming,
+    Link,
+    Released,
+    Reply,
+    SubscribeRequest,
+    UnsubscribeRequest,
+)
 from broker.errors import BrokerError, ProtocolError, TlsSetupError, UnsupportedProtocolError
-from broker.identity import AUTH_REFUSAL, SERIAL, last_denial, principal_of
+from broker.identity import AUTH_REFUSAL, PRINCIPAL, SERIAL, last_denial, principal_of
 from broker.index import SubscriptionIndex
 from broker.metrics import BrokerMetrics
 from broker.outbox import QUEUE_BYTES, Message, Outbox
-from broker.plugins import Refusal
+from broker.plugins import Refusal, load_plugins
+from broker.policy import Principal
 from broker.retained import RetainedTopics
 from broker.revocation import RevocationList
+from broker.session import Session
+from broker.store import BrokerStore, Recovered
 from broker.tls import ReloadableTls
 from certs import Role
 from schemas.errors import InvalidFilterError
@@ -55,7 +68,6 @@ from schemas.topics import SHARE_PREFIX, validate_filter
 log = logging.getLogger("broker")
 
 SUBACK_FAILURE = 0x80
-TLS_READ_BUFFER = 32 * 1024
 _QOS_MAX = 2
 # A CONNECT carries at most a client id, a Will and credentials, each with a 16-bit length.
 _MAX_CONNECT_BYTES = 4 * 65_537 + 16
@@ -63,6 +75,8 @@ _MAX_CONNECT_BYTES = 4 * 65_537 + 16
 MEMORY_SWEEP_S = 1.0
 # a client whose socket has not drained for this long, while the budget is spent, may be cut
 STUCK_S = 5.0
+# how long shutdown waits for connections to finish the work they had read
+SHUTDOWN_DRAIN_S = 5.0
 
 
 @dataclass(frozen=True)
@@ -97,6 +111,9 @@ class BrokerOptions:
     session_expiry_s: int = 7 * 24 * 3600
     keepalive_factor: float = 1.5
     crl_refresh_s: float = 5.0
+    # the durable store (None: sessions and retained messages live in memory only)
+    store_file: Path | None = None
+    store_sync: Literal["normal", "full"] = "normal"
     # further amqtt plugins (dotted path -> config); ours are always loaded and all must allow
     extra_plugins: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
     # every PUBLISH the policy allowed, (topic, payload), for an embedding process: the edge
@@ -116,77 +133,35 @@ class BrokerOptions:
                     f"({self.memory_budget_bytes}), so that no one session can take the budget"
                 )
 
-    def amqtt_config(self) -> dict[str, Any]:
-        """amqtt's configuration, with an explicit plugins section so no default plugin loads."""
-        host = f"[{self.bind}]" if ":" in self.bind else self.bind
+    def plugin_config(self) -> dict[str, dict[str, Any]]:
+        """The plugins to load (dotted path -> config): ours, then any extra ones."""
         auth: dict[str, Any] = {"ca_file": str(self.ca_file)}
         if self.crl_file is not None:
             auth["crl_file"] = str(self.crl_file)
         return {
-            "listeners": {
-                "default": {
-                    "type": "tcp",
-                    "bind": f"{host}:{self.port}",
-                    "max_connections": -1,  # enforced here, without amqtt's leaky semaphore
-                    "ssl": True,
-                    "cafile": str(self.ca_file),
-                    "certfile": str(self.cert_file),
-                    "keyfile": str(self.key_file),
-                }
-            },
-            "plugins": {
-                "broker.plugins.CertificateAuthPlugin": auth,
-                "broker.plugins.PolicyTopicPlugin": {},
-                **{path: dict(config) for path, config in self.extra_plugins.items()},
-            },
-            "session_expiry_interval": self.session_expiry_s,
+            "broker.plugins.CertificateAuthPlugin": auth,
+            "broker.plugins.PolicyTopicPlugin": {},
+            **{path: dict(config) for path, config in self.extra_plugins.items()},
         }
 
 
-class FieldlineSession(Session):
-    """amqtt's session plus its outbox and the handler of its live connection (None offline)."""
+@dataclass(frozen=True)
+class SessionState:
+    """What the broker holds for one client id (for operators and tests)."""
 
-    def __init__(self, outbox: Outbox) -> None:
-        super().__init__()
-        self.outbox = outbox
-        self.handler: FieldlineHandler | None = None
-        self.qos2_received: set[int] = set()
-
-    @classmethod
-    def from_connect(cls, connect: wire.Connect, link: Link, outbox: Outbox) -> FieldlineSession:
-        session = cls(outbox)
-        session.client_id = connect.client_id
-        session.clean_session = connect.clean_session
-        session.keep_alive = connect.keepalive
-        if connect.will is not None:
-            session.will_flag = True
-            session.will_topic = connect.will.topic
-            session.will_message = connect.will.payload
-            session.will_qos = connect.will.qos
-            session.will_retain = connect.will.retain
-        session.username = connect.username
-        session.ssl_object = link.get_ssl_info()
-        session.remote_address, session.remote_port = link.get_peer_info() or ("?", 0)
-        return session
-
-    def clear_queues(self) -> None:
-        # the incoming queue belongs to the connection, which drains it to its end marker;
-        # emptying it from here (amqtt does on session delete) would leave that loop hanging
-        while not self.retained_messages.empty():
-            self.retained_messages.get_nowait()
-        self.outbox.clear()  # the session is deleted (or expired): its bytes leave the budget
-
-    def resume_from(self, fresh: FieldlineSession) -> None:
-        """A persistent session taken up by a new, authenticated connection: its identity wins."""
-        for name in (
-            "will_flag", "will_topic", "will_message", "will_qos", "will_retain",
-            "keep_alive", "username", "password", "ssl_object", "remote_address", "remote_port",
-        ):  # fmt: skip
-            setattr(self, name, getattr(fresh, name))
-        self.attributes.update(fresh.attributes)
+    connected: bool
+    queued: int
+    subscriptions: dict[str, int]
+    offline_since: float | None
 
 
-class FieldlineBroker(Broker):
+@dataclass(frozen=True, slots=True)
+class RetainedMessage:
+    payload: bytes
+    qos: int
+
+
+class FieldlineBroker:
     """The embedded broker. Use as `async with FieldlineBroker(options):` or start()/shutdown()."""
 
     def __init__(self, options: BrokerOptions, metrics: BrokerMetrics | None = None) -> None:
@@ -198,23 +173,33 @@ class FieldlineBroker(Broker):
         self._tls = ReloadableTls(
             options.ca_file, options.cert_file, options.key_file, options.crl_file
         )
-        super().__init__(options.amqtt_config())
+        self.plugins: list[BasePlugin[Any]] = load_plugins(options.plugin_config())
+        self._auth_plugins = [p for p in self.plugins if isinstance(p, BaseAuthPlugin)]
+        self._topic_plugins = [p for p in self.plugins if isinstance(p, BaseTopicPlugin)]
+        self.store = (
+            BrokerStore(options.store_file, options.store_sync)
+            if options.store_file is not None
+            else None
+        )
+        self._sessions: dict[str, Session] = {}
         self._index: SubscriptionIndex[str] = SubscriptionIndex()
+        self._retained: dict[str, RetainedMessage] = {}
         self._retained_topics = RetainedTopics()
-        self._topic_plugins = [
-            p for p in self.plugins_manager.plugins if isinstance(p, BaseTopicPlugin)
-        ]
+        self._server: asyncio.Server | None = None
+        self._links: set[Link] = set()
+        self._serving: set[asyncio.Task[Any]] = set()
         self._open_connections = 0
         self._closing = False
-        self._maintenance: asyncio.Task[None] | None = None
-        self._memory_watch: asyncio.Task[None] | None = None
+        self._tasks: list[asyncio.Task[None]] = []
         self.budget = MemoryBudget(options.memory_budget_bytes)
         self._offline_drops = 0
         self._update_crl_metrics()
         self.metrics.watch_budget(self.budget)
+        if self.store is not None:
+            self.metrics.watch_store(self.store)
         self.metrics.sessions.set_function(lambda: len(self._sessions))
         self.metrics.subscriptions.set_function(lambda: len(self._index))
-        self.metrics.retained.set_function(lambda: len(self._retained_topics))
+        self.metrics.retained.set_function(lambda: len(self._retained))
 
     async def __aenter__(self) -> FieldlineBroker:
         await self.start()
@@ -225,59 +210,68 @@ class FieldlineBroker(Broker):
 
     # -- life cycle -------------------------------------------------------------------------
     async def start(self) -> None:
-        _trim_tls_buffers()
+        """Recover what the store holds, then listen."""
+        if self.store is not None:
+            self._recover(await self.store.open())
+        o = self.options
         try:
-            await super().start()
-        except BrokerError:
-            raise
-        except AMQTTError as exc:
-            raise BrokerError(f"cannot start the broker: {exc}") from exc
-        self._maintenance = asyncio.create_task(self._maintain())
-        self._memory_watch = asyncio.create_task(self._watch_memory())
-        log.info("event=broker_started bind=%s port=%s", self.options.bind, self.port)
+            self._server = await asyncio.start_server(
+                self._accept,
+                o.bind,
+                o.port,
+                reuse_address=True,
+                ssl=self._tls.listener_context,
+                ssl_handshake_timeout=o.connect_timeout_s,
+            )
+        except OSError as exc:
+            if self.store is not None:
+                await self.store.close()
+            raise BrokerError(
+                f"cannot listen on {o.bind}:{o.port}: {exc.strerror or exc}; "
+                "stop what holds the port or set FIELDLINE_BROKER__PORT"
+            ) from exc
+        self._tasks = [
+            asyncio.create_task(self._maintain(), name="broker-crl"),
+            asyncio.create_task(self._watch_memory(), name="broker-memory"),
+            asyncio.create_task(self._expire_sessions(), name="broker-expiry"),
+        ]
+        log.info("event=broker_started bind=%s port=%s", o.bind, self.port)
 
     async def shutdown(self) -> None:
-        """Stop accepting, close every connection (no Wills: the broker is going), stop."""
+        """Stop accepting; finish what connections had read; commit; close them (no Wills)."""
+        if self._closing:
+            return
         self._closing = True
-        for task in (self._maintenance, self._memory_watch):
-            if task is not None:
+        for task in self._tasks:
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        if self._server is not None:
+            self._server.close()
+        connections = [s.connection for s in self._sessions.values() if s.connection is not None]
+        await asyncio.gather(*(c.stop() for c in connections), return_exceptions=True)
+        if self._serving:
+            _done, late = await asyncio.wait(self._serving, timeout=SHUTDOWN_DRAIN_S)
+            for task in late:
                 task.cancel()
-                await asyncio.gather(task, return_exceptions=True)
-        for server in self._servers.values():
-            if server.instance is not None:
-                server.instance.close()
-        await super().shutdown()
+            await asyncio.gather(*late, return_exceptions=True)
+        if self.store is not None:
+            await self.store.close()  # its last commit writes the replies it held back
+        await asyncio.gather(*(link.close() for link in list(self._links)), return_exceptions=True)
+        self._links.clear()
+        if self._server is not None:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._server.wait_closed(), 2)
+        for plugin in self.plugins:
+            with contextlib.suppress(Exception):
+                await plugin.close()
         log.info("event=broker_stopped")
 
     @property
     def port(self) -> int:
         """The bound port (useful when the options asked for port 0)."""
-        server = self._servers.get("default")
-        if server is None or server.instance is None:
+        if self._server is None or not self._server.sockets:
             return self.options.port
-        return int(server.instance.sockets[0].getsockname()[1])
-
-    def _create_ssl_context(self, listener: Any) -> Any:
-        return self._tls.listener_context
-
-    async def _create_server_instance(
-        self,
-        listener_name: str,
-        listener_type: ListenerType,
-        address: str | None,
-        port: int,
-        ssl_context: Any,
-    ) -> Any:
-        if listener_type != ListenerType.TCP:
-            raise BrokerError(f"listener {listener_name}: only TCP (with TLS) is supported")
-        return await asyncio.start_server(
-            partial(self.stream_connected, listener_name=listener_name),
-            address,
-            port,
-            reuse_address=True,
-            ssl=ssl_context,
-            ssl_handshake_timeout=self.options.connect_timeout_s,
-        )
+        return int(self._server.sockets[0].getsockname()[1])
 
     async def _maintain(self) -> None:
         while True:
@@ -295,17 +289,97 @@ class FieldlineBroker(Broker):
             except Exception:  # the broker must outlive a bug here
                 log.exception("event=memory_sweep_failed")
 
+    async def _expire_sessions(self) -> None:
+        expiry = self.options.session_expiry_s
+        if expiry <= 0:
+            return  # 0: offline sessions are kept until their client cleans them
+        every = min(60.0, max(0.05, expiry / 10))
+        while True:
+            await asyncio.sleep(every)
+            try:
+                self.expire_sessions()
+            except Exception:  # the broker must outlive a bug here
+                log.exception("event=session_expiry_failed")
+
+    def expire_sessions(self, now: float | None = None) -> int:
+        """Delete persistent sessions offline for `session_expiry_s` or more; how many."""
+        expiry = self.options.session_expiry_s
+        if expiry <= 0:
+            return 0
+        now = time.time() if now is None else now
+        expired = [
+            session for session in self._sessions.values()
+            if session.connection is None
+            and session.offline_since is not None
+            and now - session.offline_since >= expiry
+        ]  # fmt: skip
+        for session in expired:
+            log.info(
+                "event=session_expired client=%s offline_s=%.0f queued=%d",
+                session.client_id, now - (session.offline_since or now), len(session.outbox),
+            )  # fmt: skip
+            self._drop_session(session.client_id)
+        self.metrics.expired.inc(len(expired))
+        return len(expired)
+
+    def _recover(self, recovered: Recovered) -> None:
+        """Sessions, subscriptions, retained and queued messages as the store kept them."""
+        assert self.store is not None
+        now = time.time()
+        for stored in recovered.sessions:
+            session = Session(stored.client_id, False, self._new_outbox())
+            _restore_identity(session, stored.identity)
+            session.outbox.journal = self.store.journal(stored.client_id)
+            self._size_outbox(session)
+            # connected when the broker died: offline since it came back
+            session.offline_since = stored.offline_since or now
+            if stored.offline_since is None:
+                self.store.save_session(stored.client_id, stored.identity, now)
+            self._sessions[stored.client_id] = session
+        for client_id, topic_filter, qos in recovered.subscriptions:
+            if client_id in self._sessions:
+                self._index.add(topic_filter, client_id, qos)
+        for client_id, packet_id in recovered.qos2_received:
+            if client_id in self._sessions:
+                self._sessions[client_id].qos2_received.add(packet_id)
+        for topic, payload, qos in recovered.retained:
+            self._retained[topic] = RetainedMessage(payload, qos)
+            self._retained_topics.add(topic)
+        dropped = 0
+        for stored_message in recovered.messages:
+            message = Message(
+                stored_message.topic, stored_message.payload, stored_message.qos,
+                stored_message.retain,
+            )  # fmt: skip
+            message.seq = stored_message.seq
+            owner = self._sessions.get(stored_message.client_id)
+            if (
+                owner is None
+                or not self.budget.offline_room(message.size)
+                or owner.outbox.put(message) is not None
+            ):
+                dropped += 1  # limits lowered since it was stored, or an orphan row
+                self.store.remove_message(message)
+        if dropped:
+            self.metrics.dropped.labels("offline-budget").inc(dropped)
+        log.info(
+            "event=store_recovered path=%s sessions=%d subscriptions=%d messages=%d "
+            "retained=%d dropped=%d",
+            self.store.path, len(recovered.sessions), len(recovered.subscriptions),
+            len(recovered.messages) - dropped, len(recovered.retained), dropped,
+        )  # fmt: skip
+
     def sweep_memory(self) -> str | None:
         """Sum the bytes waiting in sockets; if the budget is spent, cut off the client holding
         the most among those that have not read for STUCK_S (its id, or None)."""
         now = asyncio.get_running_loop().time()
         in_sockets = 0
-        stuck: list[tuple[int, FieldlineSession]] = []
-        for session, _handler in self._sessions.values():
-            handler = getattr(session, "handler", None)
-            if handler is None:
+        stuck: list[tuple[int, Session]] = []
+        for session in self._sessions.values():
+            connection = session.connection
+            if connection is None:
                 continue
-            link = handler.link
+            link = connection.link
             held = link.buffered()
             in_sockets += held
             if link.stuck_since is not None and now - link.stuck_since >= STUCK_S:
@@ -315,12 +389,12 @@ class FieldlineBroker(Broker):
             return None
         _held, victim = max(stuck, key=lambda pair: pair[0])
         self._cut_off(victim, "memory-budget")
-        return str(victim.client_id)
+        return victim.client_id
 
-    def _cut_off(self, session: FieldlineSession, reason: str) -> None:
+    def _cut_off(self, session: Session, reason: str) -> None:
         """Disconnect a client that does not read; its persistent session keeps what fits."""
-        handler = session.handler
-        if handler is None or handler.close_reason is not None:
+        connection = session.connection
+        if connection is None or connection.close_reason is not None:
             return
         outbox = session.outbox
         log.warning(
@@ -329,9 +403,9 @@ class FieldlineBroker(Broker):
             session.client_id, reason, len(outbox.queue), outbox.queued_bytes,
             outbox.inflight_bytes, self.budget.used,
         )  # fmt: skip
-        handler.close(reason)
+        connection.close(reason)
 
-    def _trim_offline(self, session: FieldlineSession) -> None:
+    def _trim_offline(self, session: Session) -> None:
         """A session just went offline: offline sessions together keep half the budget."""
         excess = self.budget.offline - self.budget.offline_limit
         if excess <= 0:
@@ -355,10 +429,9 @@ class FieldlineBroker(Broker):
         self._update_crl_metrics()
         revoked = self._revocations.serials
         dropped = 0
-        for session, _handler in list(self._sessions.values()):
-            handler = getattr(session, "handler", None)
-            if handler is not None and session.attributes.get(SERIAL) in revoked:
-                handler.close("revoked")
+        for session in list(self._sessions.values()):
+            if session.connection is not None and session.attributes.get(SERIAL) in revoked:
+                session.connection.close("revoked")
                 dropped += 1
         log.info("event=crl_reloaded revoked=%d disconnected=%d", len(revoked), dropped)
         return dropped
@@ -371,12 +444,46 @@ class FieldlineBroker(Broker):
         if snap.next_update is not None:
             self.metrics.crl_next_update.set(snap.next_update.timestamp())
 
+    # -- sessions ---------------------------------------------------------------------------
+    def session_state(self, client_id: str) -> SessionState | None:
+        """What is held for `client_id`, or None when the broker has no session for it."""
+        session = self._sessions.get(client_id)
+        if session is None:
+            return None
+        return SessionState(
+            connected=session.connection is not None,
+            queued=len(session.outbox),
+            subscriptions=dict(self._index.filters_of(client_id)),
+            offline_since=session.offline_since,
+        )
+
+    def connected_clients(self) -> Iterable[str]:
+        """Client ids with a live connection."""
+        for client_id, session in self._sessions.items():
+            if session.connection is not None:
+                yield client_id
+
+    def _new_outbox(self) -> Outbox:
+        return Outbox(self.options.max_inflight, self.options.max_queued, budget=self.budget)
+
+    def _drop_session(self, client_id: str) -> None:
+        session = self._sessions.pop(client_id, None)
+        if session is None:
+            return
+        self._index.remove_all(client_id)
+        session.outbox.journal = None  # the store drops the session's rows in one go
+        session.outbox.clear()
+        if self.store is not None and session.persistent:
+            self.store.delete_session(client_id)
+
+    def _save_session(self, session: Session) -> None:
+        if self.store is not None and session.persistent:
+            self.store.save_session(session.client_id, _identity_of(session), session.offline_since)
+
     # -- connections ------------------------------------------------------------------------
-    async def stream_connected(
-        self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, listener_name: str
-    ) -> None:
+    async def _accept(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         if self._closing:
-            writer.close()
+            writer.transport.abort()
             return
         if 0 < self.options.max_connections <= self._open_connections:
             self.metrics.connects.labels("over-capacity").inc()
@@ -386,18 +493,22 @@ class FieldlineBroker(Broker):
             writer.transport.abort()
             return
         self._open_connections += 1
+        task = asyncio.current_task()
+        if task is not None:
+            self._serving.add(task)
         try:
-            await self._serve(listener_name, reader, writer)
+            await self._serve(reader, writer)
         except Exception:  # one connection's failure must never reach the listener
             log.exception("event=connection_failed")
         finally:
             self._open_connections -= 1
-            if not writer.is_closing():
+            if task is not None:
+                self._serving.discard(task)
+            # at shutdown the broker closes connections itself, after the store's last commit
+            if not self._closing and not writer.is_closing():
                 writer.close()
 
-    async def _serve(
-        self, listener_name: str, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
-    ) -> None:
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         peer = writer.get_extra_info("peername")
         try:
             connect = await asyncio.wait_for(
@@ -423,10 +534,13 @@ class FieldlineBroker(Broker):
             writer.transport.abort()
             return
 
-        link = Link(writer, self.metrics)
-        outbox = Outbox(self.options.max_inflight, self.options.max_queued, budget=self.budget)
-        fresh = FieldlineSession.from_connect(connect, link, outbox)
-        if not await self._authenticate(fresh, self.listeners_config[listener_name]):
+        fresh = Session.from_connect(
+            connect, self._new_outbox(), writer.get_extra_info("ssl_object"), _peer_pair(peer)
+        )
+        if self._closing:
+            writer.transport.abort()
+            return
+        if not await self._authenticate(fresh):
             refusal = fresh.attributes.get(AUTH_REFUSAL) or Refusal(
                 "refused", wire.NOT_AUTHORIZED, "refused by an auth plugin"
             )
@@ -435,16 +549,38 @@ class FieldlineBroker(Broker):
             self._refused(refusal.rule, peer, connect.client_id, refusal.detail)
             return
 
+        link = Link(writer, self.metrics)
+        self._links.add(link)
+        try:
+            await self._run_session(fresh, connect, link, reader, peer)
+        finally:
+            self._links.discard(link)
+
+    async def _run_session(
+        self,
+        fresh: Session,
+        connect: wire.Connect,
+        link: Link,
+        reader: asyncio.StreamReader,
+        peer: Any,
+    ) -> None:
         session, present = await self._take_session(fresh)
         self._size_outbox(session)
-        handler = FieldlineHandler(self.plugins_manager, link, session.qos2_received, self.budget)
-        # a float: amqtt's reader waits this long for the next packet (MQTT-3.1.2-24)
-        session.keep_alive = connect.keepalive * self.options.keepalive_factor
-        handler.attach(session, FramedReader(reader, self.options.max_packet_bytes, handler), link)
-        session.handler = handler
-        assert session.client_id is not None
-        self._sessions[session.client_id] = (session, handler)
-        session.transitions.connect()
+        connection = Connection(
+            reader,
+            link,
+            session.client_id,
+            session.qos2_received,
+            # MQTT-3.1.2-24: nothing from the client for 1.5 x its keepalive ends it
+            keepalive_s=connect.keepalive * self.options.keepalive_factor,
+            max_packet_bytes=self.options.max_packet_bytes,
+            budget=self.budget,
+            defer_replies=self.store is not None,
+        )
+        session.connection = connection
+        session.offline_since = None
+        self._sessions[session.client_id] = session
+        self._save_session(session)
         link.write(wire.connack(present, wire.ACCEPTED))
         self.metrics.connects.labels("accepted").inc()
         self.metrics.connected.inc()
@@ -455,16 +591,24 @@ class FieldlineBroker(Broker):
         )  # fmt: skip
         link.outbox = session.outbox
         session.outbox.attach(link)
-        await self.plugins_manager.fire_event(
-            BrokerEvents.CLIENT_CONNECTED, client_id=session.client_id, client_session=session
-        )
-        await handler.start()
-        if present:
-            for topic_filter, qos in self._index.filters_of(session.client_id).items():
-                await self._send_retained(session, topic_filter, qos)
-        await self._work_loop(session, handler)
+        connection.start()
+        await self._work_loop(session, connection)
 
-    def _size_outbox(self, session: FieldlineSession) -> None:
+    async def _authenticate(self, session: Session) -> bool:
+        """Every auth plugin that decides must allow, and at least one must decide."""
+        allowed = False
+        for plugin in self._auth_plugins:
+            try:
+                result = await plugin.authenticate(session=_for_plugins(session))
+            except Exception:
+                log.exception("event=auth_plugin_failed plugin=%s", type(plugin).__name__)
+                return False
+            if result is False:
+                return False
+            allowed = allowed or result is True
+        return allowed
+
+    def _size_outbox(self, session: Session) -> None:
         principal = principal_of(session)
         service = principal is not None and principal.role is Role.SERVICE
         o = self.options
@@ -478,25 +622,45 @@ class FieldlineBroker(Broker):
             outbox.max_inflight_bytes = o.max_inflight_bytes
             outbox.max_queued_bytes = o.max_queued_bytes
 
-    async def _work_loop(self, session: FieldlineSession, handler: FieldlineHandler) -> None:
-        """This connection's PUBLISHes, SUBSCRIBEs and UNSUBSCRIBEs, in arrival order, to its end.
-
-        Replaces amqtt's message loop, which waits on four futures and makes a task per message.
-        """
+    async def _work_loop(self, session: Session, connection: Connection) -> None:
+        """This connection's PUBLISHes, PUBRELs, SUBSCRIBEs and UNSUBSCRIBEs, in arrival
+        order, to its end."""
+        link = connection.link
         while True:
-            item = await handler.next_work()
+            item = await connection.next_work()
             if isinstance(item, Ended):
-                await self._disconnected(session, handler, item.packet)
+                await self._disconnected(session, connection, item.graceful)
                 return
             try:
-                if isinstance(item, Subscription):
-                    await self._subscribe(session, handler, item)
-                elif isinstance(item, UnSubscription):
-                    await self._unsubscribe(session, handler, item)
-                elif not await self._incoming(session, item):
-                    handler.close("protocol-error")
+                if isinstance(item, Incoming):
+                    if not await self._incoming(session, item):
+                        connection.close("protocol-error")
+                        continue
+                    if item.qos == 2 and self.store is not None and session.persistent:
+                        self.store.qos2_received(session.client_id, item.packet_id, True)
+                    self._reply(link, item.reply)
+                elif isinstance(item, Released):
+                    session.qos2_received.discard(item.packet_id)
+                    if self.store is not None and session.persistent:
+                        self.store.qos2_received(session.client_id, item.packet_id, False)
+                    self._reply(link, item.reply)
+                elif isinstance(item, Reply):
+                    self._reply(link, item.reply)
+                elif isinstance(item, SubscribeRequest):
+                    await self._subscribe(session, link, item)
+                else:
+                    self._unsubscribe(session, link, item)
             except Exception:  # one bad packet must not end the connection's loop
                 log.exception("event=work_failed client=%s", session.client_id)
+
+    def _reply(self, link: Link, data: bytes) -> None:
+        """Write an acknowledgement once everything recorded before it is durable."""
+        if not data:
+            return
+        if self.store is not None and self.store.busy:
+            self.store.after_commit(partial(link.write, data))
+        else:
+            link.write(data)
 
     def _refused(self, rule: str, peer: Any, client_id: str | None, detail: str) -> None:
         self.metrics.connects.labels(rule).inc()
@@ -505,28 +669,24 @@ class FieldlineBroker(Broker):
             rule, client_id, _peer(peer), detail,
         )  # fmt: skip
 
-    async def _take_session(self, fresh: FieldlineSession) -> tuple[FieldlineSession, bool]:
+    async def _take_session(self, fresh: Session) -> tuple[Session, bool]:
         """The authenticated connection takes over its client id: resume or start a session."""
-        assert fresh.client_id is not None
-        existing = self._sessions.get(fresh.client_id)
-        if existing is None:
-            return fresh, False
-        old = existing[0]
-        if not isinstance(old, FieldlineSession):
-            await self._delete_session(fresh.client_id)
-            return fresh, False
-        if old.handler is not None:
-            handler, old.handler = old.handler, None
-            old.outbox.detach(persistent=not old.clean_session)
+        client_id = fresh.client_id
+        old = self._sessions.get(client_id)
+        if old is not None and old.connection is not None:
+            connection, old.connection = old.connection, None
+            old.outbox.detach(persistent=old.persistent)
             self._trim_offline(old)
-            handler.close_reason = "taken-over"
-            await self._stop_handler(handler)
-            old.transitions.disconnect()
+            connection.close("taken-over")
+            await connection.stop()
             self.metrics.connected.dec()
             self.metrics.disconnects.labels("taken-over").inc()
-            log.info("event=taken_over client=%s", fresh.client_id)
-        if fresh.clean_session or old.clean_session:
-            await self._delete_session(fresh.client_id)
+            log.info("event=taken_over client=%s", client_id)
+        if old is None or fresh.clean_session or old.clean_session:
+            if old is not None:
+                self._drop_session(client_id)
+            if self.store is not None and fresh.persistent:
+                fresh.outbox.journal = self.store.journal(client_id)
             return fresh, False
         before = principal_of(old)
         old.resume_from(fresh)
@@ -536,7 +696,7 @@ class FieldlineBroker(Broker):
             await self._recheck_outbox(old)
         return old, True
 
-    async def _recheck_outbox(self, session: FieldlineSession) -> None:
+    async def _recheck_outbox(self, session: Session) -> None:
         outbox = session.outbox
         topics = {m.topic for m in outbox.queue} | {m.topic for m in outbox.inflight.values()}
         allowed = {
@@ -548,46 +708,44 @@ class FieldlineBroker(Broker):
             self.metrics.dropped.labels("not-receivable").inc(dropped)
             log.info("event=outbox_rechecked client=%s dropped=%d", session.client_id, dropped)
 
-    async def _disconnected(
-        self, session: FieldlineSession, handler: FieldlineHandler, packet: DisconnectPacket | None
-    ) -> None:
-        await self._stop_handler(handler)
-        if session.handler is not handler:
+    async def _disconnected(self, session: Session, connection: Connection, graceful: bool) -> None:
+        await connection.stop()
+        if session.connection is not connection:
             return  # superseded by a newer connection with the same client id
-        session.handler = None
-        session.outbox.detach(persistent=not session.clean_session)
+        session.connection = None
+        session.outbox.detach(persistent=session.persistent)
         self._trim_offline(session)
-        session.transitions.disconnect()
         self.metrics.connected.dec()
-        graceful = isinstance(packet, DisconnectPacket)
-        reason = "graceful" if graceful else handler.close_reason or "network"
+        reason = "graceful" if graceful else connection.close_reason or "network"
+        if self._closing and not graceful:
+            reason = "shutdown"
         self.metrics.disconnects.labels(reason).inc()
         log.info("event=disconnected client=%s reason=%s", session.client_id, reason)
-        if not graceful and session.will_flag and not self._closing:
+        if not graceful and session.will is not None and not self._closing:
             await self._publish_will(session)
-        await self.plugins_manager.fire_event(
-            BrokerEvents.CLIENT_DISCONNECTED, client_id=session.client_id, client_session=session
-        )
-        if session.clean_session and session.client_id is not None:
-            current = self._sessions.get(session.client_id)
-            if current is not None and current[0] is session:
-                await self._delete_session(session.client_id)
+        if session.clean_session:
+            if self._sessions.get(session.client_id) is session:
+                self._drop_session(session.client_id)
+            return
+        session.offline_since = time.time()
+        self._save_session(session)
 
-    async def _publish_will(self, session: FieldlineSession) -> None:
-        topic, payload = session.will_topic, session.will_message
-        if not topic or payload is None:
+    async def _publish_will(self, session: Session) -> None:
+        will = session.will
+        if will is None or not will.topic:
             return
-        retain = bool(session.will_retain)
         # checked again now, not only at CONNECT: the policy (or certificate) may have changed
-        if not await self._topic_filtering(session, topic, AmqttAction.PUBLISH, retain=retain):
+        if not await self._topic_filtering(
+            session, will.topic, AmqttAction.PUBLISH, retain=will.retain
+        ):
             return
-        log.info("event=will client=%s topic=%s", session.client_id, topic)
-        await self._route(topic, bytes(payload), session.will_qos or 0)
-        if retain:
-            await self.retain_message(session, topic, payload, session.will_qos)
+        log.info("event=will client=%s topic=%s", session.client_id, will.topic)
+        await self._route(will.topic, will.payload, will.qos)
+        if will.retain:
+            self._retain(will.topic, will.payload, will.qos)
 
     # -- messages in ------------------------------------------------------------------------
-    async def _incoming(self, client_session: FieldlineSession, message: Incoming) -> bool:
+    async def _incoming(self, client_session: Session, message: Incoming) -> bool:
         """A PUBLISH from a client: checked, routed, retained; False for a protocol violation."""
         self.metrics.received += 1
         topic = message.topic
@@ -604,24 +762,10 @@ class FieldlineBroker(Broker):
             return True
         if self.options.tap is not None:
             self.options.tap(topic, bytes(message.data))
-        await self.plugins_manager.fire_event(
-            BrokerEvents.MESSAGE_BROADCAST, client_id=client_session.client_id, message=message
-        )
         await self._route(topic, message.data, message.qos)
         if retain:
-            await self.retain_message(client_session, topic, message.data, message.qos)
+            self._retain(topic, message.data, message.qos)
         return True
-
-    async def _broadcast_message(
-        self,
-        session: Session | None,
-        topic: str | None,
-        data: bytes | bytearray | None,
-        force_qos: int | None = None,
-    ) -> None:
-        # amqtt's broadcast queue scans every filter; internal messages take the index too
-        if topic is not None and data is not None:
-            await self._route(topic, bytes(data), _QOS_MAX if force_qos is None else force_qos)
 
     async def _route(self, topic: str, payload: bytes, qos: int) -> None:
         """Deliver to every matching subscriber allowed to RECEIVE it, at min(publish, sub) QoS."""
@@ -631,17 +775,14 @@ class FieldlineBroker(Broker):
         encoded = topic.encode()
         sessions = self._sessions
         for client_id, sub_qos in targets.items():
-            entry = sessions.get(client_id)
-            if entry is None:
-                continue
-            session = entry[0]
-            if not isinstance(session, FieldlineSession):
+            session = sessions.get(client_id)
+            if session is None:
                 continue
             if not await self._topic_filtering(session, topic, AmqttAction.RECEIVE):
                 continue
             self._deliver(session, Message(encoded, payload, min(qos, sub_qos), False))
 
-    def _deliver(self, session: FieldlineSession, message: Message) -> None:
+    def _deliver(self, session: Session, message: Message) -> None:
         outbox = session.outbox
         if not outbox.attached:
             if message.qos == 0:
@@ -660,7 +801,7 @@ class FieldlineBroker(Broker):
         if refused is None:
             return
         self.metrics.dropped.labels(refused).inc()
-        if refused == QUEUE_BYTES and session.handler is not None:
+        if refused == QUEUE_BYTES and session.connection is not None:
             self._cut_off(session, "slow-consumer")
         elif _worth_logging(outbox.dropped):
             log.warning(
@@ -668,6 +809,18 @@ class FieldlineBroker(Broker):
                 session.client_id, refused, len(outbox.queue), outbox.queued_bytes,
                 outbox.dropped,
             )  # fmt: skip
+
+    def _retain(self, topic: str, payload: bytes, qos: int) -> None:
+        """Keep the topic's last retained message; an empty payload clears it (MQTT-3.3.1-10)."""
+        if payload:
+            self._retained[topic] = RetainedMessage(bytes(payload), qos)
+            self._retained_topics.add(topic)
+            if self.store is not None:
+                self.store.retain(topic, bytes(payload), qos)
+        elif self._retained.pop(topic, None) is not None:
+            self._retained_topics.discard(topic)
+            if self.store is not None:
+                self.store.unretain(topic)
 
     # -- access control ---------------------------------------------------------------------
     async def _topic_filtering(
@@ -679,11 +832,11 @@ class FieldlineBroker(Broker):
             try:
                 if retain:
                     result = await plugin.topic_filtering(
-                        session=session, topic=topic, action=action, retain=True
+                        session=_for_plugins(session), topic=topic, action=action, retain=True
                     )
                 else:
                     result = await plugin.topic_filtering(
-                        session=session, topic=topic, action=action
+                        session=_for_plugins(session), topic=topic, action=action
                     )
             except Exception:
                 log.exception("event=topic_plugin_failed plugin=%s", type(plugin).__name__)
@@ -707,6 +860,7 @@ class FieldlineBroker(Broker):
 
     # -- subscriptions ----------------------------------------------------------------------
     async def add_subscription(self, subscription: tuple[str, int], session: Session) -> int:
+        """Check and add one filter; the granted QoS, or SUBACK_FAILURE."""
         topic_filter, qos = subscription
         try:
             validate_filter(topic_filter)
@@ -716,7 +870,7 @@ class FieldlineBroker(Broker):
         if not await self._topic_filtering(session, topic_filter, AmqttAction.SUBSCRIBE):
             return SUBACK_FAILURE
         if topic_filter.startswith(SHARE_PREFIX):
-            # amqtt has no shared subscriptions; refusing beats a filter that never matches
+            # no shared subscriptions here; refusing beats a filter that never matches
             self.metrics.denials.labels("subscribe", "shared-unsupported").inc()
             log.info(
                 "event=denied client=%s action=subscribe topic=%r reason=%r",
@@ -725,116 +879,91 @@ class FieldlineBroker(Broker):
             )  # fmt: skip
             return SUBACK_FAILURE
         granted = min(qos, _QOS_MAX)
-        assert session.client_id is not None
-        held = self._index.count_of(session.client_id)
-        if held >= self.options.max_subscriptions and not self._index.has(
-            topic_filter, session.client_id
-        ):
+        client_id = session.client_id
+        held = self._index.count_of(client_id)
+        if held >= self.options.max_subscriptions and not self._index.has(topic_filter, client_id):
             self.metrics.denials.labels("subscribe", "too-many-subscriptions").inc()
             log.info(
                 "event=denied client=%s action=subscribe topic=%r reason=%r",
-                session.client_id, topic_filter,
+                client_id, topic_filter,
                 f"holds {held} subscriptions, broker.max_subscriptions is "
                 f"{self.options.max_subscriptions}",
             )  # fmt: skip
             return SUBACK_FAILURE
-        self._index.add(topic_filter, session.client_id, granted)
+        self._index.add(topic_filter, client_id, granted)
+        if self.store is not None and session.persistent:
+            self.store.subscribe(client_id, topic_filter, granted)
         return granted
 
-    async def _subscribe(
-        self, client_session: FieldlineSession, handler: FieldlineHandler, request: Subscription
-    ) -> None:
-        codes = [await self.add_subscription(sub, client_session) for sub in request.topics]
-        await handler.mqtt_acknowledge_subscription(request.packet_id, codes)
+    async def _subscribe(self, session: Session, link: Link, request: SubscribeRequest) -> None:
+        codes = [await self.add_subscription(sub, session) for sub in request.topics]
+        self._reply(link, wire.suback(request.packet_id, codes))
         for (topic_filter, _qos), code in zip(request.topics, codes, strict=True):
-            if code == SUBACK_FAILURE:
-                continue
-            await self.plugins_manager.fire_event(
-                BrokerEvents.CLIENT_SUBSCRIBED,
-                client_id=client_session.client_id,
-                topic=topic_filter,
-                qos=code,
-            )
-            await self._send_retained(client_session, topic_filter, code)
+            if code != SUBACK_FAILURE:
+                await self._send_retained(session, topic_filter, code)
 
-    async def _unsubscribe(
-        self, client_session: FieldlineSession, handler: FieldlineHandler, request: UnSubscription
-    ) -> None:
+    def _unsubscribe(self, session: Session, link: Link, request: UnsubscribeRequest) -> None:
         for topic_filter in request.topics:
-            self._del_subscription(topic_filter, client_session)
-            await self.plugins_manager.fire_event(
-                BrokerEvents.CLIENT_UNSUBSCRIBED,
-                client_id=client_session.client_id,
-                topic=topic_filter,
-            )
-        await handler.mqtt_acknowledge_unsubscription(request.packet_id)
+            if self._index.remove(topic_filter, session.client_id) and (
+                self.store is not None and session.persistent
+            ):
+                self.store.unsubscribe(session.client_id, topic_filter)
+        self._reply(link, wire.unsuback(request.packet_id))
 
-    async def _send_retained(self, session: FieldlineSession, topic_filter: str, qos: int) -> None:
+    async def _send_retained(self, session: Session, topic_filter: str, qos: int) -> None:
         """The retained messages a filter matches, each checked for RECEIVE, flagged retain."""
         for topic in list(self._retained_topics.matching(topic_filter)):
-            retained = self._retained_messages.get(topic)
-            if retained is None or not retained.data:
+            retained = self._retained.get(topic)
+            if retained is None:
                 continue
             if not await self._topic_filtering(session, topic, AmqttAction.RECEIVE):
                 continue
-            message = Message(
-                topic.encode(), bytes(retained.data), min(retained.qos or 0, qos), True
-            )
+            message = Message(topic.encode(), retained.payload, min(retained.qos, qos), True)
             self._deliver(session, message)
 
-    def _del_subscription(self, a_filter: str, session: Session) -> int:
-        return int(
-            session.client_id is not None and self._index.remove(a_filter, session.client_id)
-        )
 
-    async def _del_all_subscriptions(self, session: Session) -> None:
-        if session.client_id is not None:
-            self._index.remove_all(session.client_id)
+def _for_plugins(session: Session) -> Any:
+    """Our Session offers the attributes amqtt's plugin interface reads (docs/broker.md)."""
+    return session
 
-    @property
-    def subscriptions(self) -> dict[str, list[tuple[Session, int]]]:
-        """amqtt's view (filter -> [(session, qos)]), built from the index on demand."""
-        view: dict[str, list[tuple[Session, int]]] = {}
-        for client_id in self._index.subscribers():
-            entry = self._sessions.get(client_id)
-            if entry is None:
-                continue
-            for topic_filter, qos in self._index.filters_of(client_id).items():
-                view.setdefault(topic_filter, []).append((entry[0], qos))
-        return view
 
-    async def retain_message(
-        self,
-        source_session: Session | None,
-        topic_name: str | None,
-        data: bytes | bytearray | None,
-        qos: int | None = None,
-    ) -> None:
-        await super().retain_message(source_session, topic_name, data, qos)
-        if topic_name is None:
-            return
-        if topic_name in self._retained_messages:
-            self._retained_topics.add(topic_name)
-        else:
-            self._retained_topics.discard(topic_name)
+def _identity_of(session: Session) -> str | None:
+    principal = principal_of(session)
+    if principal is None:
+        return None
+    serial = session.attributes.get(SERIAL)
+    return json.dumps(
+        {
+            "id": principal.id,
+            "tenant": principal.tenant,
+            "role": principal.role.value,
+            "serial": f"{serial:x}" if isinstance(serial, int) else None,
+        }
+    )
 
-    def connected_clients(self) -> Iterable[str]:
-        """Client ids with a live connection."""
-        for client_id, (session, _handler) in self._sessions.items():
-            if getattr(session, "handler", None) is not None:
-                yield client_id
+
+def _restore_identity(session: Session, identity: str | None) -> None:
+    """The principal an offline session had: RECEIVE checks of what is routed to it use it."""
+    if not identity:
+        return
+    try:
+        data = json.loads(identity)
+        session.attributes[PRINCIPAL] = Principal(data["id"], data["tenant"], Role(data["role"]))
+        if data.get("serial"):
+            session.attributes[SERIAL] = int(data["serial"], 16)
+    except (ValueError, KeyError, TypeError):
+        log.warning("event=store_bad_identity client=%s", session.client_id)
+
+
+def _peer_pair(peer: Any) -> tuple[str, int] | None:
+    if isinstance(peer, tuple) and len(peer) >= 2:
+        return str(peer[0]), int(peer[1])
+    return None
 
 
 def _worth_logging(count: int) -> bool:
     """Log the 1st, 10th, 100th and every 1000th of a repeated event."""
     return count in (1, 10, 100) or count % 1000 == 0
-
-
-def _trim_tls_buffers() -> None:
-    """asyncio gives every TLS connection a 256 KiB read buffer it never fills: a TLS record
-    carries at most 16 KiB. Thousands of idle devices would cost GiBs; 32 KiB is plenty."""
-    if sslproto.SSLProtocol.max_size > TLS_READ_BUFFER:
-        sslproto.SSLProtocol.max_size = TLS_READ_BUFFER
 
 
 def _peer(peer: Any) -> str:

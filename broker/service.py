@@ -71,7 +71,17 @@ def options_from_settings(settings: Settings) -> BrokerOptions:
         memory_budget_bytes=b.memory_budget_bytes,
         session_expiry_s=b.session_expiry_s,
         crl_refresh_s=b.crl_refresh_s,
+        store_file=store_file(settings),
+        store_sync=b.store_sync,
     )
+
+
+def store_file(settings: Settings) -> Path | None:
+    """Where the embedded broker keeps its durable state (None: `broker.durable` is off)."""
+    b = settings.broker
+    if not b.durable:
+        return None
+    return b.store_path or settings.home / "broker" / "store.sqlite3"
 
 
 def crl_renewer(settings: Settings) -> Renewer | None:

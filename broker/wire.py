@@ -1,9 +1,9 @@
-"""MQTT 3.1.1 bytes the broker writes itself, and the CONNECT it reads before anything else.
+"""MQTT 3.1.1 packets as the broker reads and writes them.
 
 amqtt's codec reads a CONNECT with the 3.1.1 layout whatever its protocol level, so an MQTT 5
-CONNECT is misparsed and never answered. Reading the whole packet first, then its level,
-lets the broker answer CONNACK 0x01 and close. PUBLISH packets are encoded here because the
-broker writes them straight to the transport, without amqtt's per-packet tasks.
+CONNECT is misparsed and never answered; reading the protocol name and level first lets the
+broker answer CONNACK 0x01 and close. The other packets are encoded here because the broker
+writes them straight to the transport, and decoded in place by broker.connection.
 """
 
 from __future__ import annotations
@@ -63,6 +63,17 @@ def connack(session_present: bool, return_code: int) -> bytes:
 
 def pubrel(packet_id: int) -> bytes:
     return bytes((PUBREL, 2)) + _U16.pack(packet_id)
+
+
+def suback(packet_id: int, return_codes: list[int]) -> bytes:
+    """SUBACK: one return code per filter, in order (granted QoS, or 0x80)."""
+    return (
+        bytes((0x90,)) + varint(2 + len(return_codes)) + _U16.pack(packet_id) + bytes(return_codes)
+    )
+
+
+def unsuback(packet_id: int) -> bytes:
+    return b"\xb0\x02" + _U16.pack(packet_id)
 
 
 @dataclass(frozen=True, slots=True)

@@ -68,7 +68,24 @@ class BrokerSettings(_Section):
         ge=64 * 1024,
         description="messages held for all sessions together; publishers wait beyond it",
     )
-    session_expiry_s: int = Field(default=7 * 24 * 3600, ge=0, description="offline sessions")
+    session_expiry_s: int = Field(
+        default=7 * 24 * 3600,
+        ge=0,
+        description="an offline persistent session and its queue are deleted after it; 0: never",
+    )
+    durable: bool = Field(
+        default=True,
+        description="keep persistent sessions, their queued QoS 1/2 messages and retained "
+        "messages in a store (SQLite) so a crash or kill -9 loses nothing acknowledged",
+    )
+    store_path: Path | None = Field(
+        default=None, description="the durable store; default FIELDLINE_HOME/broker/store.sqlite3"
+    )
+    store_sync: Literal["normal", "full"] = Field(
+        default="normal",
+        description="normal: a commit survives the broker process dying; full: also a power "
+        "cut (an fsync per commit group)",
+    )
     crl_refresh_s: float = Field(default=5.0, gt=0, description="how often the CRL is re-read")
     metrics_port: int = Field(default=9883, ge=0, le=65535, description="0 turns it off")
     metrics_bind: str = "127.0.0.1"

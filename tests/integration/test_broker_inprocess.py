@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import time
 from pathlib import Path
 from typing import Any
 
@@ -42,9 +43,9 @@ def _options(pki: TestPki, **changes: Any) -> BrokerOptions:
 
 async def test_only_fieldlines_plugins_are_loaded(test_pki: TestPki) -> None:
     broker = FieldlineBroker(_options(test_pki))
-    kinds = sorted(type(p).__name__ for p in broker.plugins_manager.plugins)
+    kinds = sorted(type(p).__name__ for p in broker.plugins)
     assert kinds == sorted([CertificateAuthPlugin.__name__, PolicyTopicPlugin.__name__])
-    assert "Anonymous" not in str(broker.options.amqtt_config())
+    assert "Anonymous" not in str(broker.options.plugin_config())
 
 
 async def test_every_delivery_passes_every_topic_plugin(test_pki: TestPki) -> None:
@@ -98,3 +99,55 @@ def test_a_broken_crl_keeps_the_last_good_one(tmp_path: Path) -> None:
     pki.crl_path.write_text("-----BEGIN X509 CRL-----\ngarbage\n-----END X509 CRL-----\n")
     assert not crl.refresh()
     assert crl.is_revoked(record.serial)  # a half-written file unrevokes nobody
+
+
+async def test_an_offline_session_and_its_queue_expire_after_session_expiry_s(
+    test_pki: TestPki, tmp_path: Path
+) -> None:
+    """Kept while offline for less than broker.session_expiry_s, deleted (and from the durable
+    store) once it has been offline that long, and only then."""
+    expiry = 2
+    store = tmp_path / "store.sqlite3"
+    async with FieldlineBroker(
+        _options(test_pki, session_expiry_s=expiry, store_file=store)
+    ) as broker:
+        port = broker.port
+
+        def client(bundle: Any, client_id: str, **connect: Any) -> tuple[RawClient, bool]:
+            c = RawClient("127.0.0.1", port, test_pki.pki.ca_cert_path, bundle)
+            present, code = c.connect(client_id, **connect)
+            assert code == 0
+            return c, present
+
+        def go_away_with_one_queued() -> None:
+            sub, _ = client(test_pki.operator, "ops-1", clean=False)
+            assert sub.subscribe(("fl/acme/dev-1/events", 1)) == [1]
+            sub.disconnect()
+            dev, _ = client(test_pki.device, "dev-1")
+            dev.publish("fl/acme/dev-1/events", b"for ops-1", qos=1)
+            dev.disconnect()
+
+        await asyncio.to_thread(go_away_with_one_queued)
+        state = broker.session_state("ops-1")
+        assert state is not None
+        assert not state.connected
+        assert state.queued == 1
+        assert state.offline_since is not None
+        deadline = time.monotonic() + 20
+        while broker.session_state("ops-1") is not None:
+            assert time.monotonic() < deadline, "the offline session never expired"
+            await asyncio.sleep(0.05)
+        assert time.time() - state.offline_since >= expiry  # not before its time
+
+    # the store forgot it too: a restarted broker does not bring it (or its queue) back
+    async with FieldlineBroker(_options(test_pki, store_file=store)) as broker:
+        assert broker.session_state("ops-1") is None
+        port = broker.port
+
+        def come_back() -> tuple[bool, list[bytes]]:
+            sub, present = client(test_pki.operator, "ops-1", clean=False)
+            got = [m.payload for m in sub.publishes(0.5)]
+            sub.close()
+            return present, got
+
+        assert await asyncio.to_thread(come_back) == (False, [])

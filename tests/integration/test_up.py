@@ -108,6 +108,20 @@ def test_up_runs_the_pipeline_and_stops_cleanly(tmp_path: Path, broker: str) -> 
         assert any("postgres" in p for p in _using(home)), "the first stack's PostgreSQL runs"
         again = cli("devices", "list", "demo", "--json")
         assert again.returncode == 0, again.stderr
+
+        def stored() -> int:
+            q = cli("query", "demo", "sim-0001", "temperature", "--since", "1h",
+                    "--bucket", "1h", "--format", "json")  # fmt: skip
+            assert q.returncode == 0, q.stderr
+            return sum(json.loads(line)["count"] for line in q.stdout.splitlines())
+
+        # and the first stack's data is intact and still growing
+        before = stored()
+        assert before > 0
+        deadline = time.monotonic() + 30
+        while stored() <= before:
+            assert time.monotonic() < deadline, "the first stack stopped storing telemetry"
+            time.sleep(1)
         up.send_signal(signal.SIGINT)
         assert up.wait(90) == 0, text()[-3000:]
         assert "stopped." in text()
