@@ -38,17 +38,17 @@ console = Console()
 @app.command()
 def run(
     bind: str | None = typer.Option(
-        None, "--bind", help="Listen address [default: broker.bind, 127.0.0.1]."
+        None, "--bind", help="Listen address (default: broker.bind, 127.0.0.1)."
     ),
     port: int | None = typer.Option(
-        None, "--port", min=0, max=65535, help="TLS port [default: broker.port, 8883]."
+        None, "--port", min=0, max=65535, help="TLS port (default: broker.port, 8883)."
     ),
     metrics_port: int | None = typer.Option(
         None,
         "--metrics-port",
         min=0,
         max=65535,
-        help="Prometheus /metrics port, 0 for none [default: broker.metrics_port, 9883].",
+        help="Prometheus /metrics port, 0 for none (default: broker.metrics_port, 9883).",
     ),
 ) -> None:
     """Serve the embedded broker with mutual TLS until SIGTERM or Ctrl-C.
@@ -81,6 +81,22 @@ def mosquitto_config(
         None,
         "--persistence-dir",
         help="Keep sessions and queued messages across restarts in this directory.",
+    ),
+    autosave_interval: int | None = typer.Option(
+        None,
+        "--autosave-interval",
+        min=1,
+        help="With --persistence-dir: seconds between Mosquitto's saves (changes, with "
+        "--autosave-on-changes). It saves only then and at shutdown: a kill -9 loses what it "
+        "acknowledged since the last save. Default: broker.mosquitto_autosave_interval (1).",
+    ),
+    autosave_on_changes: bool | None = typer.Option(
+        None,
+        "--autosave-on-changes/--autosave-on-time",
+        help="Count --autosave-interval in changes (a message queued for a session, a PUBACK "
+        "from one) instead of seconds. Messages sent straight to a connected session are not "
+        "counted, and every save rewrites the whole queue. Default: "
+        "broker.mosquitto_autosave_on_changes (off: seconds).",
     ),
     run_as: str | None = typer.Option(
         None,
@@ -148,11 +164,18 @@ def mosquitto_config(
         raise typer.BadParameter(
             "0 would mean no limit; use -1 for that", param_hint="--max-connections"
         )
-    pki = Pki(get_settings().pki_dir)
+    settings = get_settings()
+    pki = Pki(settings.pki_dir)
+    if autosave_interval is None:
+        autosave_interval = settings.broker.mosquitto_autosave_interval
+    if autosave_on_changes is None:
+        autosave_on_changes = settings.broker.mosquitto_autosave_on_changes
     options = MosquittoOptions(
         bind=bind,
         port=port,
         persistence_dir=persistence_dir.absolute() if persistence_dir else None,
+        autosave_interval=autosave_interval,
+        autosave_on_changes=autosave_on_changes,
         max_inflight_messages=max_inflight,
         max_queued_messages=max_queued,
         max_queued_bytes=max_queued_bytes,

@@ -18,6 +18,7 @@ from pathlib import Path
 from broker.errors import BrokerError
 from broker.policy import Policy, Principal
 from certs import CertsError, Pki, Role
+from fieldline.settings import BrokerSettings
 
 # Sized for at-least-once ingest (DESIGN.md, Delivery): a worker holds PUBACKs until its batch
 # commits, so the broker keeps messages in flight unacknowledged and queues behind them; past
@@ -54,6 +55,18 @@ DEFAULT_MAX_CONNECTIONS = 20_000
 # the largest keepalive fieldline's own clients accept (broker.keepalive_s <= 3600), which
 # they do not renegotiate. Mosquitto 2.0 does not apply it to MQTT 3.1.1 clients.
 DEFAULT_MAX_KEEPALIVE = 3600
+# Mosquitto saves its persistence file only every autosave_interval and at shutdown: a kill -9
+# (or the unit's MemoryMax) loses every change since the last save, messages it has already
+# PUBACKed to devices included. Every 1 s (a save comes 1-2 s after the last) keeps that to
+# ~2 s of traffic, queued or in flight, at no measurable throughput cost even with 200,000
+# messages queued; with autosave_on_changes the interval counts changes instead, which bounds
+# queued messages by number but not those sent straight to a connected worker, and at 200,000
+# queued caps Mosquitto at ~4,000 msg/s (1000 changes) or ~700 (100): each save rewrites and
+# fsyncs the whole database (benchmarks/mosquitto_durability.py). fieldline.settings holds
+# the defaults (broker.mosquitto_autosave_*).
+_BROKER_FIELDS = BrokerSettings.model_fields
+DEFAULT_AUTOSAVE_ON_CHANGES: bool = _BROKER_FIELDS["mosquitto_autosave_on_changes"].default
+DEFAULT_AUTOSAVE_INTERVAL: int = _BROKER_FIELDS["mosquitto_autosave_interval"].default
 
 
 @dataclass(frozen=True)
@@ -73,6 +86,8 @@ class MosquittoOptions:
     bind: str = "0.0.0.0"  # noqa: S104 - a production broker listens for the plant network
     port: int = 8883
     persistence_dir: Path | None = None
+    autosave_interval: int = DEFAULT_AUTOSAVE_INTERVAL  # changes, or seconds (on_changes off)
+    autosave_on_changes: bool = DEFAULT_AUTOSAVE_ON_CHANGES
     max_inflight_messages: int = DEFAULT_MAX_INFLIGHT
     max_queued_messages: int = DEFAULT_MAX_QUEUED
     max_queued_bytes: int = DEFAULT_MAX_QUEUED_BYTES
@@ -128,7 +143,9 @@ def render_config(files: MosquittoFiles, options: MosquittoOptions | None = None
         [
             "persistence true",
             f"persistence_location {opts.persistence_dir}/",
-            "autosave_interval 30",
+            "# a kill -9 loses what was acknowledged since the last save (fieldline README)",
+            f"autosave_on_changes {str(opts.autosave_on_changes).lower()}",
+            f"autosave_interval {opts.autosave_interval}",
         ]
         if opts.persistence_dir
         else ["persistence false"]

@@ -182,6 +182,8 @@ class LocalStack:
             options = MosquittoOptions(
                 bind=s.broker.bind, port=s.broker.port, persistence_dir=data,
                 run_as=run_as[0] if run_as else None, log_dest="stderr",
+                autosave_interval=s.broker.mosquitto_autosave_interval,
+                autosave_on_changes=s.broker.mosquitto_autosave_on_changes,
             )  # fmt: skip
             renewer = crl_renewer(s)
             if renewer is not None:

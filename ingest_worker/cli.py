@@ -77,7 +77,7 @@ def worker_config(settings: Settings) -> WorkerConfig:
 @app.command()
 def run(
     client: str | None = typer.Option(
-        None, "--client", help="Receive path: lean (asyncio) or paho [default: ingest.client]."
+        None, "--client", help="Receive path: lean (asyncio) or paho (default: ingest.client)."
     ),
     share_group: str | None = typer.Option(
         None,
@@ -116,7 +116,7 @@ def check(
         120.0, "--max-age", help="Fail when the last commit is older than this (seconds)."
     ),
     url: str | None = typer.Option(
-        None, "--url", help="The worker's metrics URL [default: http://ingest.metrics_bind:port]."
+        None, "--url", help="The worker's metrics URL (default: http://ingest.metrics_bind:port)."
     ),
 ) -> None:
     """Health check for monitors: exit 0 if the worker is up, connected and committing.

@@ -230,10 +230,10 @@ def device(
     interval: float = typer.Option(5.0, "--interval", help="Seconds between messages."),
     sensors: int = typer.Option(2, "--sensors", min=1, help="ARMA sensors (kind arma)."),
     certs: Path | None = typer.Option(
-        None, "--certs", help="A directory with <id>/{ca,cert,key}.pem [default: the local CA]."
+        None, "--certs", help="A directory with <id>/{ca,cert,key}.pem (default: the local CA)."
     ),
-    host: str | None = typer.Option(None, "--host", help="Broker [default: broker.host]."),
-    port: int | None = typer.Option(None, "--port", help="Broker port [default: broker.port]."),
+    host: str | None = typer.Option(None, "--host", help="Broker (default: broker.host)."),
+    port: int | None = typer.Option(None, "--port", help="Broker port (default: broker.port)."),
     seconds: float | None = typer.Option(None, "--seconds", help="Stop after this long."),
     seed: int | None = typer.Option(None, "--seed", help="Seed the models (reproducible runs)."),
 ) -> None:
@@ -281,8 +281,8 @@ def fleet(
     certs: Path | None = typer.Option(
         None, "--certs", help="Read bundles from DIR/<id>/ instead of issuing from the local CA."
     ),
-    host: str | None = typer.Option(None, "--host", help="Broker [default: broker.host]."),
-    port: int | None = typer.Option(None, "--port", help="Broker port [default: broker.port]."),
+    host: str | None = typer.Option(None, "--host", help="Broker (default: broker.host)."),
+    port: int | None = typer.Option(None, "--port", help="Broker port (default: broker.port)."),
     seconds: float | None = typer.Option(None, "--seconds", help="Stop after this long."),
     seed: int | None = typer.Option(None, "--seed", help="Seed the models (reproducible runs)."),
 ) -> None:

@@ -7,6 +7,7 @@ import pwd
 import stat
 import subprocess
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -15,6 +16,8 @@ from typer.testing import CliRunner
 from broker.cli import app as broker_app
 from broker.errors import BrokerError
 from broker.mosquitto import (
+    DEFAULT_AUTOSAVE_INTERVAL,
+    DEFAULT_AUTOSAVE_ON_CHANGES,
     DEFAULT_MAX_CONNECTIONS,
     DEFAULT_MAX_INFLIGHT_BYTES,
     DEFAULT_MAX_QUEUED_BYTES,
@@ -24,6 +27,7 @@ from broker.mosquitto import (
 )
 from broker.policy import Principal
 from certs import Pki, Role
+from fieldline.settings import BrokerSettings, get_settings
 
 
 @pytest.fixture
@@ -192,3 +196,66 @@ def test_systemd_unit_limits_sit_above_the_rendered_ones() -> None:
     memory_max = int(settings["MemoryMax"][:-1]) * units[settings["MemoryMax"][-1]]
     sessions = 2 * (DEFAULT_MAX_QUEUED_BYTES + DEFAULT_MAX_INFLIGHT_BYTES)
     assert memory_max >= sessions + DEFAULT_MAX_CONNECTIONS * 40 * 1024
+
+
+# -- persistence: how often Mosquitto saves (issue 13) ----------------------------------------
+def _persistence_lines(config: Path) -> list[str]:
+    return [line for line in config.read_text().splitlines() if line.startswith("autosave")]
+
+
+def test_persistence_is_saved_every_second_by_default(pki: Pki, tmp_path: Path) -> None:
+    """A kill -9 loses what Mosquitto acknowledged since its last save: 1-2 s of traffic at
+    the default, not 30 s (benchmarks/mosquitto_durability.py measured both)."""
+    opts = MosquittoOptions(persistence_dir=tmp_path / "data")
+    files = write_mosquitto_files(pki, tmp_path / "mq", options=opts)
+    assert _persistence_lines(files.config) == ["autosave_on_changes false", "autosave_interval 1"]
+    defaults = BrokerSettings()
+    assert DEFAULT_AUTOSAVE_INTERVAL == defaults.mosquitto_autosave_interval == 1
+    assert DEFAULT_AUTOSAVE_ON_CHANGES is defaults.mosquitto_autosave_on_changes is False
+    # without persistence there is nothing to save
+    plain = write_mosquitto_files(pki, tmp_path / "plain")
+    assert _persistence_lines(plain.config) == []
+    assert "persistence false" in plain.config.read_text().splitlines()
+
+
+def test_autosave_on_changes_is_rendered(pki: Pki, tmp_path: Path) -> None:
+    opts = MosquittoOptions(
+        persistence_dir=tmp_path / "data", autosave_interval=500, autosave_on_changes=True
+    )
+    files = write_mosquitto_files(pki, tmp_path / "mq", options=opts)
+    assert _persistence_lines(files.config) == ["autosave_on_changes true", "autosave_interval 500"]
+
+
+@pytest.fixture
+def home_env(pki: Pki, monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
+    monkeypatch.setenv("FIELDLINE_HOME", str(pki.root.parent))
+    get_settings.cache_clear()
+    yield
+    get_settings.cache_clear()
+
+
+def test_cli_autosave_comes_from_the_settings_and_its_options(
+    home_env: None, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """broker.mosquitto_autosave_* (fieldline.toml or FIELDLINE_ env) set the rendered
+    default; --autosave-interval and --autosave-on-changes/--autosave-on-time override it."""
+    out = tmp_path / "mq"
+    base = ["mosquitto-config", "--out", str(out), "--persistence-dir", str(tmp_path / "data")]
+
+    def render(*args: str) -> list[str]:
+        result = CliRunner().invoke(broker_app, [*base, *args])
+        assert result.exit_code == 0, result.output
+        return _persistence_lines(out / "mosquitto.conf")
+
+    assert render() == ["autosave_on_changes false", "autosave_interval 1"]
+    monkeypatch.setenv("FIELDLINE_BROKER__MOSQUITTO_AUTOSAVE_INTERVAL", "200")
+    monkeypatch.setenv("FIELDLINE_BROKER__MOSQUITTO_AUTOSAVE_ON_CHANGES", "true")
+    get_settings.cache_clear()
+    assert render() == ["autosave_on_changes true", "autosave_interval 200"]
+    assert render("--autosave-interval", "5", "--autosave-on-time") == [
+        "autosave_on_changes false",
+        "autosave_interval 5",
+    ]
+    refused = CliRunner().invoke(broker_app, [*base, "--autosave-interval", "0"])
+    assert refused.exit_code != 0
+    assert "--autosave-interval" in refused.output
