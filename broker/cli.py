@@ -27,8 +27,9 @@ from fieldline.settings import get_settings
 
 app = typer.Typer(
     help="The MQTT broker. Every client logs in with its fieldline certificate (CN = client "
-    "id) and may touch only the topics DESIGN.md's ACL matrix gives its role. `run` serves the "
-    "embedded broker (amqtt, hardened); `mosquitto-config` renders the same policy for "
+    "id) and may touch only the topics the ACL matrix of docs/design.md gives its role. `run` "
+    "serves the embedded broker (durable, mutual TLS); `mosquitto-config` renders the same "
+    "policy for "
     "Mosquitto, the production broker.",
     no_args_is_help=True,
 )

@@ -20,7 +20,7 @@ from broker.policy import Policy, Principal
 from certs import CertsError, Pki, Role
 from fieldline.settings import BrokerSettings
 
-# Sized for at-least-once ingest (DESIGN.md, Delivery): a worker holds PUBACKs until its batch
+# Sized for at-least-once ingest (docs/design.md, Delivery): a worker holds PUBACKs until its batch
 # commits, so the broker keeps messages in flight unacknowledged and queues behind them; past
 # max_queued_messages Mosquitto drops QoS 1 messages. The window is max_inflight_messages for
 # MQTT 3.1.1 clients; an MQTT 5 client's Receive Maximum replaces it (the worker asks for

@@ -1,4 +1,4 @@
-"""The ACL matrix of DESIGN.md as one pure policy: principal x action x topic -> allow or deny.
+"""The ACL matrix of docs/design.md as one pure policy: principal x action x topic -> allow or deny.
 
 The amqtt plugins ask it per packet; the Mosquitto renderer asks it for the grants of every
 issued principal, so both brokers enforce the same matrix.
@@ -61,7 +61,7 @@ _SERVICE_KINDS = (Kind.TELEMETRY, Kind.STATUS, Kind.EVENTS, Kind.COMMAND_RESULT)
 
 
 def grants_for(principal: Principal) -> Grants:
-    """The rows of DESIGN.md's ACL matrix for this principal."""
+    """The rows of docs/design.md's ACL matrix for this principal."""
     t, d = principal.tenant, principal.id
     match principal.role:
         case Role.DEVICE:

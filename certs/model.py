@@ -16,7 +16,7 @@ from schemas.topics import validate_id
 
 
 class Role(StrEnum):
-    """The certificate's OU: what the principal may do (DESIGN.md, Identity and ACLs)."""
+    """The certificate's OU: what the principal may do (docs/design.md, Identity and ACLs)."""
 
     DEVICE = "device"
     OPERATOR = "operator"

@@ -70,7 +70,7 @@ class WorkerConfig:
     metrics_port: int = 0
     metrics_bind: str = "127.0.0.1"
     drain_timeout_s: float = 30.0
-    # tenants routed to a database of their own (DESIGN.md: storage scales out by tenant);
+    # tenants routed to a database of their own (docs/design.md: storage scales out by tenant);
     # every other tenant, and dead letters without one, go to `dsn`
     tenant_dsns: Mapping[str, str] = field(default_factory=dict)
 

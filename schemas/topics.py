@@ -1,4 +1,4 @@
-"""The topic grammar of DESIGN.md: the only place that builds or parses fieldline topics.
+"""The topic grammar of docs/design.md: the only place that builds or parses fieldline topics.
 
     fl/{tenant}/{device}/telemetry | status | events | cmd-res
     fl/{tenant}/{device}/cmd/{name}
@@ -73,7 +73,7 @@ class Kind(StrEnum):
 
 
 _KINDS: dict[str, Kind] = {k.value: k for k in Kind}
-# Kinds a device publishes (and the ingest service subscribes to), in DESIGN.md order.
+# Kinds a device publishes (and the ingest service subscribes to), in docs/design.md order.
 _UPSTREAM = (Kind.TELEMETRY, Kind.STATUS, Kind.EVENTS, Kind.COMMAND_RESULT)
 
 

@@ -1,4 +1,4 @@
-"""The attack suite: DESIGN.md's ACL matrix and identity rules, against both brokers.
+"""The attack suite: docs/design.md's ACL matrix and identity rules, against both brokers.
 
 Every test runs twice, on the embedded broker (`fieldline broker run`) and on Mosquitto with
 the config `fieldline broker mosquitto-config` renders, with real clients over real mutual

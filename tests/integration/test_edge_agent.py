@@ -1,7 +1,7 @@
 """The edge agent against a real broker, a real ingest worker and TimescaleDB.
 
 The agent is `dev-2` of the test PKI (a device certificate of tenant acme): it publishes on
-its own topics only, as DESIGN.md's ACL allows, and the worker writes what it sends.
+its own topics only, as docs/design.md's ACL allows, and the worker writes what it sends.
 """
 
 from __future__ import annotations

@@ -234,7 +234,7 @@ def test_max_inflight_bytes_holds_back_a_message_but_does_not_bound_on_2_0_11(
 
 # -- retain ----------------------------------------------------------------------------------
 def test_operator_cannot_retain_a_command(broker: BrokerUnderTest) -> None:
-    """DESIGN.md: retain only on status. The embedded broker refuses a retained command
+    """docs/design.md: retain only on status. The embedded broker refuses a retained command
     outright; Mosquitto cannot refuse retain per topic, so it keeps the command and replays it,
     flagged retained, on every subscribe of the device (the device must refuse it: README)."""
     pki = broker.pki

@@ -1,4 +1,4 @@
-"""Storage scales out by tenant (DESIGN.md): a tenant routed to its own database has its
+"""Storage scales out by tenant (docs/design.md): a tenant routed to its own database has its
 rows there, and only there; the everyday commands follow the same routing."""
 
 from __future__ import annotations

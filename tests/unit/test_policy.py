@@ -1,4 +1,4 @@
-"""The ACL matrix of DESIGN.md, decided by broker.policy: every row, and what it must refuse."""
+"""The ACL matrix of docs/design.md, decided by broker.policy: every row, what it must refuse."""
 
 from __future__ import annotations
 
@@ -126,7 +126,7 @@ def test_decisions_are_cached_per_principal() -> None:
 
 
 # -- exhaustive: every principal x action x topic of a small universe, against an oracle ------
-# The oracle restates DESIGN.md's matrix in its own terms (level by level, no filters), and
+# The oracle restates docs/design.md's matrix in its own terms (level by level, no filters), and
 # decides SUBSCRIBE by brute force: a filter is allowed when every topic it can match, over
 # the literals the matrix distinguishes plus a fresh one, may be received.
 TENANTS = ("acme", "globex")

@@ -74,7 +74,7 @@ MAX_OVERFLOW = 32
 
 # time.time() counts from 1970 on rp2 (MICROPY_EPOCH_IS_1970) and on the unix port, but from
 # 2000-01-01 on some other embedded ports; the MicroPython docs say to tell them apart by
-# gmtime(0)[0].  DESIGN.md wants epoch milliseconds since 1970: add this offset.
+# gmtime(0)[0].  docs/design.md wants epoch milliseconds since 1970: add this offset.
 SECONDS_1970_TO_2000 = 946684800
 EPOCH_OFFSET_S = SECONDS_1970_TO_2000 if time.gmtime(0)[0] == 2000 else 0
 
