@@ -283,6 +283,11 @@ class Connection:
         self._loop = asyncio.get_running_loop()
         self._room = asyncio.Event()
         self._room.set()
+        # acknowledgements waiting for the store to commit: past WORK_HIGH the client is not
+        # read (a stalled disk must not let one client pile them up without bound)
+        self.held_replies = 0
+        self._replies_room = asyncio.Event()
+        self._replies_room.set()
         self._closed = asyncio.Event()
         self._published = False  # a PUBLISH was read since the reader last checked for room
         self._pausing = False
@@ -318,6 +323,8 @@ class Connection:
             if self.work.qsize() >= WORK_HIGH or self.work_bytes >= WORK_HIGH_BYTES:
                 self._room.clear()
                 await self._pause(self._room.wait())
+            elif not self._replies_room.is_set():
+                await self._pause(self._replies_room.wait())
             elif (
                 self._published
                 and budget is not None
@@ -369,6 +376,19 @@ class Connection:
         ):
             self._room.set()
         return item
+
+    def hold_reply(self) -> None:
+        """An acknowledgement now waits for the store."""
+        self.held_replies += 1
+        if self.held_replies >= WORK_HIGH:
+            self._replies_room.clear()
+
+    def release_reply(self, reply: bytes) -> None:
+        """The store committed what `reply` acknowledges: write it."""
+        self.held_replies -= 1
+        self.link.write(reply)
+        if self.held_replies <= WORK_LOW:
+            self._replies_room.set()
 
     def _queue_publish(self, message: Incoming) -> None:
         size = len(message.topic) + len(message.data) + MESSAGE_OVERHEAD

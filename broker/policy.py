@@ -14,6 +14,8 @@ from certs import Role
 from schemas.topics import Kind, filter_contains, filter_matches, validate_filter
 
 SHARE_PREFIX = "$share/"
+# decisions on longer topics are not cached (fieldline's own topics are far shorter)
+CACHED_TOPIC_CHARS = 256
 
 
 class Action(StrEnum):
@@ -101,12 +103,15 @@ class Policy:
         self, principal: Principal, action: Action, topic: str, *, retain: bool = False
     ) -> Decision:
         """Whether principal may do action on topic (a filter for SUBSCRIBE)."""
+        if len(topic) > CACHED_TOPIC_CHARS:
+            # a client choosing long, distinct topics must not fill the cache with them
+            return self._decide_uncached(principal, action, topic, retain)
         return self._decide(principal, action, topic, retain)
 
     def allows(
         self, principal: Principal, action: Action, topic: str, *, retain: bool = False
     ) -> bool:
-        return self._decide(principal, action, topic, retain).allowed
+        return self.decide(principal, action, topic, retain=retain).allowed
 
     def _decide_uncached(
         self, principal: Principal, action: Action, topic: str, retain: bool
@@ -119,7 +124,8 @@ class Policy:
         if action is Action.RECEIVE:
             if any(filter_matches(f, topic) for f in grants.subscribe):
                 return Decision(True, "receive granted")
-            return Decision(False, f"{principal} may not receive {topic}", "not-granted")
+            reason = f"{principal} may not receive {short_topic(topic)}"
+            return Decision(False, reason, "not-granted")
         if action is Action.WILL:
             own_status = principal.role is Role.DEVICE and topic == (
                 f"fl/{principal.tenant}/{principal.id}/status"
@@ -127,7 +133,8 @@ class Policy:
             if not own_status and principal.role is not Role.ADMIN:
                 return Decision(False, "a Will must be the client's own status topic", "will")
         if not any(filter_matches(f, topic) for f in grants.publish):
-            return Decision(False, f"{principal} may not publish to {topic}", "not-granted")
+            reason = f"{principal} may not publish to {short_topic(topic)}"
+            return Decision(False, reason, "not-granted")
         if retain and not any(filter_matches(f, topic) for f in grants.retain):
             return Decision(False, "retain is allowed on the device's status topic only", "retain")
         return Decision(True, f"{action.value} granted")
@@ -151,4 +158,11 @@ class Policy:
         # contained, not merely overlapping: `a/+` granted does not grant `a/#`
         if any(filter_contains(allowed, inner) for allowed in grants.subscribe):
             return Decision(True, "subscribe granted")
-        return Decision(False, f"{principal} may not subscribe to {topic_filter}", "not-granted")
+        return Decision(
+            False, f"{principal} may not subscribe to {short_topic(topic_filter)}", "not-granted"
+        )
+
+
+def short_topic(topic: str) -> str:
+    """A topic as a reason quotes it: a hostile one can be 64 KiB long."""
+    return topic if len(topic) <= 120 else f"{topic[:100]}...({len(topic)} chars)"

@@ -28,7 +28,7 @@ import contextlib
 import json
 import logging
 import time
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import AsyncIterator, Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
@@ -55,12 +55,13 @@ from broker.index import SubscriptionIndex
 from broker.metrics import BrokerMetrics
 from broker.outbox import QUEUE_BYTES, Message, Outbox
 from broker.plugins import Refusal, load_plugins
-from broker.policy import Principal
+from broker.policy import Principal, short_topic
 from broker.retained import RetainedTopics
 from broker.revocation import RevocationList
 from broker.session import Session
 from broker.store import BrokerStore, Recovered
 from broker.tls import ReloadableTls
+from broker.tlsserver import start_tls_server
 from certs import Role
 from schemas.errors import InvalidFilterError
 from schemas.topics import SHARE_PREFIX, validate_filter
@@ -75,6 +76,9 @@ _MAX_CONNECT_BYTES = 4 * 65_537 + 16
 MEMORY_SWEEP_S = 1.0
 # a client whose socket has not drained for this long, while the budget is spent, may be cut
 STUCK_S = 5.0
+# topic levels a PUBLISH or a filter may have (fieldline's own topics have 4 or 5): matching
+# walks them, and a hostile depth must neither cost nor crash it
+MAX_TOPIC_LEVELS = 32
 # how long shutdown waits for connections to finish the work they had read
 SHUTDOWN_DRAIN_S = 5.0
 
@@ -93,6 +97,8 @@ class BrokerOptions:
     # filters one client may hold: each costs index memory, and an offline session keeps them
     max_subscriptions: int = 100
     connect_timeout_s: float = 10.0
+    # TLS handshakes in progress: they come before max_connections counts a connection
+    max_pending_handshakes: int = 2_000
     max_packet_bytes: int = 2 * 1024 * 1024
     max_inflight: int = 100
     max_queued: int = 10_000
@@ -188,6 +194,7 @@ class FieldlineBroker:
         self._server: asyncio.Server | None = None
         self._links: set[Link] = set()
         self._serving: set[asyncio.Task[Any]] = set()
+        self._connecting: dict[str, _Gate] = {}
         self._open_connections = 0
         self._closing = False
         self._tasks: list[asyncio.Task[None]] = []
@@ -215,13 +222,15 @@ class FieldlineBroker:
             self._recover(await self.store.open())
         o = self.options
         try:
-            self._server = await asyncio.start_server(
+            # TLS per connection on a memory BIO: asyncio's TLS holds 256 KiB per socket
+            self._server = await start_tls_server(
                 self._accept,
                 o.bind,
                 o.port,
-                reuse_address=True,
-                ssl=self._tls.listener_context,
-                ssl_handshake_timeout=o.connect_timeout_s,
+                lambda: self._tls.listener_context,
+                handshake_timeout=o.connect_timeout_s,
+                max_pending_handshakes=o.max_pending_handshakes,
+                on_refused=lambda reason: self.metrics.connects.labels(reason).inc(),
             )
         except OSError as exc:
             if self.store is not None:
@@ -471,8 +480,9 @@ class FieldlineBroker:
         if session is None:
             return
         self._index.remove_all(client_id)
-        session.outbox.journal = None  # the store drops the session's rows in one go
+        # each stored message goes by its key (an index on client_id would cost every insert)
         session.outbox.clear()
+        session.outbox.journal = None
         if self.store is not None and session.persistent:
             self.store.delete_session(client_id)
 
@@ -564,6 +574,29 @@ class FieldlineBroker:
         reader: asyncio.StreamReader,
         peer: Any,
     ) -> None:
+        async with self._one_connect_at_a_time(fresh.client_id):
+            connection, session, present = await self._register(fresh, connect, link, reader)
+            if self.store is not None and self.store.busy:
+                # what the takeover changed (a clean start deletes the old session) is
+                # durable before the client is told whether a session is present
+                await self._store_committed()
+        link.write(wire.connack(present, wire.ACCEPTED))
+        self.metrics.connects.labels("accepted").inc()
+        self.metrics.connected.inc()
+        log.info(
+            "event=connected client=%s principal=%s peer=%s clean=%s present=%s keepalive=%d",
+            session.client_id, principal_of(session), _peer(peer), session.clean_session,
+            present, connect.keepalive,
+        )  # fmt: skip
+        link.outbox = session.outbox
+        session.outbox.attach(link)
+        connection.start()
+        await self._work_loop(session, connection)
+
+    async def _register(
+        self, fresh: Session, connect: wire.Connect, link: Link, reader: asyncio.StreamReader
+    ) -> tuple[Connection, Session, bool]:
+        """Take over or start the client id's session and give it this connection."""
         session, present = await self._take_session(fresh)
         self._size_outbox(session)
         connection = Connection(
@@ -581,18 +614,34 @@ class FieldlineBroker:
         session.offline_since = None
         self._sessions[session.client_id] = session
         self._save_session(session)
-        link.write(wire.connack(present, wire.ACCEPTED))
-        self.metrics.connects.labels("accepted").inc()
-        self.metrics.connected.inc()
-        log.info(
-            "event=connected client=%s principal=%s peer=%s clean=%s present=%s keepalive=%d",
-            session.client_id, principal_of(session), _peer(peer), session.clean_session,
-            present, connect.keepalive,
-        )  # fmt: skip
-        link.outbox = session.outbox
-        session.outbox.attach(link)
-        connection.start()
-        await self._work_loop(session, connection)
+        return connection, session, present
+
+    @contextlib.asynccontextmanager
+    async def _one_connect_at_a_time(self, client_id: str) -> AsyncIterator[None]:
+        """CONNECTs for one client id take over its session one after the other."""
+        gate = self._connecting.get(client_id)
+        if gate is None:
+            gate = self._connecting[client_id] = _Gate()
+        gate.users += 1
+        try:
+            async with gate.lock:
+                yield
+        finally:
+            gate.users -= 1
+            if not gate.users:
+                del self._connecting[client_id]
+
+    async def _store_committed(self) -> None:
+        """Until everything recorded so far is committed."""
+        assert self.store is not None
+        done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+
+        def committed() -> None:
+            if not done.done():
+                done.set_result(None)
+
+        self.store.after_commit(committed)
+        await done
 
     async def _authenticate(self, session: Session) -> bool:
         """Every auth plugin that decides must allow, and at least one must decide."""
@@ -625,7 +674,6 @@ class FieldlineBroker:
     async def _work_loop(self, session: Session, connection: Connection) -> None:
         """This connection's PUBLISHes, PUBRELs, SUBSCRIBEs and UNSUBSCRIBEs, in arrival
         order, to its end."""
-        link = connection.link
         while True:
             item = await connection.next_work()
             if isinstance(item, Ended):
@@ -638,29 +686,31 @@ class FieldlineBroker:
                         continue
                     if item.qos == 2 and self.store is not None and session.persistent:
                         self.store.qos2_received(session.client_id, item.packet_id, True)
-                    self._reply(link, item.reply)
+                    self._reply(connection, item.reply)
                 elif isinstance(item, Released):
                     session.qos2_received.discard(item.packet_id)
                     if self.store is not None and session.persistent:
                         self.store.qos2_received(session.client_id, item.packet_id, False)
-                    self._reply(link, item.reply)
+                    self._reply(connection, item.reply)
                 elif isinstance(item, Reply):
-                    self._reply(link, item.reply)
+                    self._reply(connection, item.reply)
                 elif isinstance(item, SubscribeRequest):
-                    await self._subscribe(session, link, item)
+                    await self._subscribe(session, connection, item)
                 else:
-                    self._unsubscribe(session, link, item)
+                    self._unsubscribe(session, connection, item)
             except Exception:  # one bad packet must not end the connection's loop
                 log.exception("event=work_failed client=%s", session.client_id)
 
-    def _reply(self, link: Link, data: bytes) -> None:
-        """Write an acknowledgement once everything recorded before it is durable."""
+    def _reply(self, connection: Connection, data: bytes) -> None:
+        """Write an acknowledgement once everything recorded before it is durable; while
+        too many wait, the connection is not read."""
         if not data:
             return
         if self.store is not None and self.store.busy:
-            self.store.after_commit(partial(link.write, data))
+            connection.hold_reply()
+            self.store.after_commit(partial(connection.release_reply, data))
         else:
-            link.write(data)
+            connection.link.write(data)
 
     def _refused(self, rule: str, peer: Any, client_id: str | None, detail: str) -> None:
         self.metrics.connects.labels(rule).inc()
@@ -682,6 +732,8 @@ class FieldlineBroker:
             self.metrics.connected.dec()
             self.metrics.disconnects.labels("taken-over").inc()
             log.info("event=taken_over client=%s", client_id)
+            if self._sessions.get(client_id) is not old:
+                old = None  # deleted while its connection stopped: nothing to resume
         if old is None or fresh.clean_session or old.clean_session:
             if old is not None:
                 self._drop_session(client_id)
@@ -756,6 +808,9 @@ class FieldlineBroker:
             )
             return False
         retain = message.retain
+        if topic.count("/") >= MAX_TOPIC_LEVELS:
+            self._too_deep(client_session, "publish", topic)
+            return True  # acknowledged and dropped, as a denied publish
         if not await self._topic_filtering(
             client_session, topic, AmqttAction.PUBLISH, retain=retain
         ):
@@ -849,14 +904,26 @@ class FieldlineBroker:
             rule = denial.rule if denial is not None else "plugin"
             self.metrics.denials.labels(str(action), rule).inc()
             level = logging.DEBUG if action == AmqttAction.RECEIVE else logging.INFO
-            if log.isEnabledFor(level):
+            session.denials += 1
+            # one client denied in a loop must not fill the disk: the 1st, 10th, 100th, ...
+            if log.isEnabledFor(level) and _worth_logging(session.denials):
                 log.log(
                     level,
-                    "event=denied client=%s action=%s topic=%r retain=%s reason=%r",
-                    session.client_id, action, topic, retain,
-                    denial.reason if denial is not None else rule,
+                    "event=denied client=%s action=%s topic=%r retain=%s reason=%r count=%d",
+                    session.client_id, action, short_topic(topic), retain,
+                    denial.reason if denial is not None else rule, session.denials,
                 )  # fmt: skip
         return allowed
+
+    def _too_deep(self, session: Session, action: str, topic: str) -> None:
+        self.metrics.denials.labels(action, "too-deep").inc()
+        session.denials += 1
+        if _worth_logging(session.denials):
+            log.info(
+                "event=denied client=%s action=%s topic=%r reason=%r count=%d",
+                session.client_id, action, short_topic(topic),
+                f"more than {MAX_TOPIC_LEVELS} topic levels", session.denials,
+            )  # fmt: skip
 
     # -- subscriptions ----------------------------------------------------------------------
     async def add_subscription(self, subscription: tuple[str, int], session: Session) -> int:
@@ -866,6 +933,9 @@ class FieldlineBroker:
             validate_filter(topic_filter)
         except InvalidFilterError:
             self.metrics.denials.labels("subscribe", "malformed").inc()
+            return SUBACK_FAILURE
+        if topic_filter.count("/") >= MAX_TOPIC_LEVELS:
+            self._too_deep(session, "subscribe", topic_filter)
             return SUBACK_FAILURE
         if not await self._topic_filtering(session, topic_filter, AmqttAction.SUBSCRIBE):
             return SUBACK_FAILURE
@@ -895,20 +965,24 @@ class FieldlineBroker:
             self.store.subscribe(client_id, topic_filter, granted)
         return granted
 
-    async def _subscribe(self, session: Session, link: Link, request: SubscribeRequest) -> None:
+    async def _subscribe(
+        self, session: Session, connection: Connection, request: SubscribeRequest
+    ) -> None:
         codes = [await self.add_subscription(sub, session) for sub in request.topics]
-        self._reply(link, wire.suback(request.packet_id, codes))
+        self._reply(connection, wire.suback(request.packet_id, codes))
         for (topic_filter, _qos), code in zip(request.topics, codes, strict=True):
             if code != SUBACK_FAILURE:
                 await self._send_retained(session, topic_filter, code)
 
-    def _unsubscribe(self, session: Session, link: Link, request: UnsubscribeRequest) -> None:
+    def _unsubscribe(
+        self, session: Session, connection: Connection, request: UnsubscribeRequest
+    ) -> None:
         for topic_filter in request.topics:
             if self._index.remove(topic_filter, session.client_id) and (
                 self.store is not None and session.persistent
             ):
                 self.store.unsubscribe(session.client_id, topic_filter)
-        self._reply(link, wire.unsuback(request.packet_id))
+        self._reply(connection, wire.unsuback(request.packet_id))
 
     async def _send_retained(self, session: Session, topic_filter: str, qos: int) -> None:
         """The retained messages a filter matches, each checked for RECEIVE, flagged retain."""
@@ -920,6 +994,14 @@ class FieldlineBroker:
                 continue
             message = Message(topic.encode(), retained.payload, min(retained.qos, qos), True)
             self._deliver(session, message)
+
+
+class _Gate:
+    __slots__ = ("lock", "users")
+
+    def __init__(self) -> None:
+        self.lock = asyncio.Lock()
+        self.users = 0
 
 
 def _for_plugins(session: Session) -> Any:

@@ -59,6 +59,7 @@ def options_from_settings(settings: Settings) -> BrokerOptions:
         max_connections=b.max_connections,
         max_subscriptions=b.max_subscriptions,
         connect_timeout_s=b.connect_timeout_s,
+        max_pending_handshakes=b.max_pending_handshakes,
         max_packet_bytes=b.max_packet_bytes,
         max_inflight=b.max_inflight,
         max_queued=b.max_queued,

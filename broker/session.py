@@ -39,6 +39,8 @@ class Session:
         # wall-clock time the session went offline (None while connected): its expiry counts
         # from here, across broker restarts
         self.offline_since: float | None = None
+        # operations refused to this client, so its denials are logged sparingly
+        self.denials = 0
 
     @classmethod
     def from_connect(

@@ -67,6 +67,11 @@ CREATE TABLE IF NOT EXISTS qos2_received (
 # SQLite allows 32,766 host parameters per statement; stay far below
 _IN_CHUNK = 500
 RETRY_MAX_S = 5.0
+# at shutdown, a commit that keeps failing is tried this often, then given up (and logged)
+CLOSE_TRIES = 3
+# free pages returned to the file system per step, every VACUUM_EVERY commits
+VACUUM_PAGES = 2000
+VACUUM_EVERY = 500
 
 Sync = Literal["normal", "full"]
 
@@ -170,6 +175,7 @@ class BrokerStore:
         self._flusher: asyncio.Task[None] | None = None
         self._closing = False
         self._seq = 0
+        self._applied = 0  # commits, counted in the store's thread
         # figures for metrics
         self.commits = 0
         self.changes = 0
@@ -243,7 +249,8 @@ class BrokerStore:
         self._changed()
 
     def delete_session(self, client_id: str) -> None:
-        """The session, its subscriptions, queued messages and QoS 2 state."""
+        """The session, its subscriptions and QoS 2 state (its messages go one by one, by
+        `remove_message`, as its outbox is cleared)."""
         self._current.forget_client(client_id)
         self._changed()
 
@@ -293,6 +300,7 @@ class BrokerStore:
     # -- committing -------------------------------------------------------------------------
     async def _flush_loop(self) -> None:
         delay = 0.1
+        given_up = 0
         while True:
             if not self._current.ops and not self._current.callbacks:
                 if self._closing:
@@ -310,13 +318,20 @@ class BrokerStore:
                 except StoreError as exc:
                     self.errors += 1
                     log.error("event=store_commit_failed changes=%d error=%s", batch.ops, exc)
-                    if self._closing and self.errors > 3:
-                        self._committing = None
-                        return
+                    if self._closing:
+                        given_up += 1
+                        if given_up >= CLOSE_TRIES:
+                            log.error(
+                                "event=store_abandoned changes=%d callbacks=%d detail=%s",
+                                batch.ops + self._current.ops, len(batch.callbacks), exc,
+                            )  # fmt: skip
+                            self._committing = None
+                            return
                     await asyncio.sleep(delay)
                     delay = min(delay * 2, RETRY_MAX_S)
                     continue
                 delay = 0.1
+                given_up = 0
                 self.commits += 1
                 self.changes += batch.ops
                 self.commit_seconds += time.perf_counter() - started
@@ -365,7 +380,12 @@ class BrokerStore:
                 f"{self.path} was written by a newer fieldline (store version {version}); "
                 "upgrade fieldline or move the file away"
             )
+        if version == 0:
+            # set before the first table: freed pages can then be given back (incrementally)
+            db.execute("PRAGMA auto_vacuum=INCREMENTAL")
         db.execute("PRAGMA journal_mode=WAL")
+        # the WAL file is truncated to this after a checkpoint instead of keeping its peak
+        db.execute("PRAGMA journal_size_limit=67108864")
         db.execute(f"PRAGMA synchronous={'FULL' if self.sync == 'full' else 'NORMAL'}")
         db.executescript(_SCHEMA)
         db.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
@@ -396,7 +416,7 @@ class BrokerStore:
         try:
             for chunk in _chunks(sorted(b.deleted_sessions)):
                 marks = ",".join("?" * len(chunk))
-                for table in ("sessions", "subscriptions", "messages", "qos2_received"):
+                for table in ("sessions", "subscriptions", "qos2_received"):
                     db.execute(f"DELETE FROM {table} WHERE client_id IN ({marks})", chunk)  # noqa: S608
             db.executemany("INSERT OR REPLACE INTO sessions VALUES (?, ?, ?)", b.sessions.values())
             db.executemany(
@@ -429,6 +449,10 @@ class BrokerStore:
         except BaseException:
             db.execute("ROLLBACK")
             raise
+        self._applied += 1
+        if self._applied % VACUUM_EVERY == 0:
+            # the file shrinks after a backlog drains, a step at a time
+            db.execute(f"PRAGMA incremental_vacuum({VACUUM_PAGES})").fetchall()
 
 
 def _chunks(items: Iterable[str]) -> Iterator[list[str]]:

@@ -40,6 +40,12 @@ class BrokerSettings(_Section):
         default=100, ge=1, description="filters one client may hold; more get SUBACK 0x80"
     )
     connect_timeout_s: float = Field(default=10.0, gt=0, description="TLS handshake + CONNECT")
+    max_pending_handshakes: int = Field(
+        default=2000,
+        ge=1,
+        description="TLS handshakes in progress at once; beyond it a new socket is closed "
+        "before any TLS work (each pending one holds up to ~47 KiB for connect_timeout_s)",
+    )
     max_packet_bytes: int = Field(default=2 * 1024 * 1024, ge=1024)
     max_inflight: int = Field(default=100, ge=1, le=65535, description="per client, QoS 1/2")
     max_queued: int = Field(default=10_000, ge=0, description="per session, beyond in flight")
