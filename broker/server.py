@@ -79,6 +79,7 @@ STUCK_S = 5.0
 # topic levels a PUBLISH or a filter may have (fieldline's own topics have 4 or 5): matching
 # walks them, and a hostile depth must neither cost nor crash it
 MAX_TOPIC_LEVELS = 32
+TOO_DEEP = f"more than {MAX_TOPIC_LEVELS} topic levels"
 # how long shutdown waits for connections to finish the work they had read
 SHUTDOWN_DRAIN_S = 5.0
 
@@ -801,15 +802,20 @@ class FieldlineBroker:
         """A PUBLISH from a client: checked, routed, retained; False for a protocol violation."""
         self.metrics.received += 1
         topic = message.topic
-        if not topic or "#" in topic or "+" in topic or topic.startswith("$"):
+        if not topic or "#" in topic or "+" in topic:
             # MQTT-4.7.3-1, MQTT-3.3.2-2: a malformed topic name is a protocol violation
             log.info(
                 "event=protocol_error client=%s detail=bad topic name", client_session.client_id
             )
             return False
         retain = message.retain
+        if topic.startswith("$"):
+            # reserved for the broker (MQTT 4.7.2): refused like any topic the ACL does not
+            # grant, acknowledged and dropped, as Mosquitto does
+            self._deny(client_session, "publish", "reserved", topic, "a $ topic is the broker's")
+            return True
         if topic.count("/") >= MAX_TOPIC_LEVELS:
-            self._too_deep(client_session, "publish", topic)
+            self._deny(client_session, "publish", "too-deep", topic, TOO_DEEP)
             return True  # acknowledged and dropped, as a denied publish
         if not await self._topic_filtering(
             client_session, topic, AmqttAction.PUBLISH, retain=retain
@@ -915,14 +921,14 @@ class FieldlineBroker:
                 )  # fmt: skip
         return allowed
 
-    def _too_deep(self, session: Session, action: str, topic: str) -> None:
-        self.metrics.denials.labels(action, "too-deep").inc()
+    def _deny(self, session: Session, action: str, rule: str, topic: str, reason: str) -> None:
+        """Count (and sparingly log) a refusal decided by the broker itself, not the ACL."""
+        self.metrics.denials.labels(action, rule).inc()
         session.denials += 1
         if _worth_logging(session.denials):
             log.info(
                 "event=denied client=%s action=%s topic=%r reason=%r count=%d",
-                session.client_id, action, short_topic(topic),
-                f"more than {MAX_TOPIC_LEVELS} topic levels", session.denials,
+                session.client_id, action, short_topic(topic), reason, session.denials,
             )  # fmt: skip
 
     # -- subscriptions ----------------------------------------------------------------------
@@ -935,7 +941,7 @@ class FieldlineBroker:
             self.metrics.denials.labels("subscribe", "malformed").inc()
             return SUBACK_FAILURE
         if topic_filter.count("/") >= MAX_TOPIC_LEVELS:
-            self._too_deep(session, "subscribe", topic_filter)
+            self._deny(session, "subscribe", "too-deep", topic_filter, TOO_DEEP)
             return SUBACK_FAILURE
         if not await self._topic_filtering(session, topic_filter, AmqttAction.SUBSCRIBE):
             return SUBACK_FAILURE

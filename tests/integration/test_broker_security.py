@@ -151,6 +151,7 @@ def test_client_id_other_than_the_certificate(broker: BrokerUnderTest) -> None:
         "fl/acme/dev-2/cmd/reset",  # a command to another device
         "fl/acme/dev-1/cmd/reset",  # a command to itself (only operators send commands)
         "fl/acme/dev-1/other",  # not a topic of the grammar
+        "$SYS/broker/forged",  # reserved for the broker
     ],
 )
 def test_publish_to_a_forbidden_topic_is_never_delivered(
@@ -174,6 +175,15 @@ def test_publish_to_a_forbidden_topic_is_never_delivered(
     finally:
         admin.close()
         dev2.close()
+
+
+def test_a_dollar_topic_is_the_brokers_even_for_an_admin(broker: BrokerUnderTest) -> None:
+    """One rule on both brokers: a PUBLISH to a `$` topic is acknowledged and dropped (not a
+    reason to close the connection), and the embedded broker counts it as a denial."""
+    result = mosquitto_pub(broker, broker.pki.admin, "$SYS/broker/forged", "x", "-q", "1")
+    assert result.returncode == 0, result.stderr  # PUBACKed, the connection not closed
+    if broker.kind == "fieldline":
+        assert 'action="publish",reason="reserved"' in broker.metrics()
 
 
 @pytest.mark.parametrize(
