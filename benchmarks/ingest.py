@@ -44,7 +44,7 @@ from paho.mqtt.enums import CallbackAPIVersion, MQTTProtocolVersion
 from benchmarks.broker import free_port
 from broker.mosquitto import MosquittoOptions, write_mosquitto_files
 from certs import Pki, Role
-from fieldline.pgcluster import EmbeddedPostgres
+from core.pgcluster import EmbeddedPostgres
 from ingest_worker.mqtt import MQTT311, open_subscriber
 from ingest_worker.service import client_context
 

@@ -49,7 +49,7 @@ from broker.mosquitto import (
     write_mosquitto_files,
 )
 from certs import Pki, Role
-from fieldline.pgcluster import free_port
+from core.pgcluster import free_port
 
 REPO = Path(__file__).resolve().parents[1]
 HOME = REPO / ".fieldline" / "bench" / "limits"

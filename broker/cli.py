@@ -22,8 +22,8 @@ from broker.mosquitto import (
 )
 from broker.service import BrokerService, options_from_settings, serve
 from certs import Pki
-from fieldline.logs import configure_logging
-from fieldline.settings import get_settings
+from core.logs import configure_logging
+from core.settings import get_settings
 
 app = typer.Typer(
     help="The MQTT broker. Every client logs in with its fieldline certificate (CN = client "
@@ -137,7 +137,7 @@ def mosquitto_config(
         min=0,
         help="Bytes of heap Mosquitto may allocate (not OpenSSL's); a client whose message does "
         "not fit is disconnected. Off by default: in 2.0.11 any certificate holder can reserve "
-        "it with unfinished CONNECTs (README). 0: no limit.",
+        "it with unfinished CONNECTs (docs/operations.md). 0: no limit.",
     ),
     max_connections: int = typer.Option(
         DEFAULT_MAX_CONNECTIONS,

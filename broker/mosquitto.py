@@ -18,7 +18,7 @@ from pathlib import Path
 from broker.errors import BrokerError
 from broker.policy import Policy, Principal
 from certs import CertsError, Pki, Role
-from fieldline.settings import BrokerSettings
+from core.settings import BrokerSettings
 
 # Sized for at-least-once ingest (docs/design.md, Delivery): a worker holds PUBACKs until its batch
 # commits, so the broker keeps messages in flight unacknowledged and queues behind them; past
@@ -35,7 +35,7 @@ MIB = 1024 * 1024
 # of 200,000 backlog messages of 2 MiB each would be 400 GiB. The queue is per *subscriber*:
 # once the ingest session's queue is full, Mosquitto drops (and has already PUBACKed) the
 # messages of every device alike, so max_queued_bytes must hold the whole fleet's bytes for the
-# longest worker outage to survive (README, Mosquitto limits).
+# longest worker outage to survive (docs/operations.md, Mosquitto in production).
 DEFAULT_MAX_QUEUED_BYTES = 256 * MIB
 # 10,000 in flight (the worker's Receive Maximum) x 1.6 KiB; a bigger backlog message still
 # goes out alone. 2.0.11 applies it only to a message's first try at flight, not when the
@@ -45,7 +45,7 @@ DEFAULT_MAX_INFLIGHT_BYTES = 16 * MIB
 # its header arrives, before CONNECT: one certificate holder reserved the whole 1 GiB with 535
 # TLS connections of 4 bytes each (benchmarks/mosquitto_limits.py), after which every client
 # whose message needs memory is disconnected. So it is off unless asked for; the systemd
-# unit's MemoryMax bounds the process instead (README, Mosquitto limits).
+# unit's MemoryMax bounds the process instead (docs/operations.md, Mosquitto in production).
 DEFAULT_MEMORY_LIMIT = 0
 # the embedded broker's broker.max_connections; counts every TCP connection of the listener,
 # including ones that have not finished TLS or sent CONNECT. 2.0.11 counts each closed
@@ -62,7 +62,7 @@ DEFAULT_MAX_KEEPALIVE = 3600
 # messages queued; with autosave_on_changes the interval counts changes instead, which bounds
 # queued messages by number but not those sent straight to a connected worker, and at 200,000
 # queued caps Mosquitto at ~4,000 msg/s (1000 changes) or ~700 (100): each save rewrites and
-# fsyncs the whole database (benchmarks/mosquitto_durability.py). fieldline.settings holds
+# fsyncs the whole database (benchmarks/mosquitto_durability.py). core.settings holds
 # the defaults (broker.mosquitto_autosave_*).
 _BROKER_FIELDS = BrokerSettings.model_fields
 DEFAULT_AUTOSAVE_ON_CHANGES: bool = _BROKER_FIELDS["mosquitto_autosave_on_changes"].default
@@ -143,7 +143,7 @@ def render_config(files: MosquittoFiles, options: MosquittoOptions | None = None
         [
             "persistence true",
             f"persistence_location {opts.persistence_dir}/",
-            "# a kill -9 loses what was acknowledged since the last save (fieldline README)",
+            "# a kill -9 loses what was acknowledged since the last save (docs/operations.md)",
             f"autosave_on_changes {str(opts.autosave_on_changes).lower()}",
             f"autosave_interval {opts.autosave_interval}",
         ]
@@ -181,7 +181,8 @@ def render_config(files: MosquittoFiles, options: MosquittoOptions | None = None
         f"max_keepalive {opts.max_keepalive}",
         # Mosquitto cannot refuse retain per topic (its ACL has no notion of it) and
         # `retain_available false` would disconnect every device publishing its retained
-        # status: retain on telemetry, events and commands is kept (README, Mosquitto limits)
+        # status: retain on telemetry, events and commands is kept (docs/operations.md,
+        # Mosquitto in production)
         "retain_available true",
         "",
         f"log_dest {opts.log_dest}",

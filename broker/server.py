@@ -951,7 +951,7 @@ class FieldlineBroker:
             log.info(
                 "event=denied client=%s action=subscribe topic=%r reason=%r",
                 session.client_id, topic_filter,
-                "shared subscriptions need Mosquitto (see README, Security model)",
+                "shared subscriptions need Mosquitto (see docs/operations.md, Security model)",
             )  # fmt: skip
             return SUBACK_FAILURE
         granted = min(qos, _QOS_MAX)

@@ -15,7 +15,7 @@ from broker.errors import BrokerError
 from broker.metrics import BrokerMetrics
 from broker.server import BrokerOptions, FieldlineBroker
 from certs import CertsError, Pki, Renewer
-from fieldline.settings import Settings, get_settings
+from core.settings import Settings, get_settings
 
 log = logging.getLogger("broker")
 

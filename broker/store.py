@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import IO, Literal, Protocol
 
 from broker.errors import BrokerError
+from core.retry import Backoff
 
 log = logging.getLogger("broker.store")
 
@@ -299,7 +300,7 @@ class BrokerStore:
 
     # -- committing -------------------------------------------------------------------------
     async def _flush_loop(self) -> None:
-        delay = 0.1
+        backoff = Backoff(0.1, RETRY_MAX_S)
         given_up = 0
         while True:
             if not self._current.ops and not self._current.callbacks:
@@ -327,10 +328,9 @@ class BrokerStore:
                             )  # fmt: skip
                             self._committing = None
                             return
-                    await asyncio.sleep(delay)
-                    delay = min(delay * 2, RETRY_MAX_S)
+                    await asyncio.sleep(backoff.next())
                     continue
-                delay = 0.1
+                backoff.reset()
                 given_up = 0
                 self.commits += 1
                 self.changes += batch.ops

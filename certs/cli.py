@@ -15,7 +15,7 @@ from certs.authority import Pki
 from certs.crl import expired_line, format_left
 from certs.errors import PassphraseError
 from certs.model import CLIENT_ROLES, KeyType, Role
-from fieldline.settings import get_settings
+from core.settings import get_settings
 
 app = typer.Typer(
     help="Provision the PKI under FIELDLINE_HOME/pki: a CA, one certificate per device, "

@@ -19,6 +19,7 @@ from typing import Any
 from prometheus_client import CollectorRegistry, Counter, Gauge, start_http_server
 
 from certs import CertsError, client_context
+from core.retry import Backoff
 from edge_agent.errors import EdgeError
 from edge_agent.listener import LanListener
 from edge_agent.manifest import RULE_PREFIX, UPSTREAM, Manifest, load_manifest
@@ -182,7 +183,7 @@ class EdgeAgent:
 
     # -- the cloud link -------------------------------------------------------------------
     async def _connect_loop(self) -> None:
-        delay = 1.0
+        backoff = Backoff(1.0, 30.0)
         status = self.topics[topics.Kind.STATUS]
         while True:
             if not self.link.connected:
@@ -190,11 +191,11 @@ class EdgeAgent:
                 try:
                     await self.link.connect()
                 except LinkError as exc:
+                    delay = backoff.next()
                     log.warning("event=connect_failed error=%r retry_in=%.1fs", str(exc), delay)
                     await asyncio.sleep(delay)
-                    delay = min(delay * 2, 30.0)
                     continue
-                delay = 1.0
+                backoff.reset()
                 self.metrics.reconnects.inc()
                 self.link.subscribe(topics.device_command_filter(self.tenant, self.id))
                 birth = {"state": "online", "ts": int(time.time() * 1000), "boot": self.boot}

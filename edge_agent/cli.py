@@ -9,10 +9,10 @@ from pathlib import Path
 import typer
 from rich.console import Console
 
+from core.logs import configure_logging
+from core.settings import get_settings
 from edge_agent.agent import AgentOptions, EdgeAgent
 from edge_agent.manifest import load_manifest
-from fieldline.logs import configure_logging
-from fieldline.settings import get_settings
 from simulator.commands import ReplayPolicy
 
 app = typer.Typer(

@@ -20,7 +20,7 @@ payload bytes per message, months kept, RAM of the database server) by these for
   unique (metric_id, time) index plus TimescaleDB's default time index; no compression: the
   Apache build has none).
 * ingest workers = ceil(1.5 x max(messages/s / worker msgs/s, rows/s / worker rows/s)):
-  50% headroom over the measured throughput of one worker (README, Benchmarks: ~9,000 msg/s
+  50% headroom over the measured throughput of one worker (docs/benchmarks.md: ~9,000 msg/s
   of 10-metric messages, ~92,000 rows/s with 100-sample messages, on 2 shared cores).
 * chunk interval: one chunk plus its indexes should fit in 25% of RAM (RESEARCH.md), so
   interval = 0.25 x RAM / (STORED_BYTES_PER_ROW x rows/s), rounded down to the nearest of
@@ -35,9 +35,9 @@ import math
 from dataclasses import asdict, dataclass
 from typing import Any, Literal
 
-from fieldline.errors import FieldlineError
+from core.errors import FieldlineError
 
-# Measured, not guessed: a throwaway cluster (fieldline.pgcluster.EmbeddedPostgres, PostgreSQL
+# Measured, not guessed: a throwaway cluster (core.pgcluster.EmbeddedPostgres, PostgreSQL
 # with TimescaleDB 2.19.3 Apache build), a hypertable with numeric_values' columns (time
 # timestamptz, metric_id integer, value double precision, received boolean) and key
 # UNIQUE (metric_id, time), 1-day chunks; 1,000,000 rows inserted in arrival order (1,000
@@ -50,7 +50,7 @@ STORED_BYTES_PER_ROW = 110.7
 SECONDS_PER_MONTH = 30.44 * 86400
 HEADROOM = 1.5
 RAM_SHARE_FOR_CHUNK = 0.25
-# README, Benchmarks: the worker end to end on the 2-core development machine
+# docs/benchmarks.md: the worker end to end on the 2-core development machine
 DEFAULT_WORKER_MSGS_PER_S = 9000.0
 DEFAULT_WORKER_ROWS_PER_S = 90000.0
 

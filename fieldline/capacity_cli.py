@@ -57,12 +57,12 @@ def capacity(
     worker_msgs_per_s: float = typer.Option(
         DEFAULT_WORKER_MSGS_PER_S,
         "--worker-msgs-per-s",
-        help="Messages/s one ingest worker sustains (README, Benchmarks: ~9,000 on 2 cores).",
+        help="Messages/s one ingest worker sustains (docs/benchmarks.md: ~9,000 on 2 cores).",
     ),
     worker_rows_per_s: float = typer.Option(
         DEFAULT_WORKER_ROWS_PER_S,
         "--worker-rows-per-s",
-        help="Rows/s one ingest worker sustains (README, Benchmarks: ~92,000 on 2 cores).",
+        help="Rows/s one ingest worker sustains (docs/benchmarks.md: ~92,000 on 2 cores).",
     ),
     tenant_id_length: int = typer.Option(8, "--tenant-id-length", help="Characters."),
     device_id_length: int = typer.Option(12, "--device-id-length", help="Characters."),

@@ -12,12 +12,12 @@ from broker.cli import app as broker_app
 from broker.errors import BrokerError
 from certs.cli import app as certs_app
 from certs.errors import CertsError
+from core.errors import FieldlineError
 from edge_agent.cli import app as edge_app
 from edge_agent.errors import EdgeError
 from fieldline import __version__
 from fieldline.capacity_cli import capacity
 from fieldline.db_cli import app as db_app
-from fieldline.errors import FieldlineError
 from fieldline.ops_cli import cmd_app, devices_app, query_command, tail_command
 from fieldline.up_cli import up
 from ingest_worker.cli import app as ingest_app

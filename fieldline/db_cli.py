@@ -12,9 +12,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from fieldline.errors import ClusterError
-from fieldline.pgcluster import EmbeddedPostgres
-from fieldline.settings import Settings, get_settings
+from core.pgcluster import cluster, database_url
 from ingest_worker.database import connect, mask_dsn
 from ingest_worker.errors import StorageError
 from ingest_worker.migrate import (
@@ -36,35 +34,6 @@ app.add_typer(tenants_app, name="tenants")
 
 console = Console()
 T = TypeVar("T")
-
-
-def cluster(settings: Settings | None = None) -> EmbeddedPostgres:
-    """The embedded cluster under FIELDLINE_HOME/pg as the settings describe it."""
-    s = settings or get_settings()
-    return EmbeddedPostgres(
-        s.pg_dir,
-        port=s.postgres.port,
-        bin_dir=s.postgres.bin_dir,
-        database=s.postgres.database,
-        user=s.postgres.user,
-    )
-
-
-def database_url(settings: Settings | None = None, tenant: str | None = None) -> str:
-    """The tenant's own database if `tenant_databases` routes it, else FIELDLINE_DATABASE_URL,
-    else the running embedded cluster's URL."""
-    s = settings or get_settings()
-    if tenant is not None and tenant in s.tenant_databases:
-        return s.tenant_databases[tenant]
-    if s.database_url:
-        return s.database_url
-    pg = cluster(s)
-    if not pg.running():
-        raise ClusterError(
-            f"the embedded cluster in {pg.root} is not running: start it with "
-            "`fieldline db start`, or set FIELDLINE_DATABASE_URL"
-        )
-    return pg.dsn()
 
 
 def _with_connection(work: Callable[[asyncpg.Connection], Awaitable[T]]) -> T:

@@ -12,7 +12,7 @@ import os
 from pathlib import Path
 from types import TracebackType
 
-from fieldline.errors import FieldlineError
+from core.errors import FieldlineError
 
 LOCK_NAME = "up.lock"
 

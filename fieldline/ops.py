@@ -10,7 +10,7 @@ from typing import Any
 
 import asyncpg
 
-from fieldline.errors import FieldlineError
+from core.errors import FieldlineError
 from ingest_worker.database import connect
 from ingest_worker.migrate import quote_ident, tenant_schema
 from schemas.messages import Command

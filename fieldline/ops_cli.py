@@ -18,10 +18,10 @@ from rich.console import Console
 from rich.table import Table
 
 from certs import CertsError, client_context
-from fieldline.db_cli import database_url
-from fieldline.errors import FieldlineError
+from core.errors import FieldlineError
+from core.pgcluster import database_url
+from core.settings import Settings, get_settings
 from fieldline.ops import list_devices, parse_duration, query, record_command
-from fieldline.settings import Settings, get_settings
 from schemas import topics
 from schemas.limits import MAX_TTL_S
 from schemas.messages import Command

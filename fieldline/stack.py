@@ -28,15 +28,14 @@ from broker.mosquitto import MosquittoOptions, write_mosquitto_files
 from broker.service import BrokerService, crl_renewer, options_from_settings
 from certs import Pki, Role
 from certs.crl import RENEW_HINT
+from core.errors import FieldlineError
+from core.pgcluster import EmbeddedPostgres, cluster
+from core.settings import Settings
 from edge_agent.agent import AgentOptions, EdgeAgent
 from edge_agent.manifest import parse_manifest
-from fieldline.db_cli import cluster
-from fieldline.errors import FieldlineError
-from fieldline.pgcluster import EmbeddedPostgres
-from fieldline.settings import Settings
 from ingest_worker.database import connect
 from ingest_worker.migrate import migrate_all, quote_ident, tenant_schema
-from ingest_worker.service import IngestWorker
+from ingest_worker.service import IngestWorker, worker_config
 from simulator.commands import ReplayPolicy
 from simulator.fleet import Fleet, FleetConfig, bundle_dirs, device_ids
 
@@ -158,8 +157,6 @@ class LocalStack:
         finally:
             await conn.close()
         await self._start_broker(pki)
-        from ingest_worker.cli import worker_config
-
         self.worker = IngestWorker(worker_config(s.model_copy(update={"database_url": self.dsn})))
         await self.worker.start()
         await self.worker.wait_connected(30)

@@ -10,10 +10,10 @@ from rich.console import Console, Group
 from rich.live import Live
 from rich.table import Table
 
-from fieldline.errors import FieldlineError
+from core.errors import FieldlineError
+from core.logs import configure_logging
+from core.settings import get_settings
 from fieldline.lock import StackLock
-from fieldline.logs import configure_logging
-from fieldline.settings import get_settings
 from fieldline.stack import LocalStack, StackOptions, View, watch_command
 
 console = Console()

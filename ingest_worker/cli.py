@@ -7,18 +7,19 @@ import sys
 import time
 import urllib.error
 import urllib.request
-from datetime import timedelta
 
 import typer
 from rich.console import Console
 
-from fieldline.db_cli import database_url
-from fieldline.logs import configure_logging
-from fieldline.settings import Settings, get_settings
-from ingest_worker.admission import AdmissionLimits
+from core.logs import configure_logging
+from core.pgcluster import database_url
+from core.settings import get_settings
 from ingest_worker.database import connect
-from ingest_worker.receive import BrokerTarget
-from ingest_worker.service import IngestWorker, WorkerConfig, client_context, serve, subscriptions
+from ingest_worker.service import (
+    IngestWorker,
+    serve,
+    worker_config,
+)
 
 app = typer.Typer(
     help="The ingest worker: MQTT -> validate -> enrich -> batch -> TimescaleDB -> PUBACK. "
@@ -27,51 +28,6 @@ app = typer.Typer(
     no_args_is_help=True,
 )
 console = Console()
-
-
-def worker_config(settings: Settings) -> WorkerConfig:
-    """The worker as the settings describe it (`ingest.*`, `broker.host/port`, the database)."""
-    i = settings.ingest
-    target = BrokerTarget(
-        host=settings.broker.host,
-        port=settings.broker.port,
-        context=client_context(settings.pki_dir, i.identity),
-        client_id=i.identity,
-        filters=subscriptions(i.share_group),
-        protocol=i.protocol,
-        keepalive=settings.broker.keepalive_s,
-        session_expiry=i.session_expiry_s,
-        receive_maximum=i.receive_maximum,
-    )
-    return WorkerConfig(
-        dsn=database_url(settings),
-        target=target,
-        client=i.client,
-        batch_max_rows=i.batch_max_rows,
-        batch_max_wait_s=i.batch_max_wait_ms / 1000,
-        writers=i.writers,
-        queue_max=i.queue_max,
-        queue_max_rows=i.queue_max_rows,
-        queue_max_bytes=i.queue_max_bytes,
-        transient_tries=i.transient_tries,
-        statement_timeout_s=i.statement_timeout_s,
-        offline_after_s=i.offline_after_s,
-        max_future_skew_s=i.max_future_skew_s,
-        max_payload_bytes=i.max_payload_bytes,
-        max_samples=i.max_samples,
-        max_metrics_per_message=i.max_metrics_per_message,
-        admission=AdmissionLimits(
-            max_backfill=timedelta(seconds=i.max_backfill_s),
-            max_metrics_per_device=i.max_metrics_per_device,
-            new_metrics_per_minute=i.new_metrics_per_minute,
-            dead_letter_payload_bytes=i.dead_letter_payload_bytes,
-            dead_letters_per_device_per_minute=i.dead_letters_per_device_per_minute,
-        ),
-        retention_every_s=i.retention_every_s,
-        metrics_port=i.metrics_port,
-        metrics_bind=i.metrics_bind,
-        tenant_dsns=settings.tenant_databases,
-    )
 
 
 @app.command()

@@ -25,6 +25,9 @@ from prometheus_client import start_http_server
 
 import certs
 from certs import CertsError
+from core.pgcluster import database_url
+from core.retry import Backoff
+from core.settings import Settings
 from ingest_worker.admission import CONFLICTING_VALUE, AdmissionLimits
 from ingest_worker.database import connect
 from ingest_worker.decode import Decoded
@@ -243,7 +246,7 @@ class IngestWorker:
             committed=self._committed,
             failed=lambda exc, n, retry: self._failed(tenant, exc, n, retry),
         )
-        backoff = 0.1
+        backoff = Backoff(0.1, 5.0)
         left = items
         while left:
             try:
@@ -257,16 +260,16 @@ class IngestWorker:
                 self.metrics.retries.inc()
                 if tenant is not None:
                     self.registry.forget_tenant(tenant)
+                delay = backoff.next()
                 log.warning(
                     "event=db_retry tenant=%s messages=%d error=%r retry_in=%.1fs",
-                    tenant, len(left), str(exc)[:200], backoff,
+                    tenant, len(left), str(exc)[:200], delay,
                 )  # fmt: skip
                 if conn is not None:
                     with contextlib.suppress(Exception):
                         await conn.close()
                 conn = None
-                await asyncio.sleep(backoff)
-                backoff = min(backoff * 2, 5.0)
+                await asyncio.sleep(delay)
         return conn
 
     def _failed(self, tenant: str | None, exc: BaseException, messages: int, retry: bool) -> None:
@@ -365,3 +368,48 @@ async def serve(worker: IngestWorker) -> None:
         log.info("event=ready")
         await stop.wait()
         log.info("event=stopping")
+
+
+def worker_config(settings: Settings) -> WorkerConfig:
+    """The worker as the settings describe it (`ingest.*`, `broker.host/port`, the database)."""
+    i = settings.ingest
+    target = BrokerTarget(
+        host=settings.broker.host,
+        port=settings.broker.port,
+        context=client_context(settings.pki_dir, i.identity),
+        client_id=i.identity,
+        filters=subscriptions(i.share_group),
+        protocol=i.protocol,
+        keepalive=settings.broker.keepalive_s,
+        session_expiry=i.session_expiry_s,
+        receive_maximum=i.receive_maximum,
+    )
+    return WorkerConfig(
+        dsn=database_url(settings),
+        target=target,
+        client=i.client,
+        batch_max_rows=i.batch_max_rows,
+        batch_max_wait_s=i.batch_max_wait_ms / 1000,
+        writers=i.writers,
+        queue_max=i.queue_max,
+        queue_max_rows=i.queue_max_rows,
+        queue_max_bytes=i.queue_max_bytes,
+        transient_tries=i.transient_tries,
+        statement_timeout_s=i.statement_timeout_s,
+        offline_after_s=i.offline_after_s,
+        max_future_skew_s=i.max_future_skew_s,
+        max_payload_bytes=i.max_payload_bytes,
+        max_samples=i.max_samples,
+        max_metrics_per_message=i.max_metrics_per_message,
+        admission=AdmissionLimits(
+            max_backfill=timedelta(seconds=i.max_backfill_s),
+            max_metrics_per_device=i.max_metrics_per_device,
+            new_metrics_per_minute=i.new_metrics_per_minute,
+            dead_letter_payload_bytes=i.dead_letter_payload_bytes,
+            dead_letters_per_device_per_minute=i.dead_letters_per_device_per_minute,
+        ),
+        retention_every_s=i.retention_every_s,
+        metrics_port=i.metrics_port,
+        metrics_bind=i.metrics_bind,
+        tenant_dsns=settings.tenant_databases,
+    )

@@ -15,8 +15,8 @@ from rich.table import Table
 
 from certs import Pki
 from certs.errors import CertsError
-from fieldline.logs import configure_logging
-from fieldline.settings import Settings, get_settings
+from core.logs import configure_logging
+from core.settings import Settings, get_settings
 from simulator import arma
 from simulator.commands import ReplayPolicy
 from simulator.errors import SimulatorError

@@ -9,7 +9,6 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-import random
 import ssl
 import time
 from collections.abc import Callable
@@ -17,6 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
+from core.retry import Backoff
 from schemas import topics
 from schemas.messages import CommandStatus
 from simulator.commands import (
@@ -158,7 +158,7 @@ class SimDevice:
             raise LinkError(f"{self.device_id} did not come online: {reason}") from exc
 
     async def _keep_connected(self) -> None:
-        delay = 1.0
+        backoff = Backoff(1.0, 30.0)
         while not self._stopping:
             if not self.link.connected:
                 # the Will carries this boot, so a death is told apart from the next life's
@@ -169,11 +169,9 @@ class SimDevice:
                 except LinkError as exc:
                     self.stats.last_error = str(exc)
                     log.warning("event=connect_failed device=%s error=%r", self.device_id, str(exc))
-                    # jitter, so a fleet that lost its broker does not return in lockstep
-                    await asyncio.sleep(delay * random.uniform(0.5, 1.0))  # noqa: S311
-                    delay = min(delay * 2, 30.0)
+                    await asyncio.sleep(backoff.next())
                     continue
-                delay = 1.0
+                backoff.reset()
                 self.stats.connects += 1
                 self.link.subscribe(topics.device_command_filter(self.tenant, self.device_id))
                 self._birth()

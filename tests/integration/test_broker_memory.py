@@ -16,6 +16,7 @@ from pathlib import Path
 import pytest
 
 from broker import wire
+from tests import metrics_text
 from tests.clients import Paho, raw
 from tests.fixtures.brokers import BrokerUnderTest
 from tests.mqtt_raw import RawClient
@@ -38,12 +39,7 @@ def rss_mib(pid: int) -> float:
 
 def samples(broker: BrokerUnderTest) -> dict[str, float]:
     """The broker's metrics, by sample name with labels."""
-    out: dict[str, float] = {}
-    for line in broker.metrics().splitlines():
-        if line and not line.startswith("#"):
-            name, _, value = line.rpartition(" ")
-            out[name] = float(value)
-    return out
+    return metrics_text.samples(broker.metrics())
 
 
 def by_reason(metrics: dict[str, float], name: str) -> dict[str, float]:

@@ -11,7 +11,6 @@ before the commit. Each test reproduced a defect of the first durable version (n
 from __future__ import annotations
 
 import contextlib
-import re
 import signal
 import sqlite3
 import struct
@@ -23,6 +22,7 @@ import pytest
 from broker import wire
 from certs import Bundle
 from tests.fixtures.brokers import BrokerUnderTest
+from tests.metrics_text import samples
 from tests.mqtt_raw import RawClient, connect_packet
 
 pytestmark = pytest.mark.integration
@@ -49,9 +49,9 @@ def client() -> Iterator[Opener]:
 
 
 def _metric(broker: BrokerUnderTest, name: str) -> float:
-    found = re.search(rf"^{re.escape(name)} (\S+)$", broker.metrics(), re.M)
+    found = samples(broker.metrics()).get(name)
     assert found is not None, f"no metric {name}"
-    return float(found.group(1))
+    return found
 
 
 def _kill_9(broker: BrokerUnderTest) -> None:

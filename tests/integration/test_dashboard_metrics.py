@@ -18,12 +18,13 @@ from pathlib import Path
 
 import pytest
 
+from core.pgcluster import free_port
 from edge_agent.agent import AgentOptions, EdgeAgent
 from edge_agent.manifest import load_manifest
-from fieldline.pgcluster import free_port
 from tests.fixtures.brokers import BrokerUnderTest
 from tests.fixtures.edge import MACHINE_RESET, manifest_text, write_manifest
 from tests.fixtures.ingest import burst, start_worker
+from tests.metrics_text import sample_names
 from tests.mqtt_raw import RawClient
 
 pytestmark = pytest.mark.integration
@@ -52,15 +53,6 @@ def dashboard_exprs() -> list[str]:
 def metric_names(expr: str) -> set[str]:
     """The metric names an expression selects, as they appear in the exposition."""
     return set(_METRIC.findall(expr))
-
-
-def sample_names(exposition: str) -> set[str]:
-    """The sample names of a Prometheus text exposition (`_total`, `_bucket` included)."""
-    names = set()
-    for line in exposition.splitlines():
-        if line and not line.startswith("#"):
-            names.add(re.split(r"[{ ]", line, maxsplit=1)[0])
-    return names
 
 
 def missing_from(exprs: list[str], exposed: set[str]) -> dict[str, set[str]]:

@@ -358,7 +358,7 @@ async def test_lan_devices_reach_the_cloud_through_the_listener(
     agent's identity, and the listener enforces the same identity rules as any broker."""
     from types import SimpleNamespace
 
-    from fieldline.pgcluster import free_port
+    from core.pgcluster import free_port
     from tests.clients import Paho
 
     lan_port = free_port()

@@ -1,15 +1,19 @@
-"""The README's walk-throughs, run as written: each shell line between the markers is a step.
+"""The walk-throughs of the README and docs/*.md, run as written: each shell line between the
+markers (`<!-- walkthrough:NAME -->` ... `<!-- /walkthrough:NAME -->`) is a step.
 
 `fieldline` lines run as they are (in a scratch directory, so FIELDLINE_HOME is the default
 ./.fieldline); ports 8883 and 9883 become free ones; `mosquitto` and `fieldline broker run`
 start in the background as a reader would start them in another terminal; `pkill -HUP`
 becomes a SIGHUP to that Mosquitto only (other tests' brokers run beside it). A step the
-runner does not know fails the test, so the README cannot grow an untested command.
+runner does not know fails the test, so no page can grow an untested command; a walk-through
+no test here runs fails `test_every_walkthrough_is_run`, so moving one between pages keeps it
+tested and adding one needs a test.
 """
 
 from __future__ import annotations
 
 import os
+import re
 import shlex
 import signal
 import subprocess
@@ -20,26 +24,43 @@ from pathlib import Path
 import pytest
 
 from certs import Pki
-from fieldline.pgcluster import free_port
+from core.pgcluster import free_port
 from tests.fixtures.mosquitto import MosquittoProcess, start_mosquitto
 from tests.fixtures.prereq import require_binary
 
 pytestmark = pytest.mark.integration
 
-README = Path(__file__).resolve().parents[2] / "README.md"
+REPO = Path(__file__).resolve().parents[2]
+PAGES = [REPO / "README.md", *sorted((REPO / "docs").glob("*.md"))]
+OPENING = re.compile(r"^<!-- walkthrough:([\w-]+) -->\s*$", re.MULTILINE)
+# the walk-throughs the tests below run, by name
+TESTED = {"certs", "broker"}
 TELEMETRY_LINE = 'fl/acme/pump-1/telemetry {"metrics":{"temperature":21.5}}'
 
 Step = str | tuple[str, str]
 
 
+def walkthroughs() -> dict[str, tuple[Path, str]]:
+    """Every walk-through of the README and docs/*.md: its name -> (page, text inside markers)."""
+    found: dict[str, tuple[Path, str]] = {}
+    for page in PAGES:
+        text = page.read_text(encoding="utf-8")
+        for opening in OPENING.finditer(text):
+            name = opening[1]
+            end = text.find(f"<!-- /walkthrough:{name} -->", opening.end())
+            assert end != -1, f"{page.name}: walk-through {name!r} is never closed"
+            assert name not in found, f"{name!r} is in {found[name][0].name} and {page.name}"
+            found[name] = (page, text[opening.end() : end])
+    return found
+
+
 def walkthrough(name: str) -> list[Step]:
-    """The shell lines (and heredocs, as (file, body)) of the README section `name`."""
-    text = README.read_text()
-    start = text.index(f"<!-- walkthrough:{name} -->")
-    end = text.index(f"<!-- /walkthrough:{name} -->")
+    """The shell lines (and heredocs, as (file, body)) of the walk-through `name`, on any page."""
+    found = walkthroughs()
+    assert name in found, f"no page of the README or docs/ has the walk-through {name!r}"
     steps: list[Step] = []
     in_block, heredoc, body = False, None, []
-    for line in text[start:end].splitlines():
+    for line in found[name][1].splitlines():
         if line.startswith("```"):
             in_block = line.strip() == "```sh"
             continue
@@ -169,6 +190,13 @@ class Runner:
         if self.broker is not None and self.broker.poll() is None:
             self.broker.send_signal(signal.SIGTERM)
             self.broker.wait(15)
+
+
+def test_every_walkthrough_is_run() -> None:
+    found = walkthroughs()
+    assert set(found) == TESTED, {n: str(p.relative_to(REPO)) for n, (p, _) in found.items()}
+    for name in found:
+        assert walkthrough(name), f"walk-through {name!r} has no shell steps"
 
 
 def test_certificate_walkthrough_with_mosquitto(tmp_path: Path) -> None:

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from fieldline.pgcluster import free_port
+from core.pgcluster import free_port
 from tests.fixtures.prereq import stop_process
 
 pytestmark = pytest.mark.integration

@@ -27,7 +27,7 @@ from broker.mosquitto import (
 )
 from broker.policy import Principal
 from certs import Pki, Role
-from fieldline.settings import BrokerSettings, get_settings
+from core.settings import BrokerSettings, get_settings
 
 
 @pytest.fixture

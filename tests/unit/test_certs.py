@@ -195,7 +195,7 @@ runner = CliRunner()
 
 @pytest.fixture
 def home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
-    from fieldline.settings import get_settings
+    from core.settings import get_settings
 
     monkeypatch.setenv("FIELDLINE_HOME", str(tmp_path / "home"))
     get_settings.cache_clear()
@@ -435,7 +435,7 @@ def test_cli_crl_shows_renews_and_exits_by_state(home: Path) -> None:
 
 
 def test_cli_crl_validity_comes_from_settings(home: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    from fieldline.settings import get_settings
+    from core.settings import get_settings
 
     monkeypatch.setenv("FIELDLINE_CERTS__CRL_VALIDITY_DAYS", "2")
     get_settings.cache_clear()

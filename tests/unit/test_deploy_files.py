@@ -12,8 +12,8 @@ from typing import Any
 import pytest
 from typer.testing import CliRunner
 
+from core.settings import BrokerSettings, IngestSettings, Settings
 from fieldline.cli import app
-from fieldline.settings import BrokerSettings, IngestSettings, Settings
 
 REPO = Path(__file__).resolve().parents[2]
 SYSTEMD = REPO / "deploy" / "systemd"

@@ -20,7 +20,7 @@ import ingest_worker.decode
 from broker.mosquitto import MosquittoFiles, MosquittoOptions, render_config
 from broker.policy import Action, Policy, Principal, grants_for
 from certs import Role
-from fieldline.settings import Settings
+from core.settings import Settings
 from schemas.limits import METRIC_NAME_PATTERN
 from schemas.messages import MODELS, Reason
 from schemas.topics import ID_PATTERN, Kind, parse

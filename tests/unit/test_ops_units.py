@@ -7,10 +7,10 @@ from pathlib import Path
 
 import pytest
 
+from core.errors import FieldlineError
+from core.settings import Settings
 from edge_agent.manifest import parse_manifest
-from fieldline.errors import FieldlineError
 from fieldline.ops import parse_duration
-from fieldline.settings import Settings
 from fieldline.stack import AGENT_ID, demo_manifest, watch_command
 
 

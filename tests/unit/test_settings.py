@@ -6,8 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from fieldline.errors import SettingsError
-from fieldline.settings import load_settings
+from core.errors import SettingsError
+from core.settings import load_settings
 from simulator.commands import ReplayPolicy
 
 

@@ -15,7 +15,7 @@ from pydantic_settings import (
     TomlConfigSettingsSource,
 )
 
-from fieldline.errors import SettingsError
+from core.errors import SettingsError
 from schemas.topics import validate_id
 
 CONFIG_ENV = "FIELDLINE_CONFIG"
@@ -98,7 +98,8 @@ class BrokerSettings(_Section):
     # Mosquitto (`mosquitto-config`): how often it saves its persistence file. It only saves
     # periodically, so a kill -9 loses what it acknowledged since the last save; every 1 s
     # (a save comes 1-2 s after the last) costs no measurable throughput, even with 200,000
-    # messages queued (benchmarks/mosquitto_durability.py, README Mosquitto in production).
+    # messages queued (benchmarks/mosquitto_durability.py; docs/operations.md, Mosquitto in
+    # production).
     mosquitto_autosave_interval: int = Field(
         default=1,
         ge=1,

@@ -18,7 +18,8 @@ from urllib.parse import quote
 
 import asyncpg
 
-from fieldline.errors import ClusterError
+from core.errors import ClusterError
+from core.settings import Settings, get_settings
 
 log = logging.getLogger(__name__)
 
@@ -416,3 +417,32 @@ class EmbeddedPostgres:
                 f"{Path(argv[0]).name} failed: {proc.stderr.strip() or proc.stdout.strip()}"
             )
         return proc
+
+
+def cluster(settings: Settings | None = None) -> EmbeddedPostgres:
+    """The embedded cluster under FIELDLINE_HOME/pg as the settings describe it."""
+    s = settings or get_settings()
+    return EmbeddedPostgres(
+        s.pg_dir,
+        port=s.postgres.port,
+        bin_dir=s.postgres.bin_dir,
+        database=s.postgres.database,
+        user=s.postgres.user,
+    )
+
+
+def database_url(settings: Settings | None = None, tenant: str | None = None) -> str:
+    """The tenant's own database if `tenant_databases` routes it, else FIELDLINE_DATABASE_URL,
+    else the running embedded cluster's URL."""
+    s = settings or get_settings()
+    if tenant is not None and tenant in s.tenant_databases:
+        return s.tenant_databases[tenant]
+    if s.database_url:
+        return s.database_url
+    pg = cluster(s)
+    if not pg.running():
+        raise ClusterError(
+            f"the embedded cluster in {pg.root} is not running: start it with "
+            "`fieldline db start`, or set FIELDLINE_DATABASE_URL"
+        )
+    return pg.dsn()

@@ -1,8 +1,8 @@
-"""Errors of the umbrella package: settings and the local stack."""
+"""The error base every package's errors may build on, and the bottom layer's own."""
 
 
 class FieldlineError(Exception):
-    """Base of the umbrella's errors; the message says what was wrong and what to do."""
+    """Base of fieldline's errors; the message says what was wrong and what to do."""
 
 
 class SettingsError(FieldlineError):
