@@ -11,8 +11,10 @@ setup: $(STAMP)
 $(STAMP): pyproject.toml deploy/setup/install-system.sh deploy/setup/build-timescaledb.sh
 	bash deploy/setup/install-system.sh
 	$(PYTHON) -m venv $(VENV)
-	$(BIN)/pip install -q --upgrade pip
-	$(BIN)/pip install -q -e '.[dev]'
+# -qq: pip's warnings (setuptools' build notes, index notices) are not for the user; its
+# errors still print, and a failed install still stops make
+	$(BIN)/pip install -qq --disable-pip-version-check --upgrade pip
+	$(BIN)/pip install -qq --disable-pip-version-check -e '.[dev]'
 	touch $(STAMP)
 
 system:

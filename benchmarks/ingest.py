@@ -3,6 +3,7 @@
     python -m benchmarks.ingest                        # ~10 min
     python -m benchmarks.ingest --messages 100000 --live-messages 50000
     python -m benchmarks.ingest --latency-only --latency-runs 5
+    python -m benchmarks.ingest --compare-clients --rounds 4   # lean vs paho receive path
 
 Publisher (mosquitto_pub, a C client, 4 devices), Mosquitto with the rendered config,
 the worker and PostgreSQL + TimescaleDB all run on this machine. It measures:
@@ -13,7 +14,7 @@ the worker and PostgreSQL + TimescaleDB all run on this machine. It measures:
 (c) `fieldline ingest run` end to end, lean receive path: draining a backlog of
     --messages single messages (10 metrics each) and of --backlog-messages backlog messages
     (100 samples each), and live traffic at full speed;
-(d) the same with `--client paho`;
+(d) the same with `--client paho` (paho-mqtt driven on the worker's event loop);
 and the publish-to-commit latency at a steady --rate msg/s (--latency-runs runs, each
 after a CPU probe: this shared machine's CPU speed varies by half from minute to minute),
 and the worker's peak RSS.
@@ -569,6 +570,57 @@ def compare_trees(stack: Stack, args: argparse.Namespace) -> dict[str, Any]:
     return {"runs": got, "medians": medians}
 
 
+CLIENT_KEYS = (("single", "msg/s"), ("live", "msg/s"), ("backlog", "rows/s"))
+
+
+def compare_clients(stack: Stack, args: argparse.Namespace) -> dict[str, Any]:
+    """The worker with `--client lean` and with `--client paho`, alternately (ABBA) on the
+    same backlogs and live traffic, --rounds times: medians, and lean/paho ratios."""
+    clients = ("lean", "paho")
+    n, m, live = args.messages, args.backlog_messages, args.live_messages
+    got: dict[str, dict[str, list[float]]] = {c: {k: [] for k, _u in CLIENT_KEYS} for c in clients}
+    start_worker(stack, "lean").stop()  # the session (both clients share the client id)
+    for round_ in range(args.rounds):
+        # whoever runs second meets a bigger table, so the order alternates by round
+        for client in clients if round_ % 2 == 0 else reversed(clients):
+            probe = cpu_probe()
+            publish(stack, stack.next_tag(), n)
+            single = worker_drain(stack, client, n * METRICS, n)
+            flowing = worker_live(stack, client, live)
+            publish(stack, stack.next_tag(), m, samples=100)
+            backlog = worker_drain(stack, client, m * 100, m)
+            got[client]["single"].append(single[0])
+            got[client]["live"].append(flowing[0])
+            got[client]["backlog"].append(backlog[1])
+            print(
+                f"round {round_ + 1} {client}: {single[0]:,.0f} msg/s single-message backlog, "
+                f"{flowing[0]:,.0f} msg/s live, {backlog[1]:,.0f} rows/s 100-sample backlog, "
+                f"RSS {max(single[2], flowing[2], backlog[2]):.0f} MiB (CPU probe {probe:.0f} ms)",
+                flush=True,
+            )
+    medians = {c: {k: _median(v) for k, v in runs.items()} for c, runs in got.items()}
+    # each round's lean/paho pair ran within a minute: its ratio is less exposed to the
+    # machine's speed drifting than the ratio of the medians
+    pairs = {
+        k: _median([a / b for a, b in zip(got["lean"][k], got["paho"][k], strict=True)])
+        for k, _u in CLIENT_KEYS
+    }
+    print(f"\nmedians of {args.rounds} rounds       lean       paho   lean/paho   pairs' median")
+    for key, unit in CLIENT_KEYS:
+        lean, paho = medians["lean"][key], medians["paho"][key]
+        print(
+            f"  {key:8} {unit:6} {lean:>14,.0f} {paho:>10,.0f} {lean / paho:>10.2f}x "
+            f"{pairs[key]:>14.2f}x"
+        )
+    return {"runs": got, "medians": medians, "pair_ratios": pairs}
+
+
+def _median(values: list[float]) -> float:
+    ordered = sorted(values)
+    mid = len(ordered) // 2
+    return ordered[mid] if len(ordered) % 2 else (ordered[mid - 1] + ordered[mid]) / 2
+
+
 # -- the run ---------------------------------------------------------------------------------
 def main() -> None:
     parser = argparse.ArgumentParser(
@@ -594,7 +646,15 @@ def main() -> None:
         help="another checkout (e.g. a `git worktree` of main): its worker and this one's "
         "drain the same backlogs alternately, --rounds times; nothing else is measured",
     )
-    parser.add_argument("--rounds", type=int, default=4, help="rounds of --compare-tree")
+    parser.add_argument(
+        "--compare-clients",
+        action="store_true",
+        help="the worker's two receive paths (lean, paho on the event loop) alternately on "
+        "--messages, --live-messages and --backlog-messages, --rounds times; nothing else",
+    )
+    parser.add_argument(
+        "--rounds", type=int, default=4, help="rounds of --compare-tree or --compare-clients"
+    )
     args = parser.parse_args()
     # `kill` stops the run like Ctrl-C: through the finally blocks, so nothing is left running
     signal.signal(signal.SIGTERM, lambda *_: sys.exit("stopped by SIGTERM"))
@@ -604,6 +664,9 @@ def main() -> None:
     try:
         if args.compare_tree is not None:
             results["compare"] = compare_trees(stack, args)
+            return
+        if args.compare_clients:
+            results["compare_clients"] = compare_clients(stack, args)
             return
         if args.latency_only:
             results["latency"] = lat = latency_runs(stack, args)

@@ -63,6 +63,7 @@ from broker.store import BrokerStore, Recovered
 from broker.tls import ReloadableTls
 from broker.tlsserver import start_tls_server
 from certs import Role
+from core.settings import BrokerSettings
 from schemas.errors import InvalidFilterError
 from schemas.topics import SHARE_PREFIX, validate_filter
 
@@ -84,6 +85,10 @@ TOO_DEEP = f"more than {MAX_TOPIC_LEVELS} topic levels"
 SHUTDOWN_DRAIN_S = 5.0
 
 
+# the settings model is the one source of defaults
+_DEFAULTS = BrokerSettings()
+
+
 @dataclass(frozen=True)
 class BrokerOptions:
     """How the embedded broker listens and what it holds per client."""
@@ -92,35 +97,35 @@ class BrokerOptions:
     cert_file: Path
     key_file: Path
     crl_file: Path | None
-    bind: str = "127.0.0.1"
-    port: int = 8883
-    max_connections: int = 20_000
+    bind: str = _DEFAULTS.bind
+    port: int = _DEFAULTS.port
+    max_connections: int = _DEFAULTS.max_connections
     # filters one client may hold: each costs index memory, and an offline session keeps them
-    max_subscriptions: int = 100
-    connect_timeout_s: float = 10.0
+    max_subscriptions: int = _DEFAULTS.max_subscriptions
+    connect_timeout_s: float = _DEFAULTS.connect_timeout_s
     # TLS handshakes in progress: they come before max_connections counts a connection
-    max_pending_handshakes: int = 2_000
-    max_packet_bytes: int = 2 * 1024 * 1024
-    max_inflight: int = 100
-    max_queued: int = 10_000
+    max_pending_handshakes: int = _DEFAULTS.max_pending_handshakes
+    max_packet_bytes: int = _DEFAULTS.max_packet_bytes
+    max_inflight: int = _DEFAULTS.max_inflight
+    max_queued: int = _DEFAULTS.max_queued
     # An ingest worker holds PUBACKs until its batch commits and must not lose what arrives
     # while it restarts, so `service` principals get a wider window and a deeper queue.
-    service_max_inflight: int = 10_000
-    service_max_queued: int = 200_000
+    service_max_inflight: int = _DEFAULTS.service_max_inflight
+    service_max_queued: int = _DEFAULTS.service_max_queued
     # the same limits in bytes (topic + payload + 120 per message); a connected client whose
     # queue reaches max_queued_bytes is cut off, as it is not reading
-    max_inflight_bytes: int = 4 * 1024 * 1024
-    max_queued_bytes: int = 16 * 1024 * 1024
-    service_max_inflight_bytes: int = 64 * 1024 * 1024
-    service_max_queued_bytes: int = 256 * 1024 * 1024
+    max_inflight_bytes: int = _DEFAULTS.max_inflight_bytes
+    max_queued_bytes: int = _DEFAULTS.max_queued_bytes
+    service_max_inflight_bytes: int = _DEFAULTS.service_max_inflight_bytes
+    service_max_queued_bytes: int = _DEFAULTS.service_max_queued_bytes
     # all sessions together; publishers are not read beyond it
-    memory_budget_bytes: int = 1024 * 1024 * 1024
-    session_expiry_s: int = 7 * 24 * 3600
+    memory_budget_bytes: int = _DEFAULTS.memory_budget_bytes
+    session_expiry_s: int = _DEFAULTS.session_expiry_s
     keepalive_factor: float = 1.5
-    crl_refresh_s: float = 5.0
+    crl_refresh_s: float = _DEFAULTS.crl_refresh_s
     # the durable store (None: sessions and retained messages live in memory only)
     store_file: Path | None = None
-    store_sync: Literal["normal", "full"] = "normal"
+    store_sync: Literal["normal", "full"] = _DEFAULTS.store_sync
     # further amqtt plugins (dotted path -> config); ours are always loaded and all must allow
     extra_plugins: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
     # every PUBLISH the policy allowed, (topic, payload), for an embedding process: the edge

@@ -62,6 +62,34 @@ async def list_devices(dsn: str, tenant: str) -> list[dict[str, Any]]:
 
 
 @dataclass(frozen=True)
+class DeviceState:
+    """What the database knows of a device's presence."""
+
+    id: str
+    status: str  # online, offline or unknown
+    last_seen: datetime | None
+
+    @property
+    def online(self) -> bool:
+        return self.status == "online"
+
+
+async def _device(conn: asyncpg.Connection, schema: str, tenant: str, device: str) -> DeviceState:
+    """The device's row, or FieldlineError: a device the workers never heard from is unknown."""
+    validate_id(device, "device id")
+    row = await conn.fetchrow(
+        f"SELECT id, status, last_seen FROM {schema}.devices WHERE id = $1",  # noqa: S608
+        device,
+    )
+    if row is None:
+        raise FieldlineError(
+            f"no such device {device} in tenant {tenant} (`fieldline devices list {tenant}` "
+            "lists the devices it has heard from)"
+        )
+    return DeviceState(row["id"], row["status"], row["last_seen"])
+
+
+@dataclass(frozen=True)
 class Bucket:
     """One time bucket of a metric."""
 
@@ -83,6 +111,7 @@ async def query(
             device, metric,
         )  # fmt: skip
         if metric_id is None:
+            await _device(conn, schema, tenant, device)  # an unknown device is named as such
             known = await conn.fetch(
                 f"SELECT name FROM {schema}.metrics WHERE device_id = $1 ORDER BY name",  # noqa: S608
                 device,
@@ -102,17 +131,22 @@ async def query(
     return result
 
 
-async def record_command(dsn: str, tenant: str, device: str, command: Command) -> None:
-    """The command as sent (status `sent`); the ingest worker adds the device's answer."""
+async def record_command(dsn: str, tenant: str, device: str, command: Command) -> DeviceState:
+    """The command as sent (status `sent`), and the device's presence; the ingest worker adds
+    the device's answer. FieldlineError, and nothing recorded, for an unknown device."""
 
-    async def work(conn: asyncpg.Connection, schema: str) -> None:
+    async def work(conn: asyncpg.Connection, schema: str) -> DeviceState:
+        # a device never heard of has no session at the broker: the command would be dropped
+        state = await _device(conn, schema, tenant, device)
         await conn.execute(
             f"INSERT INTO {schema}.commands (id, device_id, name, args, issued_at, status) "  # noqa: S608
             "VALUES ($1, $2, $3, $4::jsonb, $5, 'sent') ON CONFLICT (id) DO NOTHING",
             command.id, device, command.name, json.dumps(command.args), command.ts,
         )  # fmt: skip
+        return state
 
-    await _with(dsn, tenant, work)
+    result: DeviceState = await _with(dsn, tenant, work)
+    return result
 
 
 async def command_row(dsn: str, tenant: str, command_id: str) -> dict[str, Any] | None:

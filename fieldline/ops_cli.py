@@ -8,6 +8,7 @@ import json
 import sys
 import threading
 import time
+from datetime import UTC, datetime
 from typing import Any
 
 import paho.mqtt.client as mqtt
@@ -21,7 +22,7 @@ from certs import CertsError, client_context
 from core.errors import FieldlineError
 from core.pgcluster import database_url
 from core.settings import Settings, get_settings
-from fieldline.ops import list_devices, parse_duration, query, record_command
+from fieldline.ops import DeviceState, list_devices, parse_duration, query, record_command
 from schemas import topics
 from schemas.limits import MAX_TTL_S
 from schemas.messages import Command
@@ -198,23 +199,53 @@ def cmd_send(
         where = ".".join(str(p) for p in first["loc"]) or "command"
         raise FieldlineError(f"{where}: {first['msg']}") from None
     dsn = database_url(settings, tenant)
-    asyncio.run(record_command(dsn, tenant, device, command))
+    # an unknown device is refused here, before anything is recorded or published
+    state = asyncio.run(record_command(dsn, tenant, device, command))
+    if not state.online:
+        # still sent: its persistent session at the broker keeps the command until it comes
+        # back (as Mosquitto and AWS IoT do), and a device that is back within ttl runs it
+        typer.echo(f"warning: {offline_line(state, ttl)}", err=True)
     result_topic = topics.command_result(tenant, device)
     operator = _Operator(settings, [result_topic] if wait else [])
     try:
         operator.publish(topics.command(tenant, device, name), command.model_dump_json().encode())
-        console.print(f"sent {name} {command.id} to {tenant}/{device}", highlight=False)
+        typer.echo(f"sent {name} {command.id} to {tenant}/{device}")
         if not wait:
             return
         answer = _await_result(operator, str(command.id), timeout)
     finally:
         operator.close()
     if answer is None:
-        console.print(f"[red]no answer from {device} within {timeout:g} s[/red]", highlight=False)
+        why = "" if state.online else f" (it was {state.status} when sent)"
+        typer.echo(f"no answer from {device} within {timeout:g} s{why}", err=True)
         raise typer.Exit(3)
     typer.echo(json.dumps(answer))
     if answer.get("status") != "ok":
         raise typer.Exit(1)
+
+
+def offline_line(state: DeviceState, ttl_s: int, now: datetime | None = None) -> str:
+    """One line for a command sent to a device that is not online: since when, and what then."""
+    if state.last_seen is None:
+        since = "never heard from"
+    else:
+        ago = ((now or datetime.now(UTC)) - state.last_seen).total_seconds()
+        since = (
+            f"last heard {state.last_seen.astimezone(UTC):%Y-%m-%d %H:%M:%S} UTC, {_ago(ago)} ago"
+        )
+    what = "offline" if state.status == "offline" else f"not known to be online ({state.status})"
+    return (
+        f"{state.id} is {what} ({since}): the broker queues the command for its session "
+        f"and delivers it when it reconnects; after {ttl_s} s (--ttl) the device answers expired"
+    )
+
+
+def _ago(seconds: float) -> str:
+    seconds = max(0.0, seconds)
+    for unit, size in (("d", 86400), ("h", 3600), ("m", 60)):
+        if seconds >= size:
+            return f"{seconds / size:.0f}{unit}"
+    return f"{seconds:.0f}s"
 
 
 def _await_result(operator: _Operator, command_id: str, timeout: float) -> dict[str, Any] | None:

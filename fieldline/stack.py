@@ -42,6 +42,9 @@ from simulator.fleet import Fleet, FleetConfig, bundle_dirs, device_ids
 log = logging.getLogger("fieldline.up")
 
 AGENT_ID = "gw-1"
+# the identity of the printed `mosquitto_sub` line: the client id is the certificate's CN, so
+# sharing the CLI's operator identity made the two take the session from each other
+WATCHER_ID = "watcher"
 
 
 @dataclass
@@ -73,7 +76,7 @@ def ensure_certificates(settings: Settings, tenant: str) -> Pki:
     if not pki.exists():
         pki.init_ca(name="fieldline local CA")
     have = pki.bundles([settings.broker.server_cert, settings.ingest.identity,
-                        settings.operator, AGENT_ID])  # fmt: skip
+                        settings.operator, AGENT_ID, WATCHER_ID])  # fmt: skip
     if settings.broker.server_cert not in have:
         pki.issue_server(settings.broker.server_cert, hosts=["localhost"], ips=["127.0.0.1"])
     if settings.ingest.identity not in have:
@@ -82,6 +85,16 @@ def ensure_certificates(settings: Settings, tenant: str) -> Pki:
         pki.issue(settings.operator, tenant=tenant, role=Role.OPERATOR)
     if AGENT_ID not in have:
         pki.issue(AGENT_ID, tenant=tenant, role=Role.DEVICE)
+    watcher = have.get(WATCHER_ID)
+    if watcher is not None and watcher.identity.role is not Role.OPERATOR:
+        raise FieldlineError(
+            f"the id {WATCHER_ID!r}, which `fieldline up` gives its mosquitto_sub line, is a "
+            f"{watcher.identity.role.value} of tenant {watcher.identity.tenant}: use another "
+            "FIELDLINE_HOME, or revoke it"
+        )
+    if watcher is None or watcher.identity.tenant != tenant:
+        # a stack started with another --tenant: the watcher follows it (it holds no state)
+        pki.issue(WATCHER_ID, tenant=tenant, role=Role.OPERATOR, force=watcher is not None)
     return pki
 
 
@@ -316,10 +329,10 @@ def _mosquitto_account() -> tuple[str, int, int] | None:
 
 
 def watch_command(settings: Settings, tenant: str) -> str:
-    """A ready-to-paste `mosquitto_sub` for the stack's operator."""
-    bundle = settings.pki_dir / "issued" / settings.operator
+    """A ready-to-paste `mosquitto_sub` as the stack's watcher, not the CLI's operator."""
+    bundle = settings.pki_dir / "issued" / WATCHER_ID
     return (
         f"mosquitto_sub -h {settings.broker.host} -p {settings.broker.port} "
-        f"-i {settings.operator} --cafile {bundle / 'ca.pem'} --cert {bundle / 'cert.pem'} "
+        f"-i {WATCHER_ID} --cafile {bundle / 'ca.pem'} --cert {bundle / 'cert.pem'} "
         f"--key {bundle / 'key.pem'} -t 'fl/{tenant}/#' -v"
     )

@@ -14,7 +14,7 @@ from core.errors import FieldlineError
 from core.logs import configure_logging
 from core.settings import get_settings
 from fieldline.lock import StackLock
-from fieldline.stack import LocalStack, StackOptions, View, watch_command
+from fieldline.stack import WATCHER_ID, LocalStack, StackOptions, View, watch_command
 
 console = Console()
 
@@ -71,13 +71,18 @@ async def _run(stack: LocalStack, seconds: float | None) -> None:
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
-    console.print("starting: certificates, database, broker, worker, edge agent, fleet ...")
+    console.print(
+        "starting: certificates, database, broker, worker, edge agent, fleet ...", soft_wrap=True
+    )
     try:
         await stack.start()
-        console.print("[green]up[/green]. Watch the raw traffic with:", highlight=False)
+        # its own identity: with the CLI's, it and `fieldline tail` took each other's session
+        console.print(f"[green]up[/green]. Watch the raw traffic (as {WATCHER_ID}) with:",
+                      highlight=False, soft_wrap=True)  # fmt: skip
+        # a line to paste: never wrapped, never read as markup (a path may hold brackets)
         console.print(watch_command(stack.settings, stack.options.tenant), highlight=False,
-                      soft_wrap=True)  # fmt: skip
-        console.print("Ctrl-C stops everything.", highlight=False)
+                      soft_wrap=True, markup=False)  # fmt: skip
+        console.print("Ctrl-C stops everything.", highlight=False, soft_wrap=True)
         if seconds is not None:
             loop.call_later(seconds, stop.set)
         if console.is_terminal:
@@ -90,13 +95,13 @@ async def _run(stack: LocalStack, seconds: float | None) -> None:
                 view = await stack.refresh()
                 console.print(
                     f"rows/s {view.rows_per_s:,.0f}, devices online {view.online}/"
-                    f"{view.devices}, alerts {len(view.alerts)}", highlight=False,
+                    f"{view.devices}, alerts {len(view.alerts)}", highlight=False, soft_wrap=True,
                 )  # fmt: skip
                 await _wait(stop, 10.0)
     finally:
-        console.print("stopping ...")
+        console.print("stopping ...", soft_wrap=True)
         await stack.stop()
-        console.print("stopped.")
+        console.print("stopped.", soft_wrap=True)
 
 
 async def _wait(event: asyncio.Event, timeout: float) -> None:

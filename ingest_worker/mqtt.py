@@ -7,6 +7,11 @@ per event-loop turn. Measured against paho in `benchmarks/ingest.py`.
 One `Subscriber` is one connection; the worker makes a new one to reconnect. Packet ids
 belong to a connection, so a `Delivery` remembers its connection and is acknowledged only
 on it: a message that arrived before a reconnect is redelivered by the broker instead.
+
+Liveness: the broker must be heard at least once per keepalive. After half a keepalive without
+a packet either way a PINGREQ goes out; a connection silent for a whole keepalive is dead and
+is aborted (`closed` resolves with `LivenessError`), so a half-open connection is noticed in
+one keepalive instead of when the kernel gives up on it (15+ minutes).
 """
 
 from __future__ import annotations
@@ -25,20 +30,51 @@ _U16 = struct.Struct("!H")
 _U32 = struct.Struct("!I")
 
 # MQTT 5 property identifiers we write or read
-_SESSION_EXPIRY = 0x11
-_RECEIVE_MAXIMUM = 0x21
-_REASON_STRING = 0x1F
+SESSION_EXPIRY = 0x11
+SERVER_KEEP_ALIVE = 0x13
+REASON_STRING = 0x1F
+RECEIVE_MAXIMUM = 0x21
+MAXIMUM_PACKET_SIZE = 0x27
+USER_PROPERTY = 0x26
+
+# the value type of every MQTT 5 property (section 2.2.2.2), so a list can be walked
+_BYTE, _TWO, _FOUR, _VARINT, _TEXT, _BINARY, _PAIR = range(7)
+_PROPERTY_TYPES = {
+    0x01: _BYTE, 0x02: _FOUR, 0x03: _TEXT, 0x08: _TEXT, 0x09: _BINARY, 0x0B: _VARINT,
+    0x11: _FOUR, 0x12: _TEXT, 0x13: _TWO, 0x15: _TEXT, 0x16: _BINARY, 0x17: _BYTE,
+    0x18: _FOUR, 0x19: _BYTE, 0x1A: _TEXT, 0x1C: _TEXT, 0x1F: _TEXT, 0x21: _TWO, 0x22: _TWO,
+    0x23: _TWO, 0x24: _BYTE, 0x25: _BYTE, 0x26: _PAIR, 0x27: _FOUR, 0x28: _BYTE, 0x29: _BYTE,
+    0x2A: _BYTE,
+}  # fmt: skip
+
+# what the keepalive timer decides (`keepalive_step`)
+PING: Literal["ping"] = "ping"
+DEAD: Literal["dead"] = "dead"
+
+# the largest packet the worker must be able to send once connected: a PUBACK
+_PUBACK_BYTES = 4
 
 
 class MqttError(Exception):
-    """The broker refused us or broke the protocol; `reason` says how."""
+    """The broker refused us or broke the protocol; the message says how."""
 
 
 class ConnectRefusedError(MqttError):
-    def __init__(self, code: int, version: int) -> None:
+    """A CONNACK with a non-zero return code (3.1.1) or reason code (5)."""
+
+    def __init__(self, code: int, version: int, reason: str | None = None) -> None:
         self.code = code
         self.version = version
-        super().__init__(f"CONNACK {code:#04x} (MQTT {'5' if version == 5 else '3.1.1'})")
+        detail = f": {reason}" if reason else ""
+        super().__init__(f"CONNACK {code:#04x} (MQTT {'5' if version == 5 else '3.1.1'}){detail}")
+
+
+class LivenessError(MqttError):
+    """Nothing heard from the broker for a whole keepalive: the connection is treated as dead."""
+
+
+class PacketTooLargeError(MqttError):
+    """A packet the worker would send exceeds the broker's Maximum Packet Size."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -57,8 +93,14 @@ class Delivery:
 
 @dataclass(frozen=True, slots=True)
 class Connack:
+    """A CONNACK as the client needs it; the MQTT 5 properties are None when absent (or 3.1.1)."""
+
     session_present: bool
-    receive_maximum: int | None  # what the broker accepts from us (MQTT 5 only)
+    code: int = 0
+    receive_maximum: int | None = None  # what the broker accepts from us
+    server_keepalive: int | None = None  # replaces the keepalive we asked for
+    maximum_packet_size: int | None = None  # the largest packet the broker accepts from us
+    reason: str | None = None
 
 
 def _varint(n: int) -> bytes:
@@ -87,18 +129,116 @@ def connect_packet(
 ) -> bytes:
     body = _string("MQTT") + bytes((version, 0x02 if clean_start else 0)) + _U16.pack(keepalive)
     if version == MQTT5:
-        props = bytes((_SESSION_EXPIRY,)) + _U32.pack(session_expiry)
-        props += bytes((_RECEIVE_MAXIMUM,)) + _U16.pack(receive_maximum)
+        props = bytes((SESSION_EXPIRY,)) + _U32.pack(session_expiry)
+        props += bytes((RECEIVE_MAXIMUM,)) + _U16.pack(receive_maximum)
         body += _varint(len(props)) + props
     body += _string(client_id)
     return b"\x10" + _varint(len(body)) + body
 
 
-def subscribe_packet(packet_id: int, filters: Sequence[str], qos: int, version: int) -> bytes:
+def subscribe_packet(
+    packet_id: int, filters: Sequence[str], qos: int, version: int, retain_handling: int = 0
+) -> bytes:
+    """SUBSCRIBE; under MQTT 5 `retain_handling` goes in each filter's options (3.8.3.1):
+    1 sends retained messages only for a subscription that did not exist yet."""
     body = _U16.pack(packet_id) + (b"\x00" if version == MQTT5 else b"")
+    options = qos | (retain_handling << 4 if version == MQTT5 else 0)
     for topic_filter in filters:
-        body += _string(topic_filter) + bytes((qos,))
+        body += _string(topic_filter) + bytes((options,))
     return b"\x82" + _varint(len(body)) + body
+
+
+def parse_properties(props: bytes) -> dict[int, int | str | bytes]:
+    """An MQTT 5 property list: identifier -> value (User Properties are skipped)."""
+    out: dict[int, int | str | bytes] = {}
+    pos = 0
+    while pos < len(props):
+        key = props[pos]
+        pos += 1
+        kind = _PROPERTY_TYPES.get(key)
+        value: int | str | bytes
+        if kind is None:
+            raise MqttError(f"unknown MQTT 5 property {key:#04x}")
+        if kind == _BYTE:
+            value, pos = props[pos], pos + 1
+        elif kind == _TWO:
+            value, pos = _U16.unpack_from(props, pos)[0], pos + 2
+        elif kind == _FOUR:
+            value, pos = _U32.unpack_from(props, pos)[0], pos + 4
+        elif kind == _VARINT:
+            value, used = _read_varint(props, pos)
+            pos += used
+        else:
+            pairs = 2 if kind == _PAIR else 1
+            start = pos
+            for _ in range(pairs):
+                pos += 2 + _U16.unpack_from(props, pos)[0]
+            if pos > len(props):
+                raise MqttError(f"MQTT 5 property {key:#04x} runs past the property list")
+            if kind == _PAIR:
+                continue
+            raw = props[start + 2 : pos]
+            value = raw.decode("utf-8") if kind == _TEXT else raw
+        if pos > len(props):
+            raise MqttError(f"MQTT 5 property {key:#04x} runs past the property list")
+        out[key] = value
+    return out
+
+
+def decode_connack(body: bytes, version: int) -> Connack:
+    """A CONNACK's variable header. A 3.1.1-only broker answers an MQTT 5 CONNECT with a
+    3.1.1 CONNACK (two bytes, code 0x01), which this reads as it is."""
+    if len(body) < 2:
+        raise MqttError(f"a CONNACK of {len(body)} bytes")
+    present, code = bool(body[0] & 1), body[1]
+    if version != MQTT5 or len(body) == 2:
+        return Connack(present, code)
+    plen, used = _read_varint(body, 2)
+    start = 2 + used
+    if start + plen > len(body):
+        raise MqttError("the CONNACK's properties run past the packet")
+    props = parse_properties(body[start : start + plen])
+
+    def number(key: int) -> int | None:
+        value = props.get(key)
+        return value if isinstance(value, int) else None
+
+    reason = props.get(REASON_STRING)
+    return Connack(
+        present,
+        code,
+        receive_maximum=number(RECEIVE_MAXIMUM),
+        server_keepalive=number(SERVER_KEEP_ALIVE),
+        maximum_packet_size=number(MAXIMUM_PACKET_SIZE),
+        reason=reason if isinstance(reason, str) else None,
+    )
+
+
+def keepalive_step(
+    now: float,
+    *,
+    keepalive: float,
+    last_rx: float,
+    last_sent: float,
+    ping_sent: float | None,
+    paused: bool,
+) -> Literal["ping", "dead"] | None:
+    """What the keepalive timer does now: send a PINGREQ, give the connection up, or nothing.
+
+    Any packet from the broker counts as liveness. While paused we do not read, so silence is
+    ours and only the broker's deadline (something sent within 1.5 keepalives) is kept.
+    """
+    if keepalive <= 0:
+        return None
+    if not paused and now - last_rx >= keepalive:
+        return DEAD
+    half = keepalive / 2
+    if now - last_sent >= half:
+        return PING
+    unanswered = ping_sent is not None and ping_sent >= last_rx
+    if not paused and not unanswered and now - last_rx >= half:
+        return PING
+    return None
 
 
 class Subscriber(asyncio.Protocol):
@@ -118,10 +258,14 @@ class Subscriber(asyncio.Protocol):
         self._acks: list[bytes] = []
         self._flush_scheduled = False
         self._last_sent = time.monotonic()
+        self._ping_sent: float | None = None
         self._pinger: asyncio.Task[None] | None = None
         self.received = 0
         self.last_rx = time.monotonic()
         self.paused = False
+        # what the CONNACK settled: the keepalive in force and the broker's packet size limit
+        self.keepalive = 0
+        self.maximum_packet_size: int | None = None
 
     # -- asyncio.Protocol -------------------------------------------------------------------
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -131,12 +275,7 @@ class Subscriber(asyncio.Protocol):
     def connection_lost(self, exc: Exception | None) -> None:
         if self._pinger is not None:
             self._pinger.cancel()
-        error = exc or ConnectionError("the broker closed the connection")
-        if not self._connack.done():
-            self._connack.set_exception(error)
-        for waiter in self._subacks.values():
-            if not waiter.done():
-                waiter.set_exception(error)
+        self._fail_waiters(exc or ConnectionError("the broker closed the connection"))
         if not self.closed.done():
             self.closed.set_result(exc)
 
@@ -168,7 +307,16 @@ class Subscriber(asyncio.Protocol):
             self._fail(exc)
         del buf[:pos]
 
+    def _fail_waiters(self, error: BaseException) -> None:
+        if not self._connack.done():
+            self._connack.set_exception(error)
+        for waiter in self._subacks.values():
+            if not waiter.done():
+                waiter.set_exception(error)
+
     def _fail(self, exc: BaseException) -> None:
+        """Give the connection up: its waiters and `closed` get `exc`, the socket is aborted."""
+        self._fail_waiters(exc)
         if not self.closed.done():
             self.closed.set_result(exc)
         if self.transport is not None:
@@ -189,7 +337,7 @@ class Subscriber(asyncio.Protocol):
             waiter = self._subacks.pop(packet_id, None)
             if waiter is not None and not waiter.done():
                 waiter.set_result(list(codes))
-        elif kind == 13:  # PINGRESP
+        elif kind == 13:  # PINGRESP: data_received already counted it as liveness
             pass
         elif kind == 14:  # DISCONNECT from the broker (MQTT 5)
             code = body[0] if body else 0
@@ -200,16 +348,21 @@ class Subscriber(asyncio.Protocol):
     def _on_connack(self, body: bytes) -> None:
         if self._connack.done():
             raise MqttError("a second CONNACK")
-        present, code = bool(body[0] & 1), body[1]
-        receive_maximum = None
-        if self.version == MQTT5 and len(body) > 2:
-            plen, used = _read_varint(body, 2)
-            props = body[2 + used : 2 + used + plen]
-            receive_maximum = _find_u16(props, _RECEIVE_MAXIMUM)
-        if code != 0:
-            self._connack.set_exception(ConnectRefusedError(code, self.version))
+        connack = decode_connack(body, self.version)
+        if connack.code != 0:
+            self._connack.set_exception(
+                ConnectRefusedError(connack.code, self.version, connack.reason)
+            )
+        elif connack.maximum_packet_size is not None and (
+            connack.maximum_packet_size < _PUBACK_BYTES
+        ):
+            raise MqttError(
+                f"the broker's Maximum Packet Size ({connack.maximum_packet_size} bytes) is "
+                f"smaller than a PUBACK ({_PUBACK_BYTES} bytes): the worker cannot acknowledge"
+            )
         else:
-            self._connack.set_result(Connack(present, receive_maximum))
+            self.maximum_packet_size = connack.maximum_packet_size
+            self._connack.set_result(connack)
 
     def _publish(self, first: int, body: bytes) -> None:
         qos = (first >> 1) & 0x03
@@ -242,7 +395,11 @@ class Subscriber(asyncio.Protocol):
         receive_maximum: int = 1000,
         timeout: float = 10.0,
     ) -> Connack:
-        """Send CONNECT and wait for the CONNACK; ConnectRefusedError if the broker says no."""
+        """Send CONNECT and wait for the CONNACK; ConnectRefusedError if the broker says no.
+
+        The broker's Server Keep Alive replaces `keepalive` (a 0 from it: we still probe on
+        ours, PINGREQ being allowed at any time); its Maximum Packet Size bounds what we send.
+        """
         self._write(
             connect_packet(
                 client_id, version=self.version, clean_start=clean_start, keepalive=keepalive,
@@ -250,22 +407,36 @@ class Subscriber(asyncio.Protocol):
             )
         )  # fmt: skip
         connack = await asyncio.wait_for(asyncio.shield(self._connack), timeout)
-        if keepalive:
-            self._pinger = self._loop.create_task(self._ping(keepalive))
+        self.keepalive = connack.server_keepalive or keepalive
+        if self.keepalive:
+            self.last_rx = time.monotonic()
+            self._pinger = self._loop.create_task(self._ping())
         return connack
 
     async def subscribe(
-        self, filters: Sequence[str], qos: int = 1, timeout: float = 10.0
+        self,
+        filters: Sequence[str],
+        qos: int = 1,
+        timeout: float = 10.0,
+        *,
+        retain_handling: int = 0,
     ) -> list[int]:
         """SUBSCRIBE to all filters in one packet; the granted QoS (>= 0x80: refused) of each.
 
         A resumed session's queued PUBLISHes may come first, and reading pauses while the
         pipeline is full, so only `timeout` seconds of silence on a reading connection fail.
+        PacketTooLargeError if the packet exceeds the broker's Maximum Packet Size.
         """
         packet_id = len(self._subacks) + 1
+        packet = subscribe_packet(packet_id, filters, qos, self.version, retain_handling)
+        if self.maximum_packet_size is not None and len(packet) > self.maximum_packet_size:
+            raise PacketTooLargeError(
+                f"the SUBSCRIBE for {len(filters)} filters is {len(packet)} bytes, over the "
+                f"broker's Maximum Packet Size ({self.maximum_packet_size} bytes)"
+            )
         waiter: asyncio.Future[list[int]] = self._loop.create_future()
         self._subacks[packet_id] = waiter
-        self._write(subscribe_packet(packet_id, filters, qos, self.version))
+        self._write(packet)
         while True:
             try:
                 return await asyncio.wait_for(asyncio.shield(waiter), timeout)
@@ -321,11 +492,27 @@ class Subscriber(asyncio.Protocol):
             self.transport.write(data)
             self._last_sent = time.monotonic()
 
-    async def _ping(self, keepalive: int) -> None:
-        while True:
-            await asyncio.sleep(max(1.0, keepalive / 2))
-            if time.monotonic() - self._last_sent >= keepalive / 2:
+    async def _ping(self) -> None:
+        keepalive = self.keepalive
+        tick = max(0.05, min(1.0, keepalive / 8))
+        while not self.closed.done():
+            await asyncio.sleep(tick)
+            now = time.monotonic()
+            step = keepalive_step(
+                now, keepalive=keepalive, last_rx=self.last_rx, last_sent=self._last_sent,
+                ping_sent=self._ping_sent, paused=self.paused,
+            )  # fmt: skip
+            if step == DEAD:
+                self._fail(
+                    LivenessError(
+                        f"nothing from the broker for {now - self.last_rx:.1f} s "
+                        f"(keepalive {keepalive} s, PINGREQ unanswered)"
+                    )
+                )
+                return
+            if step == PING:
                 self._write(b"\xc0\x00")
+                self._ping_sent = now
 
 
 def _read_varint(data: bytes, pos: int) -> tuple[int, int]:
@@ -341,44 +528,23 @@ def _read_varint(data: bytes, pos: int) -> tuple[int, int]:
             raise MqttError("malformed variable byte integer")
 
 
-def _find_u16(props: bytes, ident: int) -> int | None:
-    """A two-byte property's value, walking the property list (MQTT 5, 2.2.2.2)."""
-    pos = 0
-    sizes = {0x01: 1, 0x02: 4, 0x11: 4, 0x13: 2, 0x17: 1, 0x19: 1, 0x21: 2, 0x22: 2, 0x24: 1,
-             0x25: 1, 0x27: 4, 0x28: 1, 0x29: 1, 0x2A: 1}  # fmt: skip
-    while pos < len(props):
-        key = props[pos]
-        pos += 1
-        if key == ident:
-            return int(_U16.unpack_from(props, pos)[0])
-        if key in sizes:
-            pos += sizes[key]
-        elif key == 0x26:  # user property: two strings
-            for _ in range(2):
-                pos += 2 + _U16.unpack_from(props, pos)[0]
-        elif key == 0x0B:  # subscription identifier: a variable byte integer
-            pos += _read_varint(props, pos)[1]
-        else:  # the rest are strings or binary data with a two-byte length
-            pos += 2 + _U16.unpack_from(props, pos)[0]
-    return None
-
-
 async def open_subscriber(
     host: str,
     port: int,
-    context: ssl.SSLContext,
+    context: ssl.SSLContext | None,
     on_message: Callable[[Delivery], None],
     *,
     version: int = MQTT5,
     server_hostname: str | None = None,
     timeout: float = 10.0,
 ) -> Subscriber:
-    """A TLS connection with a Subscriber on it (CONNECT not sent yet)."""
+    """A TLS connection (plain TCP without a context) with a Subscriber on it (CONNECT not
+    sent yet)."""
     loop = asyncio.get_running_loop()
     _transport, protocol = await asyncio.wait_for(
         loop.create_connection(
             lambda: Subscriber(on_message, version), host, port, ssl=context,
-            server_hostname=server_hostname or host,
+            server_hostname=(server_hostname or host) if context is not None else None,
         ),
         timeout,
     )  # fmt: skip

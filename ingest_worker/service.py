@@ -27,7 +27,7 @@ import certs
 from certs import CertsError
 from core.pgcluster import database_url
 from core.retry import Backoff
-from core.settings import Settings
+from core.settings import IngestSettings, Settings
 from ingest_worker.admission import CONFLICTING_VALUE, AdmissionLimits
 from ingest_worker.database import connect
 from ingest_worker.decode import Decoded
@@ -49,29 +49,35 @@ class IngestError(StorageError):
     """The worker cannot start: its certificate, the broker or the database is missing."""
 
 
+# the settings model is the one source of defaults
+_DEFAULTS = IngestSettings()
+
+
 @dataclass(frozen=True)
 class WorkerConfig:
+    """What one worker does; the defaults are the settings model's (`ingest.*`)."""
+
     dsn: str
     target: BrokerTarget
-    client: str = "lean"
-    batch_max_rows: int = 20_000
-    batch_max_wait_s: float = 0.005
-    writers: int = 2
-    queue_max: int = 5000
-    queue_max_rows: int = 200_000
-    queue_max_bytes: int = 64 * 1024 * 1024
-    transient_tries: int = 3
-    statement_timeout_s: float = 15.0
-    offline_after_s: float = 20.0
-    max_future_skew_s: float = 300.0
-    max_payload_bytes: int = 256 * 1024
-    max_samples: int = 1000
-    max_metrics_per_message: int = 256
+    client: str = _DEFAULTS.client
+    batch_max_rows: int = _DEFAULTS.batch_max_rows
+    batch_max_wait_s: float = _DEFAULTS.batch_max_wait_ms / 1000
+    writers: int = _DEFAULTS.writers
+    queue_max: int = _DEFAULTS.queue_max
+    queue_max_rows: int = _DEFAULTS.queue_max_rows
+    queue_max_bytes: int = _DEFAULTS.queue_max_bytes
+    transient_tries: int = _DEFAULTS.transient_tries
+    statement_timeout_s: float = _DEFAULTS.statement_timeout_s
+    offline_after_s: float = _DEFAULTS.offline_after_s
+    max_future_skew_s: float = _DEFAULTS.max_future_skew_s
+    max_payload_bytes: int = _DEFAULTS.max_payload_bytes
+    max_samples: int = _DEFAULTS.max_samples
+    max_metrics_per_message: int = _DEFAULTS.max_metrics_per_message
     admission: AdmissionLimits = field(default_factory=AdmissionLimits)
-    retention_every_s: float = 3600.0
+    retention_every_s: float = _DEFAULTS.retention_every_s
     chunk_interval: str = "1 day"
     metrics_port: int = 0
-    metrics_bind: str = "127.0.0.1"
+    metrics_bind: str = _DEFAULTS.metrics_bind
     drain_timeout_s: float = 30.0
     # tenants routed to a database of their own (docs/design.md: storage scales out by tenant);
     # every other tenant, and dead letters without one, go to `dsn`

@@ -560,13 +560,20 @@ async def _metric_budget(
     return granted
 
 
+def delivered_retained(item: Decoded) -> bool:
+    """Whether the broker delivered it with the retain flag: a stored message sent because
+    the worker subscribed, not something the device said now (both receivers' sources,
+    `ingest_worker.mqtt.Delivery` and paho's message, have a `retain` attribute)."""
+    return bool(getattr(item.source, "retain", False))
+
+
 @dataclass
 class _DeviceState:
     """What one batch says about one device, in receive order."""
 
-    seen: datetime
+    seen: datetime | None  # the latest live message; None: only retained statuses
     at: datetime
-    status: str = "online"  # traffic from a device means it is there
+    status: str | None = "online"  # traffic from a device means it is there; None: unchanged
     by_status: bool = False
     fw: str | None = None
     boots: list[int] = field(default_factory=list)  # boot counters announced, in order
@@ -578,13 +585,22 @@ def _device_states(live: list[Decoded]) -> dict[str, _DeviceState]:
     states: dict[str, _DeviceState] = {}
     for item in live:
         device = item.device or ""
+        retained = item.status is not None and delivered_retained(item)
         state = states.get(device)
         if state is None:
-            state = states[device] = _DeviceState(item.received_at, item.received_at)
-        state.seen = max(state.seen, item.received_at)
+            state = states[device] = _DeviceState(None, item.received_at, status=None)
+        if not retained:
+            state.seen = (
+                item.received_at if state.seen is None else max(state.seen, item.received_at)
+            )
         if item.status is not None:
-            state.status, state.by_status = item.status.state.value, True
-            state.at = item.status.ts or item.received_at
+            # a retained status is what the device said some time ago, replayed because the
+            # worker subscribed: it never moves last_seen, and an `online` in it is not
+            # presence (a dead device's retained `online` would otherwise bring it back);
+            # `offline` (its Will), its firmware and boot counter are recorded as said
+            if not retained or item.status.state.value == "offline":
+                state.status, state.by_status = item.status.state.value, True
+                state.at = item.status.ts or item.received_at
             state.fw = item.status.fw or state.fw
             if item.status.boot is not None:
                 state.boots.append(item.status.boot)
@@ -649,7 +665,15 @@ async def _devices(
     for device in list(states):
         state, known = states[device], cached.get((tenant, device))
         if (
-            known is not None
+            state.status is None
+            and state.fw is None
+            and not state.boots
+            and registry.owners.get(device) == tenant
+        ):
+            del states[device]  # only retained `online` statuses of a device with a row
+        elif (
+            state.seen is not None
+            and known is not None
             and not state.by_status
             and not state.sequences
             and not state.boots
@@ -670,7 +694,8 @@ async def _devices(
     current = {
         row["id"]: row
         for row in await conn.fetch(
-            f"SELECT id, status, boot, seq FROM {schema}.devices WHERE id = ANY($1::text[]) "
+            f"SELECT id, status, boot, seq, last_seen FROM {schema}.devices "
+            "WHERE id = ANY($1::text[]) "
             "ORDER BY id FOR UPDATE",
             ids,
         )
@@ -687,7 +712,7 @@ async def _devices(
     await conn.execute(
         f"""
         UPDATE {schema}.devices d SET
-            last_seen = GREATEST(d.last_seen, n.seen), status = n.status,
+            last_seen = GREATEST(d.last_seen, n.seen), status = COALESCE(n.status, d.status),
             fw = COALESCE(n.fw, d.fw), boot = n.boot, seq = n.seq,
             seq_gaps = d.seq_gaps + n.gaps
         FROM unnest($1::text[], $2::timestamptz[], $3::text[], $4::text[], $5::bigint[],
@@ -700,9 +725,12 @@ async def _devices(
     devices: list[str] = []
     bodies: list[str] = []
     for device, state in zip(ids, st, strict=True):
-        out.devices[(tenant, device)] = (state.status, state.seen)
         old = current[device]["status"]
-        if old == state.status:
+        status = state.status or old
+        seen = max((t for t in (current[device]["last_seen"], state.seen) if t), default=None)
+        if seen is not None:
+            out.devices[(tenant, device)] = (status, seen)
+        if state.status is None or old == state.status:
             continue
         out.transitions.append((device, old, state.status))
         times.append(state.at)

@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -121,8 +122,79 @@ async def test_devices_tail_query_and_a_command_with_its_answer(
         badtime = await cli("query", "acme", "dev-1", "machine_temperature", "--since", "soon")
         assert badtime.returncode == 2
         assert "duration" in badtime.stderr
+
+        # a device the tenant never had: named as such, in one line, and nothing recorded
+        no_such = (
+            "error: no such device dev-7 in tenant acme (`fieldline devices list acme` lists "
+            "the devices it has heard from)"
+        )
+        nowhere = await cli("query", "acme", "dev-7", "temperature")
+        assert nowhere.returncode == 2
+        assert nowhere.stderr.splitlines() == [no_such], "it said: has no metric (it has: none)"
+        refused = await cli("cmd", "send", "acme", "dev-7", "reset", "--wait", "--timeout", "20")
+        assert refused.returncode == 2
+        assert refused.stderr.splitlines() == [no_such]
+        assert refused.stdout == "", "nothing sent"
+        assert await fetchval(
+            timescale_dsn, "SELECT count(*) FROM tenant_acme.commands WHERE device_id = 'dev-7'"
+        ) == 0, "no command stored for it"  # fmt: skip
+
+        await offline_device_gets_the_command_when_back(broker, env, timescale_dsn, tmp_path)
     finally:
         fleet.request_stop()
         await runner
         await fleet.stop()
         worker.stop()
+
+
+async def offline_device_gets_the_command_when_back(
+    broker: BrokerUnderTest, env: dict[str, str], dsn: str, tmp_path: Path
+) -> None:
+    """`cmd send --wait` to a known device that is offline says so at once, then waits: its
+    persistent session at the broker holds the command, and the device runs it when back."""
+    config = FleetConfig(
+        tenant="acme", ids=("dev-2",), kind="machine", interval_s=0.2, host=broker.host,
+        port=broker.port, seed=4,
+    )  # fmt: skip
+    dirs = {"dev-2": broker.pki.device2.directory}
+    fleet = Fleet(config, dirs, tmp_path / "sim-2")
+    await fleet.start(timeout=20)
+
+    async def status(wanted: str) -> bool:
+        got = await fetchval(dsn, "SELECT status FROM tenant_acme.devices WHERE id = 'dev-2'")
+        return bool(got == wanted)
+
+    await wait_for(lambda: status("online"), 30, "dev-2 online")
+    await fleet.stop()  # its offline status, then it disconnects: the session stays
+    await wait_for(lambda: status("offline"), 30, "dev-2 offline")
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "fieldline", "cmd", "send", "acme", "dev-2", "reset", "--wait",
+        "--timeout", "60", env=env, stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+    )  # fmt: skip
+    back: Fleet | None = None
+    try:
+        assert proc.stderr is not None
+        first = (await asyncio.wait_for(proc.stderr.readline(), 30)).decode()
+        assert re.fullmatch(
+            r"warning: dev-2 is offline \(last heard \d{4}-\d\d-\d\d \d\d:\d\d:\d\d UTC, "
+            r"\d+[smhd] ago\): the broker queues the command for its session and delivers it "
+            r"when it reconnects; after 60 s \(--ttl\) the device answers expired\n",
+            first,
+        ), first
+        assert proc.returncode is None, "it still waits for the answer"
+        assert proc.stdout is not None
+        sent = (await asyncio.wait_for(proc.stdout.readline(), 30)).decode()
+        assert sent.startswith("sent reset "), "published (and acknowledged) while it is away"
+        back = Fleet(config, dirs, tmp_path / "sim-2")
+        await back.start(timeout=20)
+        out, err = await asyncio.wait_for(proc.communicate(), 60)
+        assert proc.returncode == 0, (out, err)
+        answer = json.loads(out.decode().splitlines()[-1])
+        assert answer["status"] == "ok", "delivered when it came back, and run"
+    finally:
+        if proc.returncode is None:
+            proc.kill()
+            await proc.wait()
+        if back is not None:
+            await back.stop()

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import shlex
 import shutil
 import signal
 import socket
@@ -77,7 +78,7 @@ def test_up_runs_the_pipeline_and_stops_cleanly(tmp_path: Path, broker: str) -> 
             assert up.poll() is None, text()[-3000:]
             assert time.monotonic() < deadline, text()[-3000:]
             time.sleep(0.2)
-        assert "mosquitto_sub -h 127.0.0.1" in text()
+        watch = next(x for x in text().splitlines() if x.startswith("mosquitto_sub "))
         # rows arrive: the fleet's devices are listed with their metrics
         deadline = time.monotonic() + 60
         while True:
@@ -89,6 +90,32 @@ def test_up_runs_the_pipeline_and_stops_cleanly(tmp_path: Path, broker: str) -> 
                 break
             assert time.monotonic() < deadline, (listed.stderr, text()[-2000:])
             time.sleep(1)
+        # the printed line runs as is, and as its own identity: `tail` next to it gets every
+        # line (when both were `operator`, they took each other's session: 1 line of 3 in 20 s)
+        watched = tmp_path / "watch.txt"
+        with watched.open("wb") as out:
+            # -d: mosquitto_sub logs each CONNECT it sends, so a session taken over shows
+            sub = subprocess.Popen([*shlex.split(watch), "-d"], stdout=out,
+                                   stderr=subprocess.STDOUT)  # fmt: skip
+        try:
+            deadline = time.monotonic() + 30
+            while "/telemetry " not in watched.read_text(errors="replace"):
+                assert sub.poll() is None, watched.read_text(errors="replace")
+                assert time.monotonic() < deadline, watched.read_text(errors="replace")
+                time.sleep(0.2)
+            tailed = cli("tail", "demo", "--count", "3", "--seconds", "20")
+            assert tailed.returncode == 0, tailed.stderr
+            assert len(tailed.stdout.splitlines()) == 3, (tailed.stdout, tailed.stderr)
+            seen = len(watched.read_text(errors="replace").splitlines())
+            deadline = time.monotonic() + 10
+            while len(watched.read_text(errors="replace").splitlines()) <= seen:
+                assert sub.poll() is None, watched.read_text(errors="replace")[-2000:]
+                assert time.monotonic() < deadline, "mosquitto_sub stopped receiving"
+                time.sleep(0.2)
+            connects = watched.read_text(errors="replace").count(" sending CONNECT")
+            assert connects == 1, f"mosquitto_sub was thrown out {connects - 1} time(s)"
+        finally:
+            stop_process(sub)
         sent = cli("cmd", "send", "demo", "sim-0001", "reset", "--wait", "--timeout", "30")
         assert sent.returncode == 0, (sent.stdout, sent.stderr)
         assert json.loads(sent.stdout.splitlines()[-1])["status"] == "ok"
