@@ -11,7 +11,7 @@ import ssl
 import struct
 from pathlib import Path
 
-from broker import wire
+from schemas import packets
 
 _U16 = struct.Struct("!H")
 
@@ -24,16 +24,11 @@ def client_context(ca: Path, cert: Path | None, key: Path | None) -> ssl.SSLCont
 
 
 def connect_packet(client_id: str, keepalive: int, clean: bool = True) -> bytes:
-    raw = client_id.encode()
-    body = b"\x00\x04MQTT\x04" + bytes((0x02 if clean else 0,)) + _U16.pack(keepalive)
-    body += _U16.pack(len(raw)) + raw
-    return b"\x10" + wire.varint(len(body)) + body
+    return packets.connect_v311(client_id, keepalive, clean)
 
 
 def subscribe_packet(packet_id: int, topic_filter: str, qos: int) -> bytes:
-    raw = topic_filter.encode()
-    body = _U16.pack(packet_id) + _U16.pack(len(raw)) + raw + bytes((qos,))
-    return b"\x82" + wire.varint(len(body)) + body
+    return packets.subscribe_v311(packet_id, topic_filter, qos)
 
 
 class MqttLoadProtocol(asyncio.Protocol):

@@ -14,6 +14,10 @@ from dataclasses import dataclass
 
 from broker.errors import ProtocolError, UnsupportedProtocolError
 
+# the encodings live in schemas.packets; the broker's callers find them here too
+from schemas.packets import publish as publish
+from schemas.packets import varint as varint
+
 CONNECT = 0x10
 CONNACK = 0x20
 PUBLISH = 0x30
@@ -29,32 +33,6 @@ BAD_CREDENTIALS = 0x04
 NOT_AUTHORIZED = 0x05
 
 _U16 = struct.Struct("!H")
-
-
-def varint(n: int) -> bytes:
-    """The remaining-length encoding (1 to 4 bytes)."""
-    if n < 0x80:
-        return bytes((n,))
-    out = bytearray()
-    while True:
-        byte = n & 0x7F
-        n >>= 7
-        if n:
-            out.append(byte | 0x80)
-        else:
-            out.append(byte)
-            return bytes(out)
-
-
-def publish(
-    topic: bytes, payload: bytes, qos: int, retain: bool, dup: bool = False, packet_id: int = 0
-) -> bytes:
-    """A PUBLISH packet; `topic` is already UTF-8 encoded (it is shared by every subscriber)."""
-    flags = PUBLISH | (qos << 1) | (0x01 if retain else 0) | (0x08 if dup else 0)
-    head = _U16.pack(len(topic)) + topic
-    if qos:
-        head += _U16.pack(packet_id)
-    return bytes((flags,)) + varint(len(head) + len(payload)) + head + payload
 
 
 def connack(session_present: bool, return_code: int) -> bytes:

@@ -36,6 +36,7 @@ from dataclasses import asdict, dataclass
 from typing import Any, Literal
 
 from core.errors import FieldlineError
+from schemas.packets import MAX_REMAINING_LENGTH, varint
 
 # Measured, not guessed: a throwaway cluster (core.pgcluster.EmbeddedPostgres, PostgreSQL
 # with TimescaleDB 2.19.3 Apache build), a hypertable with numeric_values' columns (time
@@ -156,13 +157,9 @@ class CapacityReport:
 
 def varint_length(value: int) -> int:
     """Bytes MQTT's remaining-length encoding takes for `value` (1 to 4)."""
-    if value < 0 or value > 268_435_455:
+    if value < 0 or value > MAX_REMAINING_LENGTH:
         raise CapacityError(f"an MQTT packet cannot be {value} bytes long")
-    length = 1
-    while value >= 128:
-        value //= 128
-        length += 1
-    return length
+    return len(varint(value))
 
 
 def publish_packet_bytes(topic_length: int, payload_bytes: int) -> int:

@@ -24,6 +24,8 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Literal
 
+from schemas.packets import string, varint
+
 MQTT5: Literal[5] = 5
 MQTT311: Literal[4] = 4
 _U16 = struct.Struct("!H")
@@ -103,21 +105,6 @@ class Connack:
     reason: str | None = None
 
 
-def _varint(n: int) -> bytes:
-    out = bytearray()
-    while True:
-        byte = n & 0x7F
-        n >>= 7
-        out.append(byte | 0x80 if n else byte)
-        if not n:
-            return bytes(out)
-
-
-def _string(text: str) -> bytes:
-    raw = text.encode("utf-8")
-    return _U16.pack(len(raw)) + raw
-
-
 def connect_packet(
     client_id: str,
     *,
@@ -127,13 +114,13 @@ def connect_packet(
     session_expiry: int,
     receive_maximum: int,
 ) -> bytes:
-    body = _string("MQTT") + bytes((version, 0x02 if clean_start else 0)) + _U16.pack(keepalive)
+    body = string("MQTT") + bytes((version, 0x02 if clean_start else 0)) + _U16.pack(keepalive)
     if version == MQTT5:
         props = bytes((SESSION_EXPIRY,)) + _U32.pack(session_expiry)
         props += bytes((RECEIVE_MAXIMUM,)) + _U16.pack(receive_maximum)
-        body += _varint(len(props)) + props
-    body += _string(client_id)
-    return b"\x10" + _varint(len(body)) + body
+        body += varint(len(props)) + props
+    body += string(client_id)
+    return b"\x10" + varint(len(body)) + body
 
 
 def subscribe_packet(
@@ -144,8 +131,8 @@ def subscribe_packet(
     body = _U16.pack(packet_id) + (b"\x00" if version == MQTT5 else b"")
     options = qos | (retain_handling << 4 if version == MQTT5 else 0)
     for topic_filter in filters:
-        body += _string(topic_filter) + bytes((options,))
-    return b"\x82" + _varint(len(body)) + body
+        body += string(topic_filter) + bytes((options,))
+    return b"\x82" + varint(len(body)) + body
 
 
 def parse_properties(props: bytes) -> dict[int, int | str | bytes]:
@@ -166,7 +153,7 @@ def parse_properties(props: bytes) -> dict[int, int | str | bytes]:
         elif kind == _FOUR:
             value, pos = _U32.unpack_from(props, pos)[0], pos + 4
         elif kind == _VARINT:
-            value, used = _read_varint(props, pos)
+            value, used = _readvarint(props, pos)
             pos += used
         else:
             pairs = 2 if kind == _PAIR else 1
@@ -193,7 +180,7 @@ def decode_connack(body: bytes, version: int) -> Connack:
     present, code = bool(body[0] & 1), body[1]
     if version != MQTT5 or len(body) == 2:
         return Connack(present, code)
-    plen, used = _read_varint(body, 2)
+    plen, used = _readvarint(body, 2)
     start = 2 + used
     if start + plen > len(body):
         raise MqttError("the CONNACK's properties run past the packet")
@@ -332,7 +319,7 @@ class Subscriber(asyncio.Protocol):
             packet_id = _U16.unpack_from(body)[0]
             codes = body[2:]
             if self.version == MQTT5:
-                plen, used = _read_varint(body, 2)
+                plen, used = _readvarint(body, 2)
                 codes = body[2 + used + plen :]
             waiter = self._subacks.pop(packet_id, None)
             if waiter is not None and not waiter.done():
@@ -374,7 +361,7 @@ class Subscriber(asyncio.Protocol):
             packet_id = (body[pos] << 8) | body[pos + 1]
             pos += 2
         if self.version == MQTT5:
-            plen, used = _read_varint(body, pos)
+            plen, used = _readvarint(body, pos)
             pos += used + plen
         self.received += 1
         self.on_message(
@@ -515,7 +502,7 @@ class Subscriber(asyncio.Protocol):
                 self._ping_sent = now
 
 
-def _read_varint(data: bytes, pos: int) -> tuple[int, int]:
+def _readvarint(data: bytes, pos: int) -> tuple[int, int]:
     value, shift, used = 0, 0, 0
     while True:
         byte = data[pos + used]

@@ -24,6 +24,8 @@ from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 from paho.mqtt.subscribeoptions import SubscribeOptions
 
+from core.retry import Backoff
+from core.settings import BrokerSettings, IngestSettings
 from ingest_worker.metrics import IngestMetrics
 from ingest_worker.mqtt import (
     MQTT5,
@@ -53,10 +55,11 @@ class BrokerTarget:
     context: ssl.SSLContext | None  # None: plain TCP, for tests against a scripted broker
     client_id: str
     filters: tuple[str, ...]
-    protocol: str = "auto"  # "auto", "5" or "3.1.1"
-    keepalive: int = 30
-    session_expiry: int = 7 * 24 * 3600
-    receive_maximum: int = 1000
+    # the settings model is the one source of defaults
+    protocol: str = IngestSettings().protocol  # "auto", "5" or "3.1.1"
+    keepalive: int = BrokerSettings().keepalive_s
+    session_expiry: int = IngestSettings().session_expiry_s
+    receive_maximum: int = IngestSettings().receive_maximum
     connect_timeout: float = 10.0  # TLS handshake, then CONNECT to CONNACK, each
 
 
@@ -119,7 +122,7 @@ class LeanReceiver:
         self.ready = asyncio.Event()
 
     async def run(self, on_message: OnMessage) -> None:
-        backoff = 0.2
+        backoff = Backoff(0.2, 10.0)
 
         def deliver(d: Delivery) -> None:
             on_message(d, d.topic, d.payload, d.received_at)
@@ -129,14 +132,14 @@ class LeanReceiver:
                 subscriber = await self._connect(deliver)
             except (OSError, TimeoutError, MqttError, ssl.SSLError) as exc:
                 self.current = None
+                delay = backoff.next()
                 log.warning(
                     "event=broker_unreachable error=%r retry_in=%.1fs",
-                    str(exc) or type(exc).__name__, backoff,
+                    str(exc) or type(exc).__name__, delay,
                 )  # fmt: skip
-                await asyncio.sleep(backoff)
-                backoff = min(backoff * 2, 10.0)
+                await asyncio.sleep(delay)
                 continue
-            backoff = 0.2
+            backoff.reset()
             self.metrics.connected = 1
             self.ready.set()
             reason = await subscriber.closed
@@ -144,7 +147,7 @@ class LeanReceiver:
             self.current = None
             if not self._stopping:
                 log.warning("event=broker_lost error=%r", str(reason) if reason else "closed")
-                await asyncio.sleep(backoff)
+                await asyncio.sleep(backoff.next())
 
     async def _connect(self, deliver: Callable[[Delivery], None]) -> Subscriber:
         t = self.target
@@ -358,7 +361,7 @@ class PahoReceiver:
         self._stopping = asyncio.Event()
 
     async def run(self, on_message: OnMessage) -> None:
-        backoff = 0.2
+        backoff = Backoff(0.2, 10.0)
         while not self._stopping.is_set():
             try:
                 connection = await self._connect(on_message)
@@ -366,14 +369,14 @@ class PahoReceiver:
                 self.current = None
                 if self._stopping.is_set():
                     break
+                delay = backoff.next()
                 log.warning(
                     "event=broker_unreachable client=paho error=%r retry_in=%.1fs",
-                    str(exc) or type(exc).__name__, backoff,
+                    str(exc) or type(exc).__name__, delay,
                 )  # fmt: skip
-                await self._sleep(backoff)
-                backoff = min(backoff * 2, 10.0)
+                await self._sleep(delay)
                 continue
-            backoff = 0.2
+            backoff.reset()
             self.metrics.connected = 1
             self.ready.set()
             stopping: asyncio.Future[Any] = asyncio.ensure_future(self._stopping.wait())

@@ -17,6 +17,7 @@ from pathlib import Path
 
 from broker import wire
 from certs import Bundle
+from schemas.packets import string
 
 
 @dataclass(frozen=True)
@@ -36,11 +37,6 @@ def tls_context(ca: Path, bundle: Bundle | None) -> ssl.SSLContext:
     return context
 
 
-def _string(value: str | bytes) -> bytes:
-    raw = value.encode() if isinstance(value, str) else value
-    return struct.pack("!H", len(raw)) + raw
-
-
 def connect_packet(
     client_id: str,
     *,
@@ -51,14 +47,14 @@ def connect_packet(
 ) -> bytes:
     """A CONNECT; level 5 gives MQTT 5's layout (an empty property block after the keepalive)."""
     flags = 0x02 if clean else 0
-    payload = _string(client_id)
+    payload = string(client_id)
     if will is not None:
         topic, message, qos, retain = will
         flags |= 0x04 | (qos << 3) | (0x20 if retain else 0)
         if level == 5:
             payload += b"\x00"  # will properties
-        payload += _string(topic) + _string(message)
-    body = _string("MQTT") + bytes((level, flags)) + struct.pack("!H", keepalive)
+        payload += string(topic) + string(message)
+    body = string("MQTT") + bytes((level, flags)) + struct.pack("!H", keepalive)
     if level == 5:
         body += b"\x00"  # connect properties
     body += payload
@@ -126,7 +122,7 @@ class RawClient:
     def subscribe(self, *filters: tuple[str, int]) -> list[int]:
         """SUBSCRIBE, return the SUBACK codes (0x80 = refused)."""
         packet_id = self._id()
-        body = struct.pack("!H", packet_id) + b"".join(_string(f) + bytes((q,)) for f, q in filters)
+        body = struct.pack("!H", packet_id) + b"".join(string(f) + bytes((q,)) for f, q in filters)
         self.send(bytes((0x82,)) + wire.varint(len(body)) + body)
         while True:
             first, reply = self.read_packet()
