@@ -7,6 +7,7 @@ an MQTT 5 CONNECT. Packets read back keep their flags (QoS, retain, DUP) for the
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import socket
 import ssl
@@ -191,3 +192,16 @@ class RawClient:
             packet_id = struct.unpack("!H", rest[:2])[0]
             rest = rest[2:]
         return Publish(topic, rest, qos, bool(first & 1), bool(first & 8), packet_id)
+
+
+async def read_packet(reader: asyncio.StreamReader) -> tuple[int, bytes]:
+    """(first byte, body) of the next MQTT packet, for scripted brokers in tests."""
+    first = (await reader.readexactly(1))[0]
+    length, shift = 0, 0
+    while True:
+        byte = (await reader.readexactly(1))[0]
+        length |= (byte & 0x7F) << shift
+        shift += 7
+        if not byte & 0x80:
+            break
+    return first, await reader.readexactly(length)

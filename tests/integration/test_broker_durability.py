@@ -7,7 +7,6 @@ counting their PUBACKs, the real ingest worker and TimescaleDB.
 from __future__ import annotations
 
 import asyncio
-import signal
 from collections.abc import Callable
 from pathlib import Path
 
@@ -23,11 +22,6 @@ pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
 DEVICES = 20
 PER_DEVICE = 1_000
-
-
-def _kill_9(broker: BrokerUnderTest) -> None:
-    broker.proc.send_signal(signal.SIGKILL)
-    broker.proc.wait(10)
 
 
 async def _committed(broker: BrokerUnderTest) -> None:
@@ -63,7 +57,7 @@ async def test_kill_9_with_a_held_queue_loses_nothing_acknowledged(
             for b in bundles
         )
     )
-    _kill_9(broker)
+    broker.kill_9()
     broker.restart()
     assert "event=store_recovered" in broker.log_text()
     worker = start_worker(broker, timescale_dsn, tmp_path / "w2")
@@ -94,7 +88,7 @@ async def test_kill_9_keeps_retained_status_and_a_queued_command(
         operator.disconnect()
 
     await asyncio.to_thread(before)
-    _kill_9(broker)
+    broker.kill_9()
     broker.restart()
 
     def after() -> tuple[list[tuple[str, bytes, bool]], bool, list[tuple[str, bytes]]]:
@@ -145,7 +139,7 @@ async def test_a_message_acknowledged_by_its_subscriber_is_not_delivered_again(
     await asyncio.to_thread(before)
     # the store commits what the PUBACKs removed in its next group, within milliseconds
     await _committed(broker)
-    _kill_9(broker)
+    broker.kill_9()
     broker.restart()
 
     def after() -> list[bytes]:

@@ -11,7 +11,6 @@ before the commit. Each test reproduced a defect of the first durable version (n
 from __future__ import annotations
 
 import contextlib
-import signal
 import sqlite3
 import struct
 import time
@@ -52,11 +51,6 @@ def _metric(broker: BrokerUnderTest, name: str) -> float:
     found = samples(broker.metrics()).get(name)
     assert found is not None, f"no metric {name}"
     return found
-
-
-def _kill_9(broker: BrokerUnderTest) -> None:
-    broker.proc.send_signal(signal.SIGKILL)
-    broker.proc.wait(10)
 
 
 def _wait_committed(broker: BrokerUnderTest) -> None:
@@ -158,7 +152,7 @@ def test_a_clean_connect_is_not_undone_by_a_crash(
     first, body = device.read_packet(10)
     assert (first, body[0] & 1, body[1]) == (wire.CONNACK, 0, 0)
     device.disconnect()
-    _kill_9(broker)
+    broker.kill_9()
     broker.restart()
     device = client(broker, pki.device2)
     present, code = device.connect("dev-2", clean=False)
@@ -282,7 +276,7 @@ def test_simultaneous_connects_neither_leave_two_connections_nor_lose_acknowledg
     operator.publish("fl/acme/dev-2/cmd/reboot", b'{"id":"c-1"}', qos=1)  # PUBACKed
     operator.disconnect()
     _wait_committed(broker)
-    _kill_9(broker)
+    broker.kill_9()
     broker.restart()
     device = client(broker, pki.device2)
     assert device.connect("dev-2", clean=False)[1] == 0

@@ -38,6 +38,7 @@ from ingest_worker.mqtt import (
 from ingest_worker.receive import BrokerTarget, LeanReceiver, fallback_version
 from ingest_worker.writer import _device_states
 from schemas.messages import Status
+from tests.mqtt_raw import read_packet
 
 NOW = datetime(2026, 12, 5, tzinfo=UTC)
 
@@ -201,15 +202,7 @@ async def _serve(script: Script) -> tuple[asyncio.Server, int]:
         script.packets.append(seen)
         try:
             while True:
-                first = (await reader.readexactly(1))[0]
-                length, shift = 0, 0
-                while True:
-                    byte = (await reader.readexactly(1))[0]
-                    length |= (byte & 0x7F) << shift
-                    shift += 7
-                    if not byte & 0x80:
-                        break
-                body = await reader.readexactly(length)
+                first, body = await read_packet(reader)
                 kind = first >> 4
                 seen.append(kind)
                 if kind == 1:

@@ -23,6 +23,7 @@ from ingest_worker.metrics import IngestMetrics
 from ingest_worker.mqtt import MQTT5, MQTT311
 from ingest_worker.receive import BrokerTarget, PahoDelivery, PahoReceiver
 from tests.fixtures.pki import TestPki
+from tests.mqtt_raw import read_packet
 
 TOPIC = "fl/acme/dev-1/telemetry"
 
@@ -54,15 +55,7 @@ async def _serve(script: Script, context: ssl.SSLContext | None) -> tuple[asynci
         script.conns.append(conn)
         try:
             while True:
-                first = (await reader.readexactly(1))[0]
-                length, shift = 0, 0
-                while True:
-                    byte = (await reader.readexactly(1))[0]
-                    length |= (byte & 0x7F) << shift
-                    shift += 7
-                    if not byte & 0x80:
-                        break
-                body = await reader.readexactly(length)
+                first, body = await read_packet(reader)
                 kind = first >> 4
                 conn.kinds.append(kind)
                 if kind == 1:
