@@ -194,10 +194,15 @@ async def test_a_device_is_born_publishes_and_answers_every_command(
             assert after[0]["seq"] == 1
             assert fleet.devices[0].stats.commands >= 17
         # stopping publishes the offline status
-        gone = await _until(
-            "offline", lambda: [s for s in watch.statuses() if s["state"] == "offline"]
+        # the reset published an offline status for the old boot: wait for the new boot's
+        await _until(
+            "offline of the new boot",
+            lambda: [
+                s
+                for s in watch.statuses()
+                if s["state"] == "offline" and s.get("boot") == boot + 1
+            ],
         )
-        assert gone[-1]["boot"] == boot + 1
     finally:
         ops.close()
 
