@@ -8,13 +8,13 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import typer
-from rich.console import Console
 from rich.table import Table
 
 from certs.authority import Pki
 from certs.crl import expired_line, format_left
 from certs.errors import PassphraseError
 from certs.model import CLIENT_ROLES, KeyType, Role
+from core.console import cli_console
 from core.settings import get_settings
 
 app = typer.Typer(
@@ -23,8 +23,8 @@ app = typer.Typer(
     "revocation. Keys are written 0600 and never printed.",
     no_args_is_help=True,
 )
-console = Console()
-err_console = Console(stderr=True)
+console = cli_console()
+err_console = cli_console(stderr=True)
 
 _CA_KEY_ENV_HELP = (
     "Name of an environment variable holding the CA key's passphrase "

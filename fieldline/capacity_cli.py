@@ -8,6 +8,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from core.console import cli_console
 from fieldline.capacity import (
     DEFAULT_WORKER_MSGS_PER_S,
     DEFAULT_WORKER_ROWS_PER_S,
@@ -91,7 +92,7 @@ def capacity(
     if as_json:
         typer.echo(json.dumps({"inputs": _inputs_dict(inputs), **report.as_dict()}, indent=2))
         return
-    console = Console()
+    console = cli_console()
     console.print(_table(inputs, report))
     console.print(
         f"link: {human_bits_per_s(report.wire_bytes_per_s_up)} up, "

@@ -9,9 +9,9 @@ from typing import TypeVar
 
 import asyncpg
 import typer
-from rich.console import Console
 from rich.table import Table
 
+from core.console import cli_console
 from core.pgcluster import cluster, database_url
 from ingest_worker.database import connect, mask_dsn
 from ingest_worker.errors import StorageError
@@ -32,7 +32,7 @@ app = typer.Typer(
 tenants_app = typer.Typer(help="Tenants: one schema `tenant_<id>` each.", no_args_is_help=True)
 app.add_typer(tenants_app, name="tenants")
 
-console = Console()
+console = cli_console()
 T = TypeVar("T")
 
 

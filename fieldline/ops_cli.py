@@ -15,10 +15,10 @@ import paho.mqtt.client as mqtt
 import typer
 from paho.mqtt.enums import CallbackAPIVersion, MQTTProtocolVersion
 from pydantic import ValidationError
-from rich.console import Console
 from rich.table import Table
 
 from certs import CertsError, client_context
+from core.console import cli_console
 from core.errors import FieldlineError
 from core.pgcluster import database_url
 from core.settings import Settings, get_settings
@@ -27,7 +27,7 @@ from schemas import topics
 from schemas.limits import MAX_TTL_S
 from schemas.messages import Command
 
-console = Console()
+console = cli_console()
 devices_app = typer.Typer(help="The devices a tenant has: status, last seen, firmware, metrics.")
 cmd_app = typer.Typer(help="Commands to devices, recorded in the tenant's `commands` table.")
 

@@ -841,13 +841,13 @@ async def _events(
 async def _results(
     conn: asyncpg.Connection, schema: str, items: Sequence[Decoded], out: Written
 ) -> None:
-    # one row per command id, the last answer received: ON CONFLICT DO UPDATE refuses to touch
-    # a row twice in one statement (21000), and a device repeating an id would otherwise fail
-    # every batch it lands in
+    # one row per command id, the FIRST answer: a command runs at most once, so a later answer
+    # to the same id is the device refusing a replay (`rejected`, "received before") and must
+    # not overwrite the result of the run; ON CONFLICT DO UPDATE also refuses to touch a row
+    # twice in one statement (21000)
     last: dict[Any, Decoded] = {}
     for item in _live(items):
-        if item.result is not None:
-            last.pop(item.result.id, None)
+        if item.result is not None and item.result.id not in last:
             last[item.result.id] = item
     if not last:
         return
@@ -868,7 +868,8 @@ async def _results(
         "SELECT i, d, 'unknown', s, r::jsonb, t FROM unnest($1::uuid[], $2::text[], $3::text[], "
         "$4::text[], $5::timestamptz[]) AS u(i, d, s, r, t) "
         "ON CONFLICT (id) DO UPDATE SET status = EXCLUDED.status, result = EXCLUDED.result, "
-        "updated_at = EXCLUDED.updated_at WHERE c.device_id = EXCLUDED.device_id",
+        "updated_at = EXCLUDED.updated_at "
+        "WHERE c.device_id = EXCLUDED.device_id AND c.status IN ('pending', 'sent')",
         ids, devices, statuses, results, times,
     )  # fmt: skip
     out.results += len(rows)

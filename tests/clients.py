@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import subprocess
 import threading
-import time
+import uuid
 from dataclasses import dataclass
 from typing import Any
 
@@ -113,6 +113,30 @@ class Paho:
     def topics(self) -> list[str]:
         return [m.topic for m in self.messages]
 
+    def until_marker(self, payload: bytes, timeout: float = 5.0) -> list[Received]:
+        """Wait for the message carrying `payload`; drop it and return what arrived before it.
+
+        A broker sends a client its messages in the order it routed them, so once a marker
+        published after some forbidden message is here, that message would have been too:
+        a faster and stronger "nothing else arrived" than a quiet period.
+        """
+        with self._got:
+            arrived = self._got.wait_for(
+                lambda: any(m.payload == payload for m in self.messages), timeout
+            )
+            assert arrived, f"{self.client_id}: the marker {payload!r} never arrived"
+            at = next(i for i, m in enumerate(self.messages) if m.payload == payload)
+            before = self.messages[:at]
+            del self.messages[at]
+            return before
+
+    def marker(self, topic: str, qos: int = 1, timeout: float = 5.0) -> list[Received]:
+        """Publish a marker on `topic` (one this client may publish to and is subscribed to)
+        and return everything that arrived before it came back (see `until_marker`)."""
+        payload = f"marker-{uuid.uuid4().hex}".encode()
+        self.publish(topic, payload, qos=qos)
+        return self.until_marker(payload, timeout)
+
     def close(self) -> None:
         self.client.disconnect()
         self.client.loop_stop()
@@ -147,21 +171,57 @@ class MosquittoSub:
     ) -> None:
         topics = [arg for f in filters for arg in ("-t", f)]
         argv = [
+            require_binary("stdbuf"),
+            "-oL",  # line-buffered: each line reaches us when printed, not at exit
             require_binary("mosquitto_sub"),
             *_tls_args(broker, bundle),
             *topics,
             "-v",
             "-q",
             "1",
+            "-d",  # its debug lines say when the SUBACK came: "Subscribed (mid: 1): 1"
         ]
         self.proc = subprocess.Popen(
-            [*argv, *extra], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+            [*argv, *extra], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
         )
-        time.sleep(0.6)  # mosquitto_sub has no "subscribed" signal
+        self._out: list[str] = []
+        self._changed = threading.Condition()
+        self._reader = threading.Thread(target=self._read, daemon=True)
+        self._reader.start()
+        with self._changed:
+            subscribed = self._changed.wait_for(
+                lambda: (
+                    any(line.startswith("Subscribed") for line in self._out)
+                    or self.proc.poll() is not None
+                ),
+                10,
+            )
+        if not subscribed:
+            self.proc.kill()  # no process outlives the test
+        assert subscribed, f"mosquitto_sub: no SUBACK in {self._out}"
+        assert self.proc.poll() is None, f"mosquitto_sub exited: {self._out}"
 
-    def lines(self, wait: float = 1.0) -> list[str]:
-        """Stop it after `wait` seconds and return what it printed."""
-        time.sleep(wait)
+    def _read(self) -> None:
+        assert self.proc.stdout is not None
+        for line in self.proc.stdout:
+            with self._changed:
+                self._out.append(line.rstrip("\n"))
+                self._changed.notify_all()
+        with self._changed:
+            self._changed.notify_all()
+
+    def _messages(self) -> list[str]:
+        debug = ("Client ", "Subscribed (mid")
+        return [line for line in self._out if line and not line.startswith(debug)]
+
+    def lines(self, count: int, timeout: float = 5.0) -> list[str]:
+        """Wait for `count` message lines (or the timeout), stop it, return what it printed."""
+        with self._changed:
+            self._changed.wait_for(lambda: len(self._messages()) >= count, timeout)
         self.proc.terminate()
-        out, _err = self.proc.communicate(timeout=10)
-        return [line for line in out.splitlines() if line]
+        self.proc.wait(timeout=10)
+        self._reader.join(10)  # it read to the end of the output
+        assert self.proc.stdout is not None
+        self.proc.stdout.close()
+        with self._changed:
+            return self._messages()

@@ -25,6 +25,7 @@ from ingest_worker.service import client_context
 from tests.clients import MosquittoSub, Paho, mosquitto_pub, raw
 from tests.fixtures.brokers import KINDS, BrokerUnderTest
 from tests.mqtt_raw import connect_packet
+from tests.waits import until, wait_until
 
 pytestmark = pytest.mark.integration
 
@@ -82,9 +83,15 @@ def test_every_allowed_operation_of_the_matrix(broker: BrokerUnderTest) -> None:
 def test_mosquitto_clients_with_issued_bundles(broker: BrokerUnderTest) -> None:
     """The engineer's tools: mosquitto_sub as an operator, mosquitto_pub as the device."""
     sub = MosquittoSub(broker, broker.pki.operator, "fl/acme/#")
-    pub = mosquitto_pub(broker, broker.pki.device, "fl/acme/dev-1/telemetry", '{"m":1}', "-q", "1")
-    assert pub.returncode == 0, pub.stderr
-    assert sub.lines() == ['fl/acme/dev-1/telemetry {"m":1}']
+    for n in (1, 2):  # the second is the marker: a duplicate of the first would come before it
+        message = f'{{"m":{n}}}'
+        pub = mosquitto_pub(
+            broker, broker.pki.device, "fl/acme/dev-1/telemetry", message, "-q", "1"
+        )
+        assert pub.returncode == 0, pub.stderr
+    assert sub.lines(2) == [
+        'fl/acme/dev-1/telemetry {"m":1}', 'fl/acme/dev-1/telemetry {"m":2}'
+    ]  # fmt: skip
 
 
 # -- who may connect -------------------------------------------------------------------------
@@ -105,9 +112,9 @@ def test_bad_certificates_are_refused_and_learn_nothing(broker: BrokerUnderTest,
         ops = _connected(Paho(broker, pki.operator))
         ops.publish("fl/acme/dev-1/cmd/reset", b"{}")
         ops.close()
-        time.sleep(0.5)
+        # the command is the watcher's marker: sent after the forged bytes, it comes after them
+        assert [m.payload for m in watcher.until_marker(b"{}")] == []
         assert attacker.messages == []
-        assert b"forged" not in [m.payload for m in watcher.messages]
         # the victim's session survived the attempt with its client id
         assert [m.topic for m in victim.wait_for(1)] == ["fl/acme/dev-1/cmd/reset"]
     finally:
@@ -130,11 +137,14 @@ def test_client_id_other_than_the_certificate(broker: BrokerUnderTest) -> None:
             # Mosquitto's use_username_as_clientid replaces the id with the CN: it is dev-1
             assert attacker.connect()
             assert attacker.subscribe("fl/acme/dev-2/cmd/#") == [1]  # granted, then filtered
+            assert attacker.subscribe("fl/acme/dev-1/cmd/#") == [1]  # its own, for the marker
         ops = _connected(Paho(broker, pki.operator))
         ops.publish("fl/acme/dev-2/cmd/reset", b'{"id":"x"}')
+        ops.publish("fl/acme/dev-1/cmd/marker", b"marker")
         ops.close()
         assert [m.topic for m in victim.wait_for(1)] == ["fl/acme/dev-2/cmd/reset"]
-        time.sleep(0.3)
+        if broker.kind == "mosquitto":
+            assert attacker.until_marker(b"marker") == []
         assert attacker.messages == []
         assert not victim.disconnected.is_set()
     finally:
@@ -165,13 +175,11 @@ def test_publish_to_a_forbidden_topic_is_never_delivered(
     try:
         result = mosquitto_pub(broker, pki.device, topic, "forged", "-q", "1")
         assert result.returncode == 0, result.stderr  # MQTT 3.1.1 has no way to say no
+        # markers, sent once the forged message was acknowledged: it would come before them
         mosquitto_pub(broker, pki.device, "fl/acme/dev-1/telemetry", "marker", "-q", "1")
-        got = admin.wait_for(1)
-        time.sleep(0.3)
-        assert [(m.topic, m.payload) for m in admin.messages] == [
-            ("fl/acme/dev-1/telemetry", b"marker")
-        ], got
-        assert dev2.messages == []
+        mosquitto_pub(broker, pki.operator, "fl/acme/dev-2/cmd/marker", "marker2", "-q", "1")
+        assert admin.until_marker(b"marker") == []
+        assert dev2.until_marker(b"marker2") == []
     finally:
         admin.close()
         dev2.close()
@@ -213,6 +221,7 @@ def test_forbidden_subscriptions_receive_nothing(
         else:
             # Mosquitto's ACL file grants the SUBSCRIBE and filters every delivery (upstream 744)
             assert codes in ([1], [REFUSED])
+        assert attacker.subscribe("fl/acme/dev-1/cmd/#") == [1]  # allowed: for the marker
         dev2 = _connected(Paho(broker, pki.device2))
         dev9 = _connected(Paho(broker, pki.device_other_tenant))
         ops2 = _connected(Paho(broker, pki.operator2))
@@ -222,9 +231,12 @@ def test_forbidden_subscriptions_receive_nothing(
         dev9.publish("fl/globex/dev-9/telemetry", b"t9")
         ops2.publish("fl/acme/dev-2/cmd/reset", b"c2")
         ops9.publish("fl/globex/dev-9/cmd/reset", b"c9")
+        # The marker follows every publish above and the SUBSCRIBE: Mosquitto sends its retained
+        # $SYS topics on SUBSCRIBE, so they too would come first.
+        ops2.publish("fl/acme/dev-1/cmd/marker", b"marker")
         for client in (dev2, dev9, ops2, ops9):
             client.close()
-        time.sleep(1.5 if topic_filter.startswith("$SYS") else 0.5)
+        attacker.until_marker(b"marker")
         principal = Principal(bundle.identity.id, bundle.identity.tenant, bundle.identity.role)
         leaked = [
             m.topic
@@ -249,12 +261,10 @@ def test_operator_reads_its_tenant_only(broker: BrokerUnderTest) -> None:
         dev9.publish("fl/globex/dev-9/telemetry", b"globex data")
         dev9.close()
         assert [m.payload for m in ops9.wait_for(1)] == [b"globex data"]
-        time.sleep(0.3)
-        assert ops.messages == []
+        assert ops.marker("fl/acme/dev-1/cmd/marker") == []
         # nor can tenant A's operator command tenant B's devices
         ops.publish("fl/globex/dev-9/cmd/reset", b"{}")
-        time.sleep(0.3)
-        assert [m.payload for m in ops9.messages] == [b"globex data"]
+        assert [m.payload for m in ops9.marker("fl/globex/dev-9/cmd/marker")] == [b"globex data"]
     finally:
         ops.close()
         ops9.close()
@@ -275,12 +285,14 @@ def test_will_aimed_at_another_device_never_fires(broker: BrokerUnderTest) -> No
         else:
             assert rc == 0  # Mosquitto checks the Will against the ACL when it sends it
         attacker.close()  # an abnormal end: a Will, if accepted, would fire now
-        time.sleep(1.0)
+        if broker.kind == "mosquitto":
+            # nothing orders a marker after the broker noticing the closed socket: a quiet time
+            time.sleep(1.0)
         assert watcher.messages == []
         late = _connected(Paho(broker, pki.operator))
         late.subscribe("fl/acme/#")
-        time.sleep(0.3)
-        assert late.messages == []  # and nothing was retained on dev-2's status either
+        # a retained Will on dev-2's status would have been sent on SUBSCRIBE, before this
+        assert late.marker("fl/acme/dev-1/cmd/marker") == []
         late.close()
     finally:
         attacker.close()
@@ -371,12 +383,12 @@ def test_connect_with_the_victims_id_and_a_wrong_certificate(broker: BrokerUnder
             finally:
                 if attempt is not None:
                     attempt.close()
-        time.sleep(0.3)
-        assert not victim.disconnected.is_set()
         ops = _connected(Paho(broker, pki.operator))
         ops.publish("fl/acme/dev-2/cmd/reset", b'{"id":"after"}')
         ops.close()
         assert [m.payload for m in victim.wait_for(1)] == [b'{"id":"after"}']
+        # a takeover would have closed the victim's connection before this command came
+        assert not victim.disconnected.is_set()
     finally:
         victim.close()
 
@@ -392,9 +404,8 @@ def test_retained_message_on_a_forbidden_topic_is_not_kept(broker: BrokerUnderTe
     ops = _connected(Paho(broker, pki.operator))
     try:
         ops.subscribe("fl/acme/#")
-        got = ops.wait_for(1)
-        time.sleep(0.3)
-        assert [(m.topic, m.retain) for m in ops.messages] == [("fl/acme/dev-1/status", True)], got
+        got = ops.marker("fl/acme/dev-1/cmd/marker")  # after every retained message
+        assert [(m.topic, m.retain) for m in got] == [("fl/acme/dev-1/status", True)], got
     finally:
         ops.close()
 
@@ -436,8 +447,7 @@ def test_retain_only_on_status(broker: BrokerUnderTest) -> None:
     ops = _connected(Paho(broker, pki.operator))
     try:
         ops.subscribe("fl/acme/#")
-        time.sleep(0.5)
-        kept = [(m.topic, m.retain) for m in ops.messages]
+        kept = [(m.topic, m.retain) for m in ops.marker("fl/acme/dev-1/cmd/marker")]
         if broker.kind == "fieldline":
             assert kept == []
         else:
@@ -459,8 +469,16 @@ def test_aborted_mqtt5_connects_do_not_lock_devices_out(
         client = raw(b, pki.device)
         client.send(v5 if i % 2 else v5[: len(v5) // 2])
         client.close()
-    time.sleep(0.5)
-    dev = _connected(Paho(b, pki.device))
+    attempts: list[Paho] = []
+
+    def a_device_connects() -> bool:  # once the broker has closed the aborted connections
+        attempts.append(Paho(b, pki.device))
+        return attempts[-1].connect(timeout=1)
+
+    wait_until(a_device_connects, 10, "a device to connect after the aborted CONNECTs")
+    for failed in attempts[:-1]:
+        failed.close()
+    dev = attempts[-1]
     ops = _connected(Paho(b, pki.operator))
     try:
         ops.subscribe("fl/acme/#")
@@ -567,7 +585,6 @@ def test_delivery_qos_is_the_lower_of_publish_and_subscription(
         assert message is not None
         assert (message.payload, message.qos) == (b"command", min(sub_qos, pub_qos))
     finally:
-        time.sleep(0.2)
         ops.close()
         device.close()
 
@@ -582,8 +599,7 @@ def test_oversized_packet_closes_the_connection(broker: BrokerUnderTest) -> None
         with contextlib.suppress(ConnectionError, ssl.SSLError, OSError):
             device.publish("fl/acme/dev-1/telemetry", b"x" * (3 * 1024 * 1024), qos=0)
         assert device.closed_by_broker(5)
-        time.sleep(0.3)
-        assert ops.messages == []
+        assert ops.marker("fl/acme/dev-1/cmd/marker") == []
     finally:
         device.close()
         ops.close()
@@ -619,8 +635,7 @@ def test_new_certificates_work_after_rendering_and_sighup(broker: BrokerUnderTes
         if broker.kind == "mosquitto":
             # not in the rendered ACL yet: denied until the files are rendered again
             assert mosquitto_pub(broker, bundle, topic, "before", "-q", "1").returncode == 0
-            time.sleep(0.3)
-            assert ops.messages == []
+            assert ops.marker("fl/acme/dev-1/cmd/marker") == []
         broker.apply_registry()
         assert mosquitto_pub(broker, bundle, topic, "after", "-q", "1").returncode == 0
         assert [m.payload for m in ops.wait_for(1)] == [b"after"]
@@ -741,8 +756,8 @@ def test_qos2_publish_is_delivered_exactly_once(broker: BrokerUnderTest) -> None
         assert device.read_packet(5) == (0x50, b"\x00\x07")
         device.send(b"\x62\x02\x00\x07")  # PUBREL
         assert device.read_packet(5) == (0x70, b"\x00\x07")  # PUBCOMP
-        time.sleep(0.5)
-        assert [m.payload for m in ops.messages] == [b"once"]
+        got = ops.marker("fl/acme/dev-1/cmd/marker", qos=2)  # a second copy would come first
+        assert [m.payload for m in got] == [b"once"]
     finally:
         device.close()
         ops.close()
@@ -802,7 +817,7 @@ def test_mosquitto_takes_an_mqtt5_clients_receive_maximum_as_its_window(
                     for i in range(n)
                 ]
             )
-            await asyncio.sleep(1.5)
+            await until(lambda: len(got) >= n, 10, f"{n} deliveries")
         finally:
             sender.close()
             await sub.close()

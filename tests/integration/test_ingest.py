@@ -97,7 +97,10 @@ async def test_known_messages_become_exactly_the_expected_rows(
             return acme == 9 and globex == 1
 
         await wait_for(all_there, 15, "the rows of every message")
-        await asyncio.sleep(0.3)  # anything extra would have arrived by now
+        # every message received and none pending: an extra row would be written by now
+        sent = len(dev1) + len(dev2) + len(dev9)
+        await wait_for(lambda: _received(worker, sent), 10, "every message settled")
+        assert await all_there()
 
     q = timescale_dsn
     metrics = await fetch(
@@ -358,8 +361,7 @@ async def test_redelivered_messages_write_nothing_twice(
             lambda: _count(timescale_dsn, "tenant_acme.numeric_values", 200), 10, "200 rows"
         )
         await asyncio.to_thread(burst, broker, pki.device, batch)
-        await wait_for(lambda: _received(worker, 400), 10, "the second copy")
-        await asyncio.sleep(0.5)
+        await wait_for(lambda: _received(worker, 400), 10, "the second copy")  # and settled
     assert await fetchval(timescale_dsn, "SELECT count(*) FROM tenant_acme.numeric_values") == 200
     assert await fetchval(timescale_dsn, "SELECT count(*) FROM tenant_acme.text_values") == 200
 
@@ -411,8 +413,7 @@ async def test_seq_gaps_are_counted_once_and_a_new_boot_starts_afresh(
         await wait_for(lambda: _count(timescale_dsn, "tenant_acme.numeric_values", 6), 10, "6 rows")
         # the same messages again (a redelivery): nothing counted twice
         await asyncio.to_thread(burst, broker, pki.device, first + second)
-        await wait_for(lambda: _received(worker, 12), 10, "the redelivery")
-        await asyncio.sleep(0.3)
+        await wait_for(lambda: _received(worker, 12), 10, "the redelivery")  # and settled
         assert worker.metrics.seq_gaps._value.get() == 5
     row = await fetch(timescale_dsn, "SELECT boot, seq, seq_gaps FROM tenant_acme.devices")
     assert [tuple(r) for r in row] == [(2, 2, 5)]

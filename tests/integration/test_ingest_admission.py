@@ -141,9 +141,21 @@ async def test_a_command_result_id_repeated_in_one_batch_is_one_row_without_a_sp
         await asyncio.to_thread(burst, broker, broker.pki.device, results)
         await wait_for(lambda: _settled(worker, 400), 20, "the results")
         splits = _metric(worker, "fieldline_ingest_batch_splits_total")
+        # a replay refused later, in another batch, does not overwrite the run's answer either
+        replays = [
+            (
+                "fl/acme/dev-1/cmd-res",
+                j({"id": c, "status": "rejected", "detail": "received before"}),
+            )
+            for c in sorted({json.loads(p)["id"] for _, p in results})
+        ]
+        await asyncio.to_thread(burst, broker, broker.pki.device, replays)
+        await wait_for(lambda: _settled(worker, 600), 20, "the replays' answers")
     assert splits == 0
     rows = await fetch(timescale_dsn, "SELECT status FROM tenant_acme.commands")
     assert len(rows) == 200
+    # a command runs once: the first answer is its result
+    assert {r["status"] for r in rows} == {"ok"}
     assert await count(timescale_dsn, "fieldline.dead_letters") == 0
 
 

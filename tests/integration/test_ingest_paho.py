@@ -54,7 +54,11 @@ async def test_paho_on_the_loop_pauses_resumes_and_resumes_its_session(
     async with IngestWorker(config) as worker:
         await worker.wait_connected(15)
         await wait_for(lambda: _rows_are(timescale_dsn, 2300), 30, "the 300 queued rows")
-        await asyncio.sleep(0.3)  # anything written twice would have arrived by now
+
+        async def settled() -> bool:  # all 300 received, none pending: nothing more to write
+            return worker.metrics.received >= 300 and not worker.pipeline.pending
+
+        await wait_for(settled, 10, "every queued message settled")
     assert await count(timescale_dsn, TABLE) == 2300
 
 

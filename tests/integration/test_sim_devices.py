@@ -198,9 +198,7 @@ async def test_a_device_is_born_publishes_and_answers_every_command(
         await _until(
             "offline of the new boot",
             lambda: [
-                s
-                for s in watch.statuses()
-                if s["state"] == "offline" and s.get("boot") == boot + 1
+                s for s in watch.statuses() if s["state"] == "offline" and s.get("boot") == boot + 1
             ],
         )
     finally:

@@ -70,7 +70,8 @@ def test_fit_errors_are_simulator_errors(csv_file: Path) -> None:
 
 
 def test_help_explains_the_command() -> None:
-    result = runner.invoke(app, ["sim", "fit", "--help"])
+    # Help is for people and rich fits it to the terminal: read it on a wide one.
+    result = runner.invoke(app, ["sim", "fit", "--help"], env={"COLUMNS": "200"})
     assert result.exit_code == 0
     for words in ("--max-p", "--stabilise", "--min-root", "--plot", "AIC"):
         assert words in result.output
