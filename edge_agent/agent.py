@@ -12,6 +12,7 @@ import asyncio
 import json
 import logging
 import time
+from collections.abc import Callable, Coroutine
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -19,24 +20,25 @@ from typing import Any
 from prometheus_client import CollectorRegistry, Counter, Gauge, start_http_server
 
 from certs import CertsError, client_context
-from core.retry import Backoff
+from device_runtime.boot import BootCounter
+from device_runtime.errors import CommandError, DeviceError, LinkError
+from device_runtime.handoff import Handoff
+from device_runtime.intake import CommandIntake, Refusal, ReplayPolicy
+from device_runtime.link import DeviceLink
 from edge_agent.errors import EdgeError
+from edge_agent.field import FieldError, FieldModule
 from edge_agent.listener import LanListener
-from edge_agent.manifest import RULE_PREFIX, UPSTREAM, Manifest, load_manifest
-from edge_agent.modules import SimModule
+from edge_agent.manifest import RULE_PREFIX, UPSTREAM, Manifest, ModuleSpec, load_manifest
+from edge_agent.modules import sim_modules
 from edge_agent.outbox import Outbox
 from edge_agent.rules import Firing, Rule
 from schemas import topics
+from schemas.limits import MAX_DETAIL_LENGTH
 from schemas.messages import CommandStatus
-from simulator.commands import CommandIntake, Refusal, ReplayPolicy
-from simulator.device import BootCounter
-from simulator.errors import CommandError, LinkError, SimulatorError
-from simulator.link import DeviceLink
-from simulator.sources import SensorBank
 
 log = logging.getLogger("fieldline.edge")
 
-WINDOW = 100  # QoS 1 messages in flight at once; the broker's per-device window
+FIELD_COMMANDS_DRAIN_S = 5.0  # how long stop() waits for field commands still running
 
 
 def _dumps(body: dict[str, Any]) -> bytes:
@@ -99,17 +101,18 @@ class EdgeAgent:
         self.state_dir = options.home / "edge" / a.id
         self.state_dir.mkdir(parents=True, exist_ok=True)
         self.metrics = AgentMetrics()
-        self.bank = SensorBank(seed=None)
-        self.modules = {
-            m.name: SimModule(m.name, m.kind, self.bank, interval_s=m.interval_s, sensors=m.sensors)
-            for m in manifest.modules
-            if m.simulated
-        }
+        self.modules = sim_modules(manifest.modules)  # imports the simulator only if any
         self.listeners = [
             LanListener(m, options.pki_dir or options.home / "pki", a.tenant, self._route)
             for m in manifest.modules
-            if not m.simulated
+            if m.kind == "listener"
         ]
+        self.fields: dict[str, FieldModule] = {
+            m.name: _field_module(m, self) for m in manifest.modules if m.field
+        }
+        # a cloud command accepted for a field module, taken by _on_command to run as a task
+        self._deferred: tuple[str, str, dict[str, Any]] | None = None
+        self._field_tasks: set[asyncio.Task[None]] = set()
         self.rules = {r.name: Rule(r) for r in manifest.rules}
         self.topics = topics.device_topics(self.tenant, self.id)
         try:
@@ -130,7 +133,7 @@ class EdgeAgent:
         self.intake = CommandIntake(options.commands, on_refused=self._refused)
         self.boot = 0
         self.seq = 0
-        self._inflight: dict[int, list[int]] = {}
+        self.handoff = Handoff(self.link, self.outbox, batch_samples=manifest.outbox.batch_samples)
         self._wake = asyncio.Event()
         self._tasks: list[asyncio.Task[None]] = []
         self._stopping = False
@@ -146,6 +149,8 @@ class EdgeAgent:
             )
         for listener in self.listeners:
             await listener.start()
+        for name, module in self.fields.items():
+            await module.start(self._emitter(name), self._eventer(name))
         self._tasks = [
             asyncio.create_task(self._sample_loop(), name="edge-sample"),
             asyncio.create_task(self._connect_loop(), name="edge-connect"),
@@ -158,6 +163,7 @@ class EdgeAgent:
         self._tasks[0].cancel()
         for listener in self.listeners:
             await listener.stop()
+        await self._stop_fields(min(flush_s, FIELD_COMMANDS_DRAIN_S))
         deadline = time.monotonic() + flush_s
         while self.outbox.depth() and self.link.connected and time.monotonic() < deadline:
             self._wake.set()
@@ -183,53 +189,41 @@ class EdgeAgent:
 
     # -- the cloud link -------------------------------------------------------------------
     async def _connect_loop(self) -> None:
-        backoff = Backoff(1.0, 30.0)
         status = self.topics[topics.Kind.STATUS]
-        while True:
-            if not self.link.connected:
-                self.link.set_will(status, _dumps({"state": "offline", "boot": self.boot}))
-                try:
-                    await self.link.connect()
-                except LinkError as exc:
-                    delay = backoff.next()
-                    log.warning("event=connect_failed error=%r retry_in=%.1fs", str(exc), delay)
-                    await asyncio.sleep(delay)
-                    continue
-                backoff.reset()
-                self.metrics.reconnects.inc()
-                self.link.subscribe(topics.device_command_filter(self.tenant, self.id))
-                birth = {"state": "online", "ts": int(time.time() * 1000), "boot": self.boot}
-                if self.manifest.agent.fw:
-                    birth["fw"] = self.manifest.agent.fw
-                self.link.publish(status, _dumps(birth), retain=True)
-                self._report_drops()
-                self._wake.set()
-            await asyncio.sleep(0.5)
+        await self.link.stay_connected(
+            self._connected,
+            will=lambda: (status, _dumps({"state": "offline", "boot": self.boot})),
+            on_error=self._connect_failed,
+        )
+
+    def _connect_failed(self, error: LinkError, delay: float) -> None:
+        log.warning("event=connect_failed error=%r retry_in=%.1fs", str(error), delay)
+
+    def _connected(self) -> None:
+        self.metrics.reconnects.inc()
+        self.link.subscribe(topics.device_command_filter(self.tenant, self.id))
+        birth = {"state": "online", "ts": int(time.time() * 1000), "boot": self.boot}
+        if self.manifest.agent.fw:
+            birth["fw"] = self.manifest.agent.fw
+        self.link.publish(self.topics[topics.Kind.STATUS], _dumps(birth), retain=True)
+        self._report_drops()
+        self._wake.set()
 
     def _disconnected(self) -> None:
         # paho keeps what it sent on this session and resends it on reconnect; nothing to redo
         log.warning("event=disconnected agent=%s outbox=%d", self.id, self.outbox.depth())
 
     def _on_ack(self, mid: int) -> None:
-        ids = self._inflight.pop(mid, None)
-        if ids:
-            self.outbox.ack(ids)
-            self.metrics.published.inc(len(ids))
+        rows = self.handoff.acked(mid)
+        if rows:
+            self.metrics.published.inc(rows)
             self._wake.set()
 
     async def _publish_loop(self) -> None:
         while True:
             await self._wake.wait()
             self._wake.clear()
-            if not self.link.connected:
-                continue
-            room = WINDOW - len(self._inflight)
-            if room <= 0:
-                continue
-            for batch in self.outbox.backlog_batches(room, self.manifest.outbox.batch_samples):
-                info = self.link.publish(batch.topic, batch.payload)
-                self.outbox.mark_in_flight(batch.ids)
-                self._inflight[info.mid] = list(batch.ids)
+            self.handoff.pump()
 
     def _gauge(self) -> None:
         # two SQL queries: twice a second is enough for a gauge, not once per message
@@ -254,7 +248,6 @@ class EdgeAgent:
             now, wall = time.monotonic(), time.time()
             for module in self.modules.values():
                 if module.due(now):
-                    self.bank.step()  # one model step per sample: cheap, and keeps modules apart
                     reading = module.sample(wall)
                     if reading is not None:
                         self._route(module.name, reading)
@@ -291,16 +284,100 @@ class EdgeAgent:
                 name, args = firing.command_body()
                 try:
                     self.modules[route.to].command(name, args)
-                except SimulatorError as exc:
+                except CommandError as exc:
                     log.warning("event=rule_command_failed rule=%s error=%r", firing.rule, str(exc))
+            elif route.to in self.fields:
+                name, args = firing.command_body()
+                self._spawn(self._rule_command(route.to, firing.rule, name, args))
+
+    # -- field modules (edge_agent/field.py) ----------------------------------------------
+    def _emitter(self, module: str) -> Callable[[dict[str, Any]], None]:
+        def emit(reading: dict[str, Any]) -> None:
+            self._route(module, reading)
+
+        return emit
+
+    def _eventer(self, module: str) -> Callable[[str, str, str, dict[str, Any]], None]:
+        def event(severity: str, kind: str, message: str, data: dict[str, Any]) -> None:
+            self.put_event(module, severity, kind, message, data)
+
+        return event
+
+    def put_event(
+        self, module: str, severity: str, kind: str, message: str, data: dict[str, Any]
+    ) -> None:
+        """Log a module's event (one line) and queue it for the agent's `events` topic."""
+        level = logging.INFO if severity in ("debug", "info") else logging.WARNING
+        log.log(level, "event=%s module=%s severity=%s message=%r", kind, module, severity, message)
+        body = {
+            "ts": int(time.time() * 1000),
+            "kind": kind,
+            "severity": severity,
+            "message": message[:MAX_DETAIL_LENGTH],
+            "data": {"module": module, **data},
+        }
+        self.outbox.put(self.topics[topics.Kind.EVENTS], _dumps(body), kind="event")
+        self._wake.set()
+
+    def _spawn(self, work: Coroutine[Any, Any, None]) -> None:
+        task = asyncio.get_running_loop().create_task(work)
+        self._field_tasks.add(task)
+        task.add_done_callback(self._field_tasks.discard)
+
+    async def _rule_command(self, module: str, rule: str, name: str, args: dict[str, Any]) -> None:
+        try:
+            detail = await self.fields[module].command(name, args)
+        except FieldError as exc:
+            self.put_event(
+                module, "error", "command_failed", f"rule {rule}: {name}: {exc.detail}",
+                {"rule": rule, "command": name},
+            )  # fmt: skip
+            return
+        log.info("event=rule_command rule=%s module=%s detail=%r", rule, module, detail)
+
+    async def _field_command(self, cid: str, module: str, name: str, args: dict[str, Any]) -> None:
+        """Run a cloud command on a field module; its one result goes on cmd-res when it ends."""
+        try:
+            detail = await self.fields[module].command(name, args)
+            status: str = CommandStatus.OK
+        except FieldError as exc:
+            status, detail = exc.status, exc.detail
+        except asyncio.CancelledError:
+            self._answer(cid, CommandStatus.ERROR, "the agent stopped before the command finished")
+            raise
+        except Exception as exc:  # a bug must still answer the command, once
+            log.exception("event=field_command_crashed module=%s command=%s", module, name)
+            status, detail = CommandStatus.ERROR, f"{type(exc).__name__}: {exc}"
+        self._answer(cid, status, detail)
+
+    async def _stop_fields(self, drain_s: float) -> None:
+        if self._field_tasks:
+            await asyncio.wait(set(self._field_tasks), timeout=drain_s)
+        for task in list(self._field_tasks):
+            task.cancel()  # each still-running cloud command answers `error` as it unwinds
+        await asyncio.gather(*self._field_tasks, return_exceptions=True)
+        for module in self.fields.values():
+            await module.stop()
 
     # -- cloud-to-device ------------------------------------------------------------------
     def _on_command(self, topic: str, payload: bytes, retained: bool) -> None:
+        self._deferred = None
         cid, status, detail = self.handle_command(topic, payload, retained=retained)
+        deferred, self._deferred = self._deferred, None
         if cid is None:
             log.warning("event=command_unanswerable detail=%r", detail)
             return
-        result = {"id": cid, "status": status, "detail": detail, "ts": int(time.time() * 1000)}
+        if deferred is not None and status == CommandStatus.OK:
+            # accepted (the intake has its id, so a replay is refused); answered when it ends
+            self._spawn(self._field_command(cid, *deferred))
+            return
+        self._answer(cid, status, detail)
+
+    def _answer(self, cid: str, status: str, detail: str) -> None:
+        result = {
+            "id": cid, "status": status, "detail": detail[:MAX_DETAIL_LENGTH],
+            "ts": int(time.time() * 1000),
+        }  # fmt: skip
         self.outbox.put(self.topics[topics.Kind.COMMAND_RESULT], _dumps(result), kind="cmd-res")
         self._wake.set()
 
@@ -309,9 +386,7 @@ class EdgeAgent:
     ) -> tuple[str | None, str, str]:
         """(command id or None, result status, detail) for one command message; `retained` is
         the MQTT retain flag it was delivered with."""
-        return self.intake.answer(
-            topic, payload, retained, self._apply, (SimulatorError, EdgeError)
-        )
+        return self.intake.answer(topic, payload, retained, self._apply, (DeviceError, EdgeError))
 
     def _refused(self, reason: Refusal) -> None:
         self.metrics.commands_refused.labels(reason.value).inc()
@@ -321,10 +396,18 @@ class EdgeAgent:
         if name == "rules-reload":
             return self.reload_rules()
         target = args.pop("module", None)
-        if target is None and len(self.modules) == 1:
-            target = next(iter(self.modules))
+        names = [*self.modules, *self.fields]
+        if target is None and len(names) == 1:
+            target = names[0]
+        if target in self.fields:
+            try:
+                self.fields[str(target)].check_command(name, args)
+            except FieldError as exc:
+                raise CommandError(exc.status, exc.detail) from None
+            self._deferred = (str(target), name, args)
+            return "accepted"
         if target not in self.modules:
-            have = ", ".join(sorted(self.modules))
+            have = ", ".join(sorted(names))
             raise CommandError(
                 CommandStatus.ERROR, f"args.module must name one of this agent's modules: {have}"
             )
@@ -340,3 +423,19 @@ class EdgeAgent:
         self.manifest = fresh
         self.rules = {r.name: Rule(r) for r in fresh.rules}
         return f"{len(self.rules)} rule(s), {len(fresh.routes)} route(s) loaded"
+
+
+def _field_module(spec: ModuleSpec, agent: EdgeAgent) -> FieldModule:
+    """The field module of a manifest entry; its bus library is imported only when used."""
+    if spec.kind == "opcua":
+        from edge_agent.opcua import OpcUaModule
+
+        return OpcUaModule(
+            spec, home=agent.options.home, state_dir=agent.state_dir,
+            default_uri=f"urn:fieldline:edge:{agent.tenant}:{agent.id}",
+        )  # fmt: skip
+    if spec.kind == "modbus":
+        from edge_agent.modbus import ModbusModule
+
+        return ModbusModule(spec, registry=agent.metrics.registry)
+    raise EdgeError(f"module {spec.name!r}: kind {spec.kind!r} is not a field module")

@@ -7,13 +7,13 @@ import signal
 from pathlib import Path
 
 import typer
-from rich.console import Console
 
+from core.console import cli_console
 from core.logs import configure_logging
 from core.settings import get_settings
+from device_runtime.intake import ReplayPolicy
 from edge_agent.agent import AgentOptions, EdgeAgent
 from edge_agent.manifest import load_manifest
-from simulator.commands import ReplayPolicy
 
 app = typer.Typer(
     help="The edge agent: a gateway that runs modules (simulated sensors and machines), "
@@ -21,7 +21,7 @@ app = typer.Typer(
     "sends upstream in a durable outbox until the broker acknowledges it.",
     no_args_is_help=True,
 )
-console = Console()
+console = cli_console()
 
 MANIFEST = typer.Option(..., "--manifest", "-m", help="The agent's TOML manifest.")
 

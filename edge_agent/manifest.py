@@ -17,17 +17,21 @@ from typing import Annotated, Any, Literal
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, PrivateAttr, ValidationError
 
+from device_runtime.args import MAX_INTERVAL_S
+from device_runtime.errors import CommandError
+from edge_agent import modbus_spec, opcua_spec
 from edge_agent.errors import ManifestError
+from edge_agent.registers import WriteArgsError, parse_write
 from schemas.errors import InvalidIdError
 from schemas.limits import DEFAULT_LIMITS, MAX_DETAIL_LENGTH, MAX_FW_LENGTH, METRIC_NAME_PATTERN
 from schemas.messages import Command, Severity
 from schemas.topics import validate_id
-from simulator.commands import MAX_INTERVAL_S, parse_args
-from simulator.errors import CommandError
 
 UPSTREAM = "upstream"
 RULE_PREFIX = "rules/"
 SIMULATED_KINDS = ("machine", "arma", "pico")
+# async modules on a real field bus (edge_agent/field.py), started and stopped by the agent
+FIELD_KINDS = ("opcua", "modbus")
 NAME_PATTERN = r"^[a-z][a-z0-9_-]{0,31}$"
 ROUTE_NAME_PATTERN = r"^[A-Za-z][A-Za-z0-9_-]{0,63}$"
 # A reading updates every hopping window containing it: bound that work and the open windows.
@@ -43,6 +47,19 @@ _KIND_KEYS = {
     "arma": ("interval_s", "sensors"),
     "pico": ("interval_s",),
     "listener": ("port", "bind", "server_cert"),
+    "opcua": (
+        "url",
+        "security_mode",
+        "server_trust",
+        "application_uri",
+        "nodes",
+        "mode",
+        "interval_s",
+        "publishing_interval_s",
+        "sampling_interval_s",
+        "timeout_s",
+    ),
+    "modbus": ("host", "port", "unit_id", "interval_s", "timeout_s", "max_gap", "points"),
 }
 
 
@@ -93,7 +110,7 @@ class ModuleSpec(_Spec):
     """`[[modules]]`: a simulated sensor or machine, or a listener for LAN devices."""
 
     name: str = Field(pattern=NAME_PATTERN)
-    kind: Literal["machine", "arma", "pico", "listener"]
+    kind: Literal["machine", "arma", "pico", "listener", "opcua", "modbus"]
     # faster than a device may be told to go (set-interval): a gateway samples local buses
     interval_s: float = Field(default=1.0, ge=MODULE_MIN_INTERVAL_S, le=MAX_INTERVAL_S)
     sensors: int = Field(default=2, ge=1, le=64)
@@ -101,11 +118,40 @@ class ModuleSpec(_Spec):
     bind: str = Field(default="127.0.0.1", min_length=1)
     # the listener's TLS certificate: `fieldline certs server NAME --host/--ip <LAN address>`
     server_cert: str = Field(default="broker", min_length=1)
+    # opcua (edge_agent/opcua.py): the endpoint, its security and trust, the nodes it reads
+    url: str | None = Field(default=None, min_length=1)
+    security_mode: Literal["None", "Sign", "SignAndEncrypt"] = "None"
+    # the server's certificate (a .der/.pem file) or a directory of trusted certificates
+    server_trust: str | None = Field(default=None, min_length=1)
+    application_uri: str | None = Field(default=None, min_length=1, max_length=256)
+    nodes: list[opcua_spec.NodeSpec] = Field(default_factory=list, max_length=opcua_spec.MAX_NODES)
+    mode: Literal["subscribe", "poll"] = "subscribe"
+    publishing_interval_s: float = Field(default=1.0, ge=0.01, le=3600, allow_inf_nan=False)
+    sampling_interval_s: float = Field(default=0.5, ge=0, le=3600, allow_inf_nan=False)
+    timeout_s: float = Field(default=4.0, ge=0.1, le=600, allow_inf_nan=False)
+    # modbus (edge_agent/modbus.py): the device over TCP (port: 502 unless set), its unit id,
+    # the points polled every interval_s, and how many unused registers a read may span
+    host: str | None = Field(default=None, min_length=1)
+    unit_id: int = Field(default=1, ge=0, le=247)
+    max_gap: int = Field(default=0, ge=0, le=100)
+    points: list[modbus_spec.PointSpec] = Field(
+        default_factory=list, max_length=modbus_spec.MAX_POINTS
+    )
 
     @property
     def simulated(self) -> bool:
         """True for the modules driven by `simulator/` (they understand its commands)."""
         return self.kind in SIMULATED_KINDS
+
+    @property
+    def modbus_port(self) -> int:
+        """The Modbus TCP port: `port` when the manifest sets it, else 502."""
+        return self.port if "port" in self.model_fields_set else modbus_spec.DEFAULT_PORT
+
+    @property
+    def field(self) -> bool:
+        """True for async modules on a real field bus (edge_agent/field.py)."""
+        return self.kind in FIELD_KINDS
 
 
 class WindowSpec(_Spec):
@@ -423,6 +469,50 @@ class _Checker:
                 f"module {module.name!r} is in no route; add one from {module.name!r} to "
                 "'upstream' or to 'rules/<rule>'",
             )
+        if module.kind == "opcua":
+            self._opcua(f"modules[{i}]", module)
+        if module.kind == "modbus":
+            if module.host is None:
+                self.add(f"modules[{i}].host", "is required for kind 'modbus': the device address")
+            for key, text in modbus_spec.point_problems(module.name, module.points):
+                self.add(f"modules[{i}].{key}", text)
+
+    def _opcua(self, at: str, module: ModuleSpec) -> None:
+        """An OPC UA module: its endpoint, security and trust, nodes and their metric names."""
+        if module.url is None:
+            self.add(f"{at}.url", "is required for kind 'opcua': url = 'opc.tcp://<host>:<port>'")
+        elif (problem := opcua_spec.url_problem(module.url)) is not None:
+            self.add(f"{at}.url", problem)
+        if module.security_mode != "None" and module.server_trust is None:
+            self.add(
+                f"{at}.server_trust",
+                f"security_mode {module.security_mode!r} needs the server's certificate: "
+                "server_trust = '<file.der|.pem>' or a directory of trusted certificates",
+            )
+        if module.security_mode == "None" and module.server_trust is not None:
+            self.add(
+                f"{at}.server_trust", "applies only with security_mode 'Sign' or 'SignAndEncrypt'"
+            )
+        if not module.nodes:
+            self.add(
+                f"{at}.nodes", "is required: nodes = [{ node = 'ns=2;s=Temp', metric = 'temp' }]"
+            )
+        first: dict[str, int] = {}
+        for j, node in enumerate(module.nodes):
+            if (problem := opcua_spec.node_problem(node)) is not None:
+                self.add(f"{at}.nodes[{j}]", problem)
+            seen = first.setdefault(node.metric, j)
+            if seen != j:
+                self.add(
+                    f"{at}.nodes[{j}].metric",
+                    f"{node.metric!r} is already the metric of nodes[{seen}]; "
+                    "metric names are unique",
+                )
+        polling = ("interval_s",)
+        subscribing = ("publishing_interval_s", "sampling_interval_s")
+        for key in subscribing if module.mode == "poll" else polling:
+            if key in module.model_fields_set:
+                self.add(f"{at}.{key}", f"does not apply to mode {module.mode!r}")
 
     def _rule(self, i: int, rule: RuleSpec) -> None:
         at, window = f"rules[{i}]", rule.window
@@ -542,7 +632,21 @@ class _Checker:
                 f"command = {{ name = ... }} to rules[{self.rules[rule.name]}]",
             )
         elif module.simulated:
+            # the simulator's command table (light: no models); imported only for sim kinds
+            from simulator.commands import parse_args
+
             try:
                 parse_args(rule.command.name, rule.command.args)
             except CommandError as exc:
+                self.add(f"rules[{self.rules[rule.name]}].command", f"for {module.name!r}: {exc}")
+        elif module.kind == "opcua":
+            try:
+                opcua_spec.parse_command(rule.command.name, rule.command.args)
+            except ValueError as exc:
+                self.add(f"rules[{self.rules[rule.name]}].command", f"for {module.name!r}: {exc}")
+        elif module.kind == "modbus":
+            points = {p.metric: p.layout for p in module.points}
+            try:
+                parse_write(rule.command.name, dict(rule.command.args), points)
+            except WriteArgsError as exc:
                 self.add(f"rules[{self.rules[rule.name]}].command", f"for {module.name!r}: {exc}")

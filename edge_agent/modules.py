@@ -1,19 +1,40 @@
-"""The agent's modules: simulated sensors and machines from `simulator/`, one source each.
+"""The agent's simulated modules: sensors and machines from `simulator/`, one source each.
 
 A module samples on its own interval and hands the agent `{"ts", "metrics"}`; its metric
 names are its own (`machine_temperature`); upstream they travel as `<module>.<metric>`,
 so two modules never collide on the agent's single telemetry topic.
+
+The simulator (and its numerical stack) is imported here only when a manifest has a
+simulated module: a gateway with real sources runs without it.
 """
 
 from __future__ import annotations
 
 import time
-from typing import Any
+from collections.abc import Iterable
+from typing import TYPE_CHECKING, Any
 
+from device_runtime.args import SetInterval
+from device_runtime.errors import CommandError
 from schemas.messages import CommandStatus
-from simulator.commands import SensorAdd, SensorRemove, SetInterval, parse_args
-from simulator.errors import CommandError
-from simulator.sources import ArmaSource, SensorBank, make_source
+
+if TYPE_CHECKING:
+    from edge_agent.manifest import ModuleSpec
+    from simulator.sources import ArmaSource, SensorBank
+
+
+def sim_modules(specs: Iterable[ModuleSpec]) -> dict[str, SimModule]:
+    """The simulated modules among `specs`, by name, sharing one sensor bank."""
+    simulated = [m for m in specs if m.simulated]
+    if not simulated:
+        return {}
+    from simulator.sources import SensorBank  # only for the sim kinds
+
+    bank = SensorBank(seed=None)
+    return {
+        m.name: SimModule(m.name, m.kind, bank, interval_s=m.interval_s, sensors=m.sensors)
+        for m in simulated
+    }
 
 
 class SimModule:
@@ -22,8 +43,11 @@ class SimModule:
     def __init__(
         self, name: str, kind: str, bank: SensorBank, *, interval_s: float, sensors: int = 2
     ) -> None:
+        from simulator.sources import make_source  # only for the sim kinds
+
         self.name = name
         self.kind = kind
+        self.bank = bank
         self.interval_s = interval_s
         self.source: ArmaSource = make_source(kind, bank, sensors, interval_s=interval_s)
         self.next_due = 0.0
@@ -39,6 +63,7 @@ class SimModule:
 
     def sample(self, now_wall: float) -> dict[str, Any] | None:
         """The next reading as `{"ts", "metrics"}`, or None when no sensor had a value."""
+        self.bank.step()  # one model step per sample: cheap, and keeps modules apart
         metrics = self.source.metrics(now_wall)
         if not metrics:
             return None
@@ -49,6 +74,16 @@ class SimModule:
 
     def command(self, name: str, args: dict[str, Any]) -> str:
         """Carry out a command; the detail of an `ok` result, CommandError otherwise."""
+        from simulator.errors import SimulatorError  # only for the sim kinds
+
+        try:
+            return self._command(name, args)
+        except SimulatorError as exc:  # a model or disturbance the simulator refused
+            raise CommandError(CommandStatus.ERROR, str(exc)) from exc
+
+    def _command(self, name: str, args: dict[str, Any]) -> str:
+        from simulator.commands import SensorAdd, SensorRemove, parse_args
+
         parsed = parse_args(name, args)
         if name == "reset":
             self.source.reset()

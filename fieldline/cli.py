@@ -13,6 +13,7 @@ from broker.errors import BrokerError
 from certs.cli import app as certs_app
 from certs.errors import CertsError
 from core.errors import FieldlineError
+from device_runtime.errors import DeviceError
 from edge_agent.cli import app as edge_app
 from edge_agent.errors import EdgeError
 from fieldline import __version__
@@ -55,6 +56,7 @@ _KNOWN_ERRORS = (
     StorageError,
     BrokerError,
     SimulatorError,
+    DeviceError,
     EdgeError,
 )
 

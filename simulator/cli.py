@@ -8,17 +8,17 @@ import sys
 from pathlib import Path
 
 import typer
-from rich.console import Console
 from rich.live import Live
 from rich.markup import escape
 from rich.table import Table
 
 from certs import Pki
 from certs.errors import CertsError
+from core.console import cli_console
 from core.logs import configure_logging
 from core.settings import Settings, get_settings
+from device_runtime.intake import ReplayPolicy
 from simulator import arma
-from simulator.commands import ReplayPolicy
 from simulator.errors import SimulatorError
 from simulator.fleet import KINDS, Fleet, FleetConfig, FleetStats, Kind, bundle_dirs, device_ids
 
@@ -29,7 +29,7 @@ app = typer.Typer(
     "Detection data.",
     no_args_is_help=True,
 )
-console = Console()
+console = cli_console()
 
 
 @app.command()

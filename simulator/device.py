@@ -16,19 +16,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
-from core.retry import Backoff
+from device_runtime.args import SetInterval
+from device_runtime.boot import BootCounter
+from device_runtime.errors import CommandError, LinkError
+from device_runtime.intake import CommandIntake, ReplayPolicy, result_payload
+from device_runtime.link import DeviceLink
 from schemas import topics
 from schemas.messages import CommandStatus
-from simulator.commands import (
-    CommandIntake,
-    ReplayPolicy,
-    SensorAdd,
-    SensorRemove,
-    SetInterval,
-    parse_args,
-)
-from simulator.errors import CommandError, LinkError
-from simulator.link import DeviceLink
+from simulator.commands import SensorAdd, SensorRemove, parse_args
+from simulator.errors import SimulatorError
 
 log = logging.getLogger("fieldline.sim")
 
@@ -61,27 +57,6 @@ def now_ms() -> int:
 
 def _dumps(body: dict[str, Any]) -> bytes:
     return json.dumps(body, separators=(",", ":"), allow_nan=False).encode()
-
-
-class BootCounter:
-    """The boot counter a real device keeps in flash: one small file per device."""
-
-    def __init__(self, path: Path) -> None:
-        self.path = path
-
-    def next(self) -> int:
-        """Read, increment and persist; the first boot is 1."""
-        try:
-            boot = int(self.path.read_text().strip() or 0) + 1
-        except FileNotFoundError:
-            boot = 1
-        except ValueError:
-            boot = 1  # a corrupt counter is a new device as far as gap counting goes
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = self.path.with_suffix(".tmp")
-        tmp.write_text(f"{boot}\n")
-        tmp.replace(self.path)
-        return boot
 
 
 @dataclass
@@ -137,7 +112,6 @@ class SimDevice:
         )
         self._online = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
-        self._stopping = False
 
     @property
     def online(self) -> bool:
@@ -158,25 +132,22 @@ class SimDevice:
             raise LinkError(f"{self.device_id} did not come online: {reason}") from exc
 
     async def _keep_connected(self) -> None:
-        backoff = Backoff(1.0, 30.0)
-        while not self._stopping:
-            if not self.link.connected:
-                # the Will carries this boot, so a death is told apart from the next life's
-                will = self._status("offline", ts=False)
-                self.link.set_will(self._topics[topics.Kind.STATUS], will)
-                try:
-                    await self.link.connect()
-                except LinkError as exc:
-                    self.stats.last_error = str(exc)
-                    log.warning("event=connect_failed device=%s error=%r", self.device_id, str(exc))
-                    await asyncio.sleep(backoff.next())
-                    continue
-                backoff.reset()
-                self.stats.connects += 1
-                self.link.subscribe(topics.device_command_filter(self.tenant, self.device_id))
-                self._birth()
-                self._online.set()
-            await asyncio.sleep(0.5)
+        await self.link.stay_connected(
+            self._connected,
+            # the Will carries this boot, so a death is told apart from the next life's
+            will=lambda: (self._topics[topics.Kind.STATUS], self._status("offline", ts=False)),
+            on_error=self._connect_failed,
+        )
+
+    def _connect_failed(self, error: LinkError, _delay: float) -> None:
+        self.stats.last_error = str(error)
+        log.warning("event=connect_failed device=%s error=%r", self.device_id, str(error))
+
+    def _connected(self) -> None:
+        self.stats.connects += 1
+        self.link.subscribe(topics.device_command_filter(self.tenant, self.device_id))
+        self._birth()
+        self._online.set()
 
     def _lost(self) -> None:
         log.info("event=disconnected device=%s", self.device_id)
@@ -210,8 +181,8 @@ class SimDevice:
         if command_id is None:
             log.warning("event=command_unanswerable device=%s detail=%r", self.device_id, detail)
             return
-        result = {"id": command_id, "status": status, "detail": detail, "ts": now_ms()}
-        self.link.publish(self._topics[topics.Kind.COMMAND_RESULT], _dumps(result))
+        payload = result_payload(command_id, status, detail)
+        self.link.publish(self._topics[topics.Kind.COMMAND_RESULT], payload)
         if status == CommandStatus.OK and topic.rsplit("/", 1)[-1] == "reset":
             self._reboot()
 
@@ -220,7 +191,7 @@ class SimDevice:
     ) -> tuple[str | None, str, str]:
         """(command id or None, result status, detail) for one command message; `retained` is
         the MQTT retain flag it was delivered with."""
-        return self.intake.answer(topic, payload, retained, self._apply)
+        return self.intake.answer(topic, payload, retained, self._apply, (SimulatorError,))
 
     def _apply(self, name: str, args: dict[str, Any]) -> str:
         parsed = parse_args(name, args)
@@ -249,7 +220,6 @@ class SimDevice:
 
     async def stop(self) -> None:
         """Publish the offline status (a clean DISCONNECT does not fire the Will), then leave."""
-        self._stopping = True
         if self._task is not None:
             self._task.cancel()
             await asyncio.gather(self._task, return_exceptions=True)

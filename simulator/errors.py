@@ -1,4 +1,7 @@
-"""Errors of the simulator: each message says what was wrong and what to do."""
+"""Errors of the simulator: each message says what was wrong and what to do.
+
+A device's link and command errors are the device runtime's (`device_runtime.errors`).
+"""
 
 
 class SimulatorError(Exception):
@@ -20,20 +23,6 @@ class SensorFaultError(SimulatorError):
         self.fault = fault
         self.count = count
         super().__init__(f"{fault} circuit: reading {count} {detail}")
-
-
-class LinkError(SimulatorError):
-    """A device's MQTT connection failed or was refused; the message says by whom and why."""
-
-
-class CommandError(SimulatorError):
-    """A command a device cannot carry out; `status` is the result it answers with."""
-
-    def __init__(self, status: str, detail: str) -> None:
-        self.status = status
-        self.detail = detail
-        self.command_id: str | None = None  # set when refused before it ran
-        super().__init__(detail)
 
 
 class UnknownSensorError(SimulatorError):

@@ -19,8 +19,8 @@ from pathlib import Path
 from typing import Literal
 
 from certs import Bundle, CertsError, Pki, Role, client_context
+from device_runtime.intake import ReplayPolicy
 from schemas import topics
-from simulator.commands import ReplayPolicy
 from simulator.device import SimDevice
 from simulator.errors import SimulatorError
 from simulator.sources import SensorBank, make_source

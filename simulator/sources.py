@@ -11,11 +11,12 @@ import math
 from dataclasses import dataclass
 from typing import Any
 
+from device_runtime.errors import CommandError
 from schemas.messages import CommandStatus
 from simulator.arma import ArmaModel, default_model
 from simulator.commands import SensorAdd
 from simulator.engine import Engine
-from simulator.errors import CommandError, SensorFaultError
+from simulator.errors import SensorFaultError
 from simulator.machine import Machine
 from simulator.perturbations import Disturbance, parse_disturbances
 from simulator.thermistor import Thermistor

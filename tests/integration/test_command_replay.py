@@ -1,6 +1,6 @@
 """Commands cannot be replayed: a simulated device and the edge agent over a real broker.
 
-Both answer through `simulator.commands.CommandIntake`. A command runs at most once: a
+Both answer through `device_runtime.intake.CommandIntake`. A command runs at most once: a
 repeat of its id is answered `rejected` and does not run, one past `ts + ttl_s` is answered
 `expired`, one without `ts` is `rejected`. A command delivered retained is refused: an
 operator can retain on a cmd topic with Mosquitto (its ACL has no notion of retain), and

@@ -21,10 +21,10 @@ from broker.mosquitto import MosquittoFiles, MosquittoOptions, render_config
 from broker.policy import Action, Policy, Principal, grants_for
 from certs import Role
 from core.settings import Settings
+from device_runtime.intake import CommandIntake, Refusal
 from schemas.limits import METRIC_NAME_PATTERN
 from schemas.messages import MODELS, Reason
 from schemas.topics import ID_PATTERN, Kind, parse
-from simulator.commands import CommandIntake, Refusal
 
 REPO = Path(__file__).resolve().parents[2]
 DOC = REPO / "docs" / "design.md"

@@ -8,7 +8,7 @@ import pytest
 
 from core.errors import SettingsError
 from core.settings import load_settings
-from simulator.commands import ReplayPolicy
+from device_runtime.intake import ReplayPolicy
 
 
 @pytest.fixture(autouse=True)

@@ -11,17 +11,11 @@ from typing import Any
 
 import pytest
 
+from device_runtime.args import SetInterval
+from device_runtime.errors import CommandError
 from schemas.messages import Telemetry
-from simulator.commands import (
-    CommandIntake,
-    Refusal,
-    ReplayPolicy,
-    SensorAdd,
-    SetInterval,
-    parse_args,
-)
-from simulator.device import BootCounter, SimDevice
-from simulator.errors import CommandError
+from simulator.commands import SensorAdd, parse_args
+from simulator.device import SimDevice
 from simulator.fleet import FleetConfig, device_ids, falling_behind
 from simulator.sources import ArmaSource, MachineSource, PicoSource, SensorBank, make_source
 from simulator.thermistor import Thermistor
@@ -118,14 +112,6 @@ def test_machine_heats_per_message_and_cools_on_reset() -> None:
     assert source.metrics(0.0)["machine_temperature"]["v"] < 23
 
 
-def test_the_boot_counter_survives_restarts_and_corruption(tmp_path: Path) -> None:
-    counter = BootCounter(tmp_path / "acme" / "dev-1.boot")
-    assert [counter.next() for _ in range(3)] == [1, 2, 3]
-    assert BootCounter(counter.path).next() == 4
-    counter.path.write_text("garbage")
-    assert counter.next() == 1
-
-
 def _device(tmp_path: Path, source: Any = None) -> SimDevice:
     return SimDevice(
         "acme", "dev-1", source or ArmaSource(SensorBank(seed=1)), ssl.create_default_context(),
@@ -164,103 +150,6 @@ def test_commands_get_the_answer_their_content_deserves(tmp_path: Path) -> None:
     bad_uuid_but_answerable = json.dumps({"id": str(uuid.uuid4()), "name": 5}).encode()
     cid, status, _ = device.handle_command(topic + "reset", bad_uuid_but_answerable)
     assert (cid is not None, status) == (True, "error")
-
-
-NOW = 1_732_269_600.0  # 2024-11-22T10:00:00Z
-
-
-class Recorder:
-    """`apply` of a device: what ran."""
-
-    def __init__(self) -> None:
-        self.ran: list[tuple[str, dict[str, Any]]] = []
-
-    def __call__(self, name: str, args: dict[str, Any]) -> str:
-        self.ran.append((name, args))
-        return "done"
-
-
-def _body(cid: str, ts_s: float | None = NOW, **extra: Any) -> bytes:
-    body: dict[str, Any] = {"id": cid, "name": "set-interval", "args": {"interval_s": 2}, **extra}
-    if ts_s is not None:
-        body["ts"] = int(ts_s * 1000)
-    return json.dumps(body).encode()
-
-
-TOPIC = "fl/acme/dev-1/cmd/set-interval"
-
-
-def test_retained_and_repeated_commands_are_refused_before_they_run() -> None:
-    reasons: list[Refusal] = []
-    intake = CommandIntake(ReplayPolicy(recent_ids=3), clock=lambda: NOW, on_refused=reasons.append)
-    apply = Recorder()
-    first = str(uuid.uuid4())
-    cid, status, detail = intake.answer(TOPIC, _body(first), True, apply)
-    assert (cid, status) == (first, "rejected")
-    assert detail.startswith("refused: delivered retained")
-    assert TOPIC in detail  # where to clear it
-    assert apply.ran == []
-    assert intake.answer(TOPIC, b"{not json", True, apply)[:2] == (None, "rejected")
-    assert intake.answer(TOPIC, _body(first), False, apply)[1:] == ("ok", "done")
-    cid, status, detail = intake.answer(TOPIC, _body(first), False, apply)
-    assert (cid, status) == (first, "rejected")
-    assert f"command {first} was received before (answered ok)" in detail
-    assert len(apply.ran) == 1
-    # a refusal for time is remembered too: the same id sent again is a repeat
-    late = str(uuid.uuid4())
-    assert intake.answer(TOPIC, _body(late, NOW - 100, ttl_s=10), False, apply)[1] == "expired"
-    assert "(answered expired)" in intake.answer(TOPIC, _body(late), False, apply)[2]
-    # bounded: the oldest id is forgotten once `recent_ids` newer ones were answered
-    for _ in range(2):
-        intake.answer(TOPIC, _body(str(uuid.uuid4())), False, apply)
-    assert (len(intake.recent), intake.recent.forgotten) == (3, 1)
-    assert intake.answer(TOPIC, _body(first), False, apply)[1] == "ok"
-    assert reasons == ["retained", "retained", "duplicate", "expired", "duplicate"]
-    assert intake.refused == {"retained": 2, "duplicate": 2, "expired": 1}
-
-
-def test_commands_out_of_their_time_are_refused() -> None:
-    policy = ReplayPolicy(default_ttl_s=60, max_clock_skew_s=30)
-    intake = CommandIntake(policy, clock=lambda: NOW)
-    apply = Recorder()
-
-    def answer(ts_s: float | None, **extra: Any) -> tuple[str, str]:
-        _cid, status, detail = intake.answer(
-            TOPIC, _body(str(uuid.uuid4()), ts_s, **extra), False, apply
-        )
-        return status, detail
-
-    status, detail = answer(None)
-    assert (status, detail.split(";")[0]) == ("rejected", "refused: no ts")
-    assert answer(NOW - 59)[0] == "ok"  # no ttl_s: the default 60 s
-    status, detail = answer(NOW - 61)
-    assert status == "expired"
-    assert detail.startswith("expired at 2024-11-22T09:59:59.000Z (ts + ttl_s 60 s, the default")
-    assert answer(NOW - 61, ttl_s=120)[0] == "ok"
-    assert answer(NOW - 11, ttl_s=10)[0] == "expired"
-    assert answer(NOW + 30)[0] == "ok"  # within the skew allowed
-    status, detail = answer(NOW + 45)
-    assert status == "rejected"
-    assert "45 s ahead of this device's clock (2024-11-22T10:00:00.000Z; at most 30 s" in detail
-    assert len(apply.ran) == 3
-    assert intake.refused == {"no_ts": 1, "expired": 2, "future_ts": 1}
-
-
-def test_a_device_without_a_set_clock_skips_only_the_time_checks() -> None:
-    intake = CommandIntake(clock=lambda: 30.0)  # 1970: a board without RTC before NTP
-    apply = Recorder()
-    once = str(uuid.uuid4())
-    assert intake.answer(TOPIC, _body(once, None), False, apply)[1] == "ok"
-    assert intake.answer(TOPIC, _body(str(uuid.uuid4()), NOW - 10**6), False, apply)[1] == "ok"
-    assert intake.answer(TOPIC, _body(once, None), False, apply)[1] == "rejected"
-    assert intake.answer(TOPIC, _body(str(uuid.uuid4())), True, apply)[1] == "rejected"
-    assert len(apply.ran) == 2
-
-
-def test_the_policy_refuses_limits_that_cannot_work() -> None:
-    for bad in ({"recent_ids": 0}, {"default_ttl_s": 0}, {"max_clock_skew_s": -1}):
-        with pytest.raises(ValueError, match=next(iter(bad))):
-            ReplayPolicy(**bad)  # type: ignore[arg-type]
 
 
 def test_a_sim_device_refuses_a_retained_or_repeated_command(tmp_path: Path) -> None:

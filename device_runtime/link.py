@@ -1,6 +1,10 @@
-"""One simulated device's MQTT connection: paho-mqtt 2 driven by the asyncio loop.
+"""A device's MQTT connection: paho-mqtt 2 driven by the asyncio loop.
 
-A fleet runs a thousand devices with one connection each; a paho network thread per device
+A persistent MQTT 3.1.1 session (commands sent while the device is away wait for it) over
+TLS with the device's client certificate, a retained Will, QoS 1 with a bounded in-flight
+window, and `stay_connected`: reconnects with jittered backoff until cancelled.
+
+A simulated fleet runs a thousand devices with one connection each; a paho network thread per device
 would be a thousand threads. paho's external-loop hooks (`on_socket_open`, `loop_read`,
 `loop_write`, `loop_misc`) let one event loop drive them all. Only the blocking TCP + TLS
 connect runs in a worker thread, so a slow handshake never stalls the other devices.
@@ -21,10 +25,18 @@ import paho.mqtt.client as mqtt
 from paho.mqtt.enums import CallbackAPIVersion, MQTTErrorCode, MQTTProtocolVersion
 from paho.mqtt.reasoncodes import ReasonCode
 
-from simulator.errors import LinkError
+from core.retry import Backoff
+from device_runtime.errors import LinkError
 
 MessageHandler = Callable[[str, bytes, bool], None]
 """(topic, payload, retained): the retain flag a message was delivered with."""
+
+INFLIGHT_WINDOW = 100
+"""QoS 1 messages in flight at once: the broker's per-device window (`broker.max_inflight`)."""
+
+# A link being closed reads what the broker had sent before the EOF; bounded, so a peer
+# that keeps sending cannot hold a close open.
+_CLOSE_READS = 1000
 
 
 class DeviceLink:
@@ -39,6 +51,7 @@ class DeviceLink:
         *,
         will: tuple[str, bytes] | None = None,
         keepalive: int = 30,
+        inflight: int = INFLIGHT_WINDOW,
         on_message: MessageHandler | None = None,
         on_disconnect: Callable[[], None] | None = None,
         on_ack: Callable[[int], None] | None = None,
@@ -47,6 +60,7 @@ class DeviceLink:
         self.host = host
         self.port = port
         self.keepalive = keepalive
+        self.inflight = inflight
         self._on_message = on_message
         self._on_disconnect = on_disconnect
         self._on_ack = on_ack
@@ -58,7 +72,7 @@ class DeviceLink:
             protocol=MQTTProtocolVersion.MQTTv311,
         )
         self.client.tls_set_context(tls)
-        self.client.max_inflight_messages_set(100)
+        self.client.max_inflight_messages_set(inflight)
         self.client.max_queued_messages_set(10_000)
         if will is not None:
             self.set_will(*will)
@@ -75,6 +89,7 @@ class DeviceLink:
         self._connack: asyncio.Future[int] | None = None
         self._misc: asyncio.Task[None] | None = None
         self.connected = False
+        self.attempts = 0  # connects tried, successful or not
         self._started = False
         self._unacked: set[int] = set()
 
@@ -156,6 +171,7 @@ class DeviceLink:
         self._loop = asyncio.get_running_loop()
         self._loop_thread = threading.get_ident()
         self._connack = self._loop.create_future()
+        self.attempts += 1
         try:
             if not self._started:
                 self._started = True
@@ -205,8 +221,13 @@ class DeviceLink:
         return True
 
     def _drop(self) -> None:
-        # paho has no public "close without DISCONNECT"; reconnect() itself starts this way
-        self.client._sock_close()
+        # paho has no public "close now": shut the socket down, and paho's own read sees the
+        # EOF and closes it (on_socket_close takes it off the loop, on_disconnect fires)
+        self.abort()
+        for _ in range(_CLOSE_READS):
+            if self.client.socket() is None:
+                return
+            self.client.loop_read()
 
     def abort(self) -> None:
         """Lose the connection without DISCONNECT, as a power cut would: the Will fires."""
@@ -216,12 +237,48 @@ class DeviceLink:
                 sock.shutdown(socket.SHUT_RDWR)
 
     async def close(self) -> None:
-        """Send DISCONNECT (no Will) and stop the timers."""
-        if self.connected:
+        """Send DISCONNECT (no Will), close the socket and stop the timers.
+
+        Returns at once when the broker is gone or half-open: the DISCONNECT is best effort."""
+        self._on_message = None  # what still arrives while closing is not acted on
+        was, self.connected = self.connected, False  # a close is no loss: on_disconnect stays quiet
+        if was:
             self.client.disconnect()
-            await asyncio.sleep(0)
-        self.connected = False
+            if self.client.want_write():
+                # hand the DISCONNECT to the socket now (non-blocking: a full buffer waits
+                # for nobody); once it is written paho closes the socket itself
+                self.client.loop_write()
         self._drop()
         if self._misc is not None:
             self._misc.cancel()
             await asyncio.gather(self._misc, return_exceptions=True)
+
+    async def stay_connected(
+        self,
+        on_connect: Callable[[], None],
+        *,
+        will: Callable[[], tuple[str, bytes]] | None = None,
+        on_error: Callable[[LinkError, float], None] | None = None,
+        backoff: Backoff | None = None,
+        check_s: float = 0.5,
+    ) -> None:
+        """Connect, and reconnect whenever the link drops, until cancelled.
+
+        Before each try `will()` gives the Will; after each CONNACK `on_connect()` runs
+        (subscribe, birth); a failed try is `on_error(error, delay)` and a jittered wait."""
+        backoff = backoff or Backoff(1.0, 30.0)
+        while True:
+            if not self.connected:
+                if will is not None:
+                    self.set_will(*will())
+                try:
+                    await self.connect()
+                except LinkError as exc:
+                    delay = backoff.next()
+                    if on_error is not None:
+                        on_error(exc, delay)
+                    await asyncio.sleep(delay)
+                    continue
+                backoff.reset()
+                on_connect()
+            await asyncio.sleep(check_s)
