@@ -350,8 +350,11 @@ class Worker:
         self.proc.wait(120)
 
 
-def start_worker(stack: Stack, client: str, tree: Path = REPO) -> Worker:
-    """`fieldline ingest run` from `tree` (this checkout, or another one to compare with)."""
+def start_worker(
+    stack: Stack, client: str, tree: Path = REPO, extra: tuple[str, ...] = (), **settings: str
+) -> Worker:
+    """`fieldline ingest run` from `tree` (this checkout, or another one to compare with);
+    `extra` arguments and FIELDLINE_* `settings` (benchmarks.nats_ingest: --source nats)."""
     port = free_port()
     env = {
         **os.environ,
@@ -362,10 +365,11 @@ def start_worker(stack: Stack, client: str, tree: Path = REPO) -> Worker:
         "FIELDLINE_BROKER__PORT": str(stack.port),
         "FIELDLINE_INGEST__METRICS_PORT": str(port),
         "FIELDLINE_LOG_LEVEL": "WARNING",
+        **settings,
     }
     log = (stack.home / f"worker-{client}.log").open("ab")
     proc = subprocess.Popen(
-        [sys.executable, "-m", "fieldline", "ingest", "run", "--client", client],
+        [sys.executable, "-m", "fieldline", "ingest", "run", "--client", client, *extra],
         stdout=log, stderr=log, env=env,
     )  # fmt: skip
     worker = Worker(proc, port)

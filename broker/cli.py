@@ -6,8 +6,8 @@ import asyncio
 from pathlib import Path
 
 import typer
-from rich.console import Console
 
+from broker.errors import BrokerError
 from broker.mosquitto import (
     DEFAULT_MAX_CONNECTIONS,
     DEFAULT_MAX_INFLIGHT,
@@ -20,8 +20,10 @@ from broker.mosquitto import (
     principals_from_registry,
     write_mosquitto_files,
 )
+from broker.nats import NatsOptions, write_nats_files
 from broker.service import BrokerService, options_from_settings, serve
 from certs import Pki
+from core.console import cli_console
 from core.logs import configure_logging
 from core.settings import get_settings
 
@@ -33,7 +35,7 @@ app = typer.Typer(
     "Mosquitto, the production broker.",
     no_args_is_help=True,
 )
-console = Console()
+console = cli_console()
 
 
 @app.command()
@@ -196,3 +198,86 @@ def mosquitto_config(
         soft_wrap=True,
     )
     console.print(f"run: mosquitto -c {files.config}", highlight=False, soft_wrap=True)
+
+
+@app.command("nats-config")
+def nats_config(
+    out: Path = typer.Option(..., "--out", help="Directory for node-K.conf, certs/, node-K/."),
+    nodes: int | None = typer.Option(
+        None, "--nodes", min=1, max=32, help="nats-server nodes (default: nats.nodes, 3)."
+    ),
+    host: str | None = typer.Option(
+        None,
+        "--host",
+        help="Listen address of every node, or one per node separated by commas (default: "
+        "nats.host, 127.0.0.1). Routes dial these addresses.",
+    ),
+    mqtt_port: int | None = typer.Option(
+        None,
+        "--mqtt-port",
+        min=1,
+        max=65535,
+        help="Node 1's MQTT port; node K listens on it + K - 1 (default: nats.mqtt_port, 8883).",
+    ),
+    client_port: int | None = typer.Option(
+        None,
+        "--client-port",
+        min=1,
+        max=65535,
+        help="Node 1's NATS port for services such as the ingest worker, + K - 1 per node "
+        "(default: nats.client_port, 4222).",
+    ),
+    cluster_port: int | None = typer.Option(
+        None,
+        "--cluster-port",
+        min=1,
+        max=65535,
+        help="Node 1's route port, + K - 1 per node (default: nats.cluster_port, 6222).",
+    ),
+    monitor_port: int = typer.Option(
+        0, "--monitor-port", min=0, max=65535, help="Node 1's HTTP /varz /jsz port; 0: none."
+    ),
+    server_cert: str = typer.Option(
+        "broker", "--server-cert", help="Name of the `fieldline certs server` bundle."
+    ),
+    pki_dir: Path | None = typer.Option(
+        None, "--pki", help="The PKI directory (default: FIELDLINE_HOME/pki)."
+    ),
+) -> None:
+    """Render a NATS JetStream cluster (MQTT + JetStream) from the registry and the policy.
+
+    Every node: an MQTT listener and a NATS listener with mutual TLS on the fieldline CA; each
+    certificate logs in as the user named by its subject (verify_and_map) with its role's
+    topics as subjects; revoked identities have no user. Re-run after `fieldline certs issue`
+    or `revoke`, then `nats-server --signal reload=<pid>` on every node. The FIELDLINE
+    stream (fl.>) is created by `fieldline up --broker nats` and by the ingest worker.
+    """
+    settings = get_settings()
+    n = settings.nats
+    pki = Pki(pki_dir or settings.pki_dir)
+    if not pki.ca_cert_path.is_file():
+        raise BrokerError(f"no CA in {pki.root}: run `fieldline certs init-ca` (or give --pki)")
+    hosts = tuple(h.strip() for h in (host or n.host).split(",") if h.strip())
+    options = NatsOptions(
+        nodes=nodes or n.nodes,
+        hosts=hosts or (n.host,),
+        mqtt_port=mqtt_port or n.mqtt_port,
+        client_port=client_port or n.client_port,
+        cluster_port=cluster_port or n.cluster_port,
+        monitor_port=monitor_port,
+        server_bundle_name=server_cert,
+    )
+    files = write_nats_files(pki, out, options)
+    count = len(principals_from_registry(pki))
+    for k, config in enumerate(files.configs, start=1):
+        console.print(
+            f"wrote {config} (MQTT {options.host(k)}:{options.port(options.mqtt_port, k)}, "
+            f"NATS {options.port(options.client_port, k)}, "
+            f"routes {options.port(options.cluster_port, k)})",
+            highlight=False,
+            soft_wrap=True,
+        )
+    console.print(f"{count} users, stream replicas {options.replicas}", highlight=False)
+    console.print(
+        f"run: nats-server -c {files.configs[0]}  (one per node)", highlight=False, soft_wrap=True
+    )

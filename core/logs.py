@@ -8,6 +8,14 @@ import sys
 # Third-party loggers that narrate every packet or state change at INFO.
 _QUIET = ("amqtt", "transitions", "asyncio")
 
+# asyncio warns each time a TLS stream it upgraded (nats-py's start_tls) sees the server's EOF;
+# the connection is closed either way, so the line tells the operator nothing
+_NOISE = ("returning true from eof_received() has no effect when using ssl",)
+
+
+def _not_noise(record: logging.LogRecord) -> bool:
+    return record.getMessage() not in _NOISE
+
 
 def configure_logging(level: str = "INFO") -> None:
     """Send our records to stderr as `time level logger event=... key=value`."""
@@ -20,3 +28,6 @@ def configure_logging(level: str = "INFO") -> None:
     root.setLevel(level)
     for name in _QUIET:
         logging.getLogger(name).setLevel(max(logging.WARNING, root.level))
+    asyncio_log = logging.getLogger("asyncio")
+    if _not_noise not in asyncio_log.filters:
+        asyncio_log.addFilter(_not_noise)

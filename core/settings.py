@@ -118,6 +118,43 @@ class IngestSettings(_Section):
     """The ingest worker: who it is on the broker, how it batches, when it gives up waiting."""
 
     identity: str = Field(default="ingest-1", description="its `service` certificate's id")
+    source: Literal["mqtt", "nats"] = Field(
+        default="mqtt",
+        description="mqtt: subscribe to the broker; nats: pull from a stream of the NATS "
+        "JetStream cluster, ingest.nats_stream (docs/ingest.md, Consuming from NATS JetStream)",
+    )
+    nats_urls: list[str] = Field(
+        default_factory=list,
+        description="the NATS cluster's client URLs (tls://host:port), tried in turn at "
+        "connect and on reconnect; empty: every node of the `nats` section's cluster",
+    )
+    nats_consumer: str = Field(
+        default="ingest",
+        pattern=r"^[A-Za-z0-9_-]{1,64}$",
+        description="the durable pull consumer on ingest.nats_stream that all workers share "
+        "(created or updated by `fieldline ingest nats-ensure` and by each worker at start)",
+    )
+    nats_stream: Literal["$MQTT_msgs", "FIELDLINE"] = Field(
+        default="$MQTT_msgs",
+        description="$MQTT_msgs: nats-server's own store of QoS 1 MQTT publishes, written "
+        "before the device's PUBACK (nothing PUBACKed is lost); FIELDLINE: the `fl.>` stream, "
+        "which NATS-native publishers can use but which the PUBACK does not wait for",
+    )
+    nats_max_ack_pending: int = Field(
+        default=10_000,
+        ge=1,
+        description="messages delivered to the workers and not yet acknowledged, for the "
+        "consumer as a whole; JetStream delivers no more until some are acknowledged",
+    )
+    nats_ack_wait_s: float = Field(
+        default=30.0,
+        gt=0,
+        description="a message delivered and not acknowledged within it is delivered again "
+        "(to any worker); longer than a commit under load",
+    )
+    nats_fetch_batch: int = Field(
+        default=500, ge=1, le=10_000, description="messages asked for in one pull request"
+    )
     client: Literal["lean", "paho"] = Field(default="lean", description="MQTT receive path")
     protocol: Literal["auto", "5", "3.1.1"] = Field(
         default="auto", description="auto: MQTT 5, or 3.1.1 where the broker refuses 5"
@@ -219,6 +256,43 @@ class CommandSettings(_Section):
     )
 
 
+class NatsSettings(_Section):
+    """The NATS JetStream cluster of `fieldline broker nats-config` and `fieldline up --broker
+    nats`: node K listens on each port + K - 1; one stream, FIELDLINE, holds `fl.>`."""
+
+    nodes: int = Field(default=3, ge=1, le=32, description="nats-server processes in the cluster")
+    host: str = Field(
+        default="127.0.0.1",
+        description="listen address of every node, or one per node separated by commas",
+    )
+    mqtt_port: int = Field(
+        default=8883, ge=1, le=65535, description="node 1's MQTT (mutual TLS) port"
+    )
+    client_port: int = Field(
+        default=4222, ge=1, le=65535, description="node 1's NATS (mutual TLS) port for services"
+    )
+    cluster_port: int = Field(
+        default=6222, ge=1, le=65535, description="node 1's route port (TLS, cluster CA)"
+    )
+    stream_max_bytes: int = Field(
+        default=1024**3,
+        ge=1024 * 1024,
+        description="bytes the FIELDLINE stream keeps per replica; past it the oldest "
+        "messages go, consumed or not",
+    )
+    stream_max_age_s: float = Field(
+        default=7 * 24 * 3600.0,
+        gt=0,
+        description="how long the FIELDLINE stream keeps a message, consumed or not",
+    )
+    duplicate_window_s: float = Field(
+        default=120.0,
+        gt=0,
+        description="the stream drops a repeated Nats-Msg-Id within this window (NATS "
+        "publishers only: MQTT publishes carry none)",
+    )
+
+
 class PostgresSettings(_Section):
     """The embedded PostgreSQL cluster under FIELDLINE_HOME/pg (unless database_url is set)."""
 
@@ -256,6 +330,7 @@ class Settings(BaseSettings):
     postgres: PostgresSettings = PostgresSettings()
     commands: CommandSettings = CommandSettings()
     certs: CertsSettings = CertsSettings()
+    nats: NatsSettings = NatsSettings()
 
     @field_validator("database_url")
     @classmethod

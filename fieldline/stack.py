@@ -12,6 +12,7 @@ import asyncio
 import logging
 import os
 import pwd
+import shutil
 import signal
 import socket
 import subprocess
@@ -25,18 +26,20 @@ import asyncpg
 
 from broker.errors import BrokerError
 from broker.mosquitto import MosquittoOptions, write_mosquitto_files
+from broker.nats import NatsOptions, StreamLimits, ensure_stream_when_ready, write_nats_files
 from broker.service import BrokerService, crl_renewer, options_from_settings
 from certs import Pki, Role
+from certs.context import client_context
 from certs.crl import RENEW_HINT
 from core.errors import FieldlineError
 from core.pgcluster import EmbeddedPostgres, cluster
 from core.settings import Settings
+from device_runtime.intake import ReplayPolicy
 from edge_agent.agent import AgentOptions, EdgeAgent
 from edge_agent.manifest import parse_manifest
 from ingest_worker.database import connect
 from ingest_worker.migrate import migrate_all, quote_ident, tenant_schema
 from ingest_worker.service import IngestWorker, worker_config
-from simulator.commands import ReplayPolicy
 from simulator.fleet import Fleet, FleetConfig, bundle_dirs, device_ids
 
 log = logging.getLogger("fieldline.up")
@@ -54,7 +57,8 @@ class StackOptions:
     tenant: str = "demo"
     devices: int = 20
     interval_s: float = 1.0
-    broker: str = "amqtt"  # or "mosquitto"
+    broker: str = "embedded"  # or "mosquitto", or "nats"
+    nodes: int = 3  # nats: nodes of the cluster
 
 
 @dataclass
@@ -107,9 +111,9 @@ def demo_manifest(settings: Settings, tenant: str) -> dict[str, Any]:
     return data
 
 
-def ports_free(s: Settings) -> None:
+def ports_free(s: Settings, extra: list[tuple[str, int, str]] | None = None) -> None:
     """Raise FieldlineError naming the setting if a port the stack listens on is taken."""
-    wanted = [
+    wanted = [*(extra or []),
         (s.broker.bind, s.broker.port, "broker.port (FIELDLINE_BROKER__PORT)"),
         (s.broker.metrics_bind, s.broker.metrics_port,
          "broker.metrics_port (FIELDLINE_BROKER__METRICS_PORT, 0 for none)"),
@@ -135,12 +139,15 @@ class LocalStack:
     """`await start()` brings everything up; `await stop()` takes it down in reverse."""
 
     def __init__(self, settings: Settings, options: StackOptions) -> None:
+        if options.broker == "nats":
+            settings = nats_stack_settings(settings, options.nodes)
         self.settings = settings
         self.options = options
         self.pg: EmbeddedPostgres | None = None
         self.dsn = settings.database_url or ""
         self.broker: BrokerService | None = None
         self.mosquitto: subprocess.Popen[bytes] | None = None
+        self.nats: list[subprocess.Popen[bytes]] = []
         self.worker: IngestWorker | None = None
         self.agent: EdgeAgent | None = None
         self.fleet: Fleet | None = None
@@ -152,7 +159,7 @@ class LocalStack:
     async def start(self) -> None:
         s, o = self.settings, self.options
         # before anything starts: a taken port is one line, not a half-started stack
-        ports_free(s)
+        ports_free(s, nats_ports(s) if o.broker == "nats" else None)
         pki = ensure_certificates(s, o.tenant)
         replay = ReplayPolicy(**s.commands.model_dump())
         config = FleetConfig(
@@ -214,6 +221,8 @@ class LocalStack:
                     renewer.run(lambda _new: reload_mosquitto(pki, out, options, proc)),
                     name="up-crl-renewal",
                 )
+        elif self.options.broker == "nats":
+            await self._start_nats(pki)
         else:
             self.broker = BrokerService(
                 options_from_settings(s),
@@ -222,6 +231,30 @@ class LocalStack:
                 crl_renewer=crl_renewer(s),
             )
             await self.broker.start()
+
+    async def _start_nats(self, pki: Pki) -> None:
+        """N nats-server processes from the rendered configs; the FIELDLINE stream ensured with
+        the ingest worker's own certificate (it may create and update that stream only)."""
+        s, n = self.settings, self.settings.nats
+        binary = shutil.which("nats-server")
+        if binary is None:
+            raise FieldlineError("nats-server is not installed: `make setup` installs it")
+        options = NatsOptions(
+            nodes=n.nodes, hosts=(n.host,), mqtt_port=n.mqtt_port, client_port=n.client_port,
+            cluster_port=n.cluster_port, server_bundle_name=s.broker.server_cert,
+        )  # fmt: skip
+        files = write_nats_files(pki, s.home / "nats", options)
+        for k, config in enumerate(files.configs, start=1):
+            self.nats.append(_spawn([binary, "-c", str(config)], s.home / f"nats-{k}.log"))
+        context = client_context(pki.bundle(s.ingest.identity).directory)
+        urls = [f"tls://{n.host}:{options.port(n.client_port, k)}" for k in range(1, n.nodes + 1)]
+        limits = StreamLimits.from_settings(n, options.replicas)
+        try:
+            await ensure_stream_when_ready(urls, context, limits, timeout=60)
+        except BrokerError as exc:
+            dead = [k for k, proc in enumerate(self.nats, start=1) if proc.poll() is not None]
+            where = f"; node(s) {dead} exited, see {s.home}/nats-K.log" if dead else ""
+            raise FieldlineError(f"{exc}{where}") from None
 
     async def stop(self) -> None:
         """Fleet, agent, worker (drains), broker, database: each stopped even if one fails."""
@@ -248,6 +281,13 @@ class LocalStack:
         if self.mosquitto is not None:
             self.mosquitto.terminate()
             await asyncio.to_thread(self.mosquitto.wait, 10)
+        for proc in self.nats:
+            proc.terminate()
+        for proc in self.nats:
+            try:
+                await asyncio.to_thread(proc.wait, 15)
+            except subprocess.TimeoutExpired:
+                proc.kill()
         if self.pg is not None:
             await self.pg.stop()
 
@@ -310,6 +350,25 @@ def reload_mosquitto(
     proc.send_signal(signal.SIGHUP)
     log.info("event=mosquitto_reloaded reason=crl_renewed crl=%s", files.crl)
     return True
+
+
+def nats_stack_settings(settings: Settings, nodes: int) -> Settings:
+    """The settings of a stack on a NATS cluster: node 1's MQTT port is broker.port (devices,
+    the edge agent and the watch line connect there), and the worker pulls from JetStream."""
+    n = settings.nats.model_copy(
+        update={"nodes": nodes, "host": "127.0.0.1", "mqtt_port": settings.broker.port}
+    )
+    i = settings.ingest.model_copy(update={"source": "nats"})
+    return settings.model_copy(update={"nats": n, "ingest": i})
+
+
+def nats_ports(s: Settings) -> list[tuple[str, int, str]]:
+    """Every port the cluster's nodes listen on, with the setting that moves it."""
+    n = s.nats
+    bases = [(s.broker.port, "broker.port (FIELDLINE_BROKER__PORT)"),
+             (n.client_port, "nats.client_port (FIELDLINE_NATS__CLIENT_PORT)"),
+             (n.cluster_port, "nats.cluster_port (FIELDLINE_NATS__CLUSTER_PORT)")]  # fmt: skip
+    return [(n.host, base + k, setting) for base, setting in bases for k in range(n.nodes)]
 
 
 def _spawn(argv: list[str], log_file: Path) -> subprocess.Popen[bytes]:

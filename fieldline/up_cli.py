@@ -6,22 +6,35 @@ import asyncio
 import signal
 
 import typer
-from rich.console import Console, Group
+from rich.console import Group
 from rich.live import Live
 from rich.table import Table
 
+from core.console import cli_console
 from core.errors import FieldlineError
 from core.logs import configure_logging
 from core.settings import get_settings
 from fieldline.lock import StackLock
 from fieldline.stack import WATCHER_ID, LocalStack, StackOptions, View, watch_command
 
-console = Console()
+console = cli_console()
 
 
 def up(
     devices: int = typer.Option(20, "--devices", min=1, help="Simulated devices in the fleet."),
-    broker: str = typer.Option("amqtt", "--broker", help="amqtt (embedded) or mosquitto."),
+    broker: str = typer.Option(
+        "embedded",
+        "--broker",
+        help="embedded (fieldline's own broker), mosquitto, or nats (a JetStream cluster).",
+    ),
+    nodes: int | None = typer.Option(
+        None,
+        "--nodes",
+        min=1,
+        max=32,
+        help="With --broker nats: nats-server nodes on loopback; node K's MQTT port is "
+        "broker.port + K - 1 (default: nats.nodes, 3).",
+    ),
     tenant: str = typer.Option("demo", "--tenant", help="The tenant the demo's devices use."),
     interval: float = typer.Option(1.0, "--interval", help="Seconds between a device's messages."),
     seconds: float | None = typer.Option(None, "--seconds", help="Stop after this long."),
@@ -32,11 +45,18 @@ def up(
     Data stays under FIELDLINE_HOME, so a second `fieldline up` continues where this one
     stopped. Set FIELDLINE_DATABASE_URL to use your own PostgreSQL.
     """
-    if broker not in ("amqtt", "mosquitto"):
-        raise FieldlineError(f"--broker must be amqtt or mosquitto, not {broker!r}")
+    if broker == "amqtt":  # its name before the broker owned its engine; scripts still say it
+        broker = "embedded"
+    if broker not in ("embedded", "mosquitto", "nats"):
+        raise FieldlineError(f"--broker must be embedded, mosquitto or nats, not {broker!r}")
+    if nodes is not None and broker != "nats":
+        raise FieldlineError("--nodes is for --broker nats")
     settings = get_settings()
     configure_logging("WARNING" if console.is_terminal else settings.log_level)
-    options = StackOptions(tenant=tenant, devices=devices, interval_s=interval, broker=broker)
+    options = StackOptions(
+        tenant=tenant, devices=devices, interval_s=interval, broker=broker,
+        nodes=nodes or settings.nats.nodes,
+    )  # fmt: skip
     # before anything starts: a second stack must neither start nor stop anything
     with StackLock(settings.home):
         asyncio.run(_run(LocalStack(settings, options), seconds))

@@ -9,14 +9,17 @@ import urllib.error
 import urllib.request
 
 import typer
-from rich.console import Console
 
+from core.console import cli_console
 from core.logs import configure_logging
 from core.pgcluster import database_url
 from core.settings import get_settings
 from ingest_worker.database import connect
+from ingest_worker.jetstream import NatsSetupError, ensure_ingest_consumer
 from ingest_worker.service import (
+    IngestError,
     IngestWorker,
+    nats_target,
     serve,
     worker_config,
 )
@@ -27,7 +30,7 @@ app = typer.Typer(
     "duplicated whatever crashes.",
     no_args_is_help=True,
 )
-console = Console()
+console = cli_console()
 
 
 @app.command()
@@ -43,27 +46,114 @@ def run(
     metrics_port: int | None = typer.Option(
         None, "--metrics-port", min=0, max=65535, help="Prometheus port, 0 for none."
     ),
+    source: str | None = typer.Option(
+        None,
+        "--source",
+        help="mqtt: subscribe to the broker; nats: pull from the NATS JetStream cluster's "
+        "FIELDLINE stream (default: ingest.source).",
+    ),
+    nats_url: list[str] | None = typer.Option(
+        None,
+        "--nats-url",
+        help="A NATS node's client URL, tls://HOST:PORT; repeat it or give a comma list "
+        "(default: ingest.nats_urls, else every node of the `nats` section).",
+    ),
 ) -> None:
     """Consume fl/+/+/{telemetry,status,events,cmd-res} into TimescaleDB until SIGTERM/Ctrl-C.
 
     Connects as the `service` certificate `ingest.identity` (default ingest-1) with a
     persistent session, so the broker queues while the worker is down. On SIGTERM it commits
     and acknowledges what it holds before it disconnects.
+
+    With --source nats it pulls from the durable consumer `ingest.nats_consumer` that all
+    workers share, and acknowledges each message once its rows are committed.
     """
     settings = get_settings()
     configure_logging(settings.log_level)
+    if source is not None and source not in ("mqtt", "nats"):
+        console.print(f"[red]--source {source}: use mqtt or nats[/red]", highlight=False)
+        raise typer.Exit(2)
+    urls = _nats_urls(nats_url)
     overrides = {
         k: v
         for k, v in (
             ("client", client),
             ("share_group", share_group),
             ("metrics_port", metrics_port),
+            ("source", source),
+            ("nats_urls", urls or None),
         )
         if v is not None
     }
     ingest = settings.ingest.model_copy(update=overrides)
     config = worker_config(settings.model_copy(update={"ingest": ingest}))
     asyncio.run(serve(IngestWorker(config)))
+
+
+@app.command("nats-ensure")
+def nats_ensure(
+    nats_url: list[str] | None = typer.Option(
+        None,
+        "--nats-url",
+        help="A NATS node's client URL, tls://HOST:PORT; repeat it or give a comma list "
+        "(default: ingest.nats_urls, else every node of the `nats` section).",
+    ),
+    stream: str | None = typer.Option(
+        None, "--stream", help="$MQTT_msgs or FIELDLINE (default: ingest.nats_stream)."
+    ),
+) -> None:
+    """Create (or update) the durable consumer the workers share. Run it before devices publish.
+
+    nats-server stores a QoS 1 MQTT publish in its stream $MQTT_msgs, and PUBACKs it, only
+    after that store; but the stream keeps a message only if some consumer wanted it when it
+    arrived. So the consumer must exist first. When $MQTT_msgs does not exist yet (no MQTT
+    client has ever connected), one MQTT connection with the worker's certificate makes
+    nats-server create it. Idempotent; every worker also does this at start.
+    """
+    settings = get_settings()
+    if stream is not None and stream not in ("$MQTT_msgs", "FIELDLINE"):
+        console.print(f"[red]--stream {stream}: use $MQTT_msgs or FIELDLINE[/red]", highlight=False)
+        raise typer.Exit(2)
+    urls = _nats_urls(nats_url)
+    overrides = {k: v for k, v in (("nats_urls", urls or None), ("nats_stream", stream)) if v}
+    ingest = settings.ingest.model_copy(update=overrides)
+
+    async def go() -> str:
+        import nats
+
+        target = nats_target(settings.model_copy(update={"ingest": ingest}))
+        nc = await nats.connect(
+            servers=list(target.urls), tls=target.context, name=f"{target.name}-ensure",
+            connect_timeout=int(target.connect_timeout), allow_reconnect=False,
+        )  # fmt: skip
+        try:
+            return (await ensure_ingest_consumer(nc, target)).describe(target)
+        finally:
+            await nc.close()
+
+    try:
+        line = asyncio.run(go())
+    except (IngestError, NatsSetupError) as exc:
+        console.print(f"[red]{exc}[/red]", highlight=False)
+        raise typer.Exit(1) from None
+    except Exception as exc:  # nats-py raises many kinds (refused, timeout, TLS, permissions)
+        console.print(
+            f"[red]the NATS cluster ({', '.join(ingest.nats_urls) or 'the nats section'}): "
+            f"{str(exc) or type(exc).__name__}[/red]",
+            highlight=False,
+        )
+        raise typer.Exit(1) from None
+    console.print(line, highlight=False)
+
+
+def _nats_urls(given: list[str] | None) -> list[str]:
+    """--nats-url values (repeated or comma lists); a bad one is one line and exit 2."""
+    urls = [u.strip() for item in given or [] for u in item.split(",") if u.strip()]
+    bad = [u for u in urls if not u.startswith(("tls://", "nats://"))]
+    if bad:
+        console.print(f"[red]--nats-url {bad[0]}: give tls://HOST:PORT[/red]", highlight=False)
+        raise typer.Exit(2)
+    return urls
 
 
 @app.command()

@@ -21,6 +21,8 @@ class IngestMetrics:
         self.pending_bytes = 0
         self.connected = 0
         self.last_commit = 0.0
+        self.nats_ack_pending = 0  # pulled from JetStream, not yet acknowledged
+        self.nats_backlog = 0  # in the consumer, not delivered yet (as of the last pull)
         r.register(_Live(self))
         self.rows = Counter(
             "fieldline_ingest_rows_written_total",
@@ -135,6 +137,24 @@ class IngestMetrics:
             ["result"],
             registry=r,
         )
+        self.redelivered = Counter(
+            "fieldline_ingest_redelivered_total",
+            "Messages JetStream delivered again (not acknowledged within ingest.nats_ack_wait_s, "
+            "or their worker died); written idempotently, so counted, not duplicated.",
+            registry=r,
+        )
+        self.ack_pending_full = Counter(
+            "fieldline_ingest_ack_pending_full_total",
+            "Times the worker stopped pulling from JetStream because ingest.nats_max_ack_pending "
+            "of its messages were unacknowledged.",
+            registry=r,
+        )
+        self.nats_skipped = Counter(
+            "fieldline_ingest_nats_skipped_total",
+            "Messages of the consumed JetStream stream that are not the service's (commands "
+            "to devices, published QoS 1 by operators): acknowledged and not ingested.",
+            registry=r,
+        )
         self.up = Gauge("fieldline_ingest_up", "1 while the worker runs.", registry=r)
 
 
@@ -163,6 +183,18 @@ class _Live(Collector):
             "fieldline_ingest_acks_pending",
             "Messages whose rows are not committed yet, so not acknowledged to the broker.",
             value=m.pending,
+        )
+        yield GaugeMetricFamily(
+            "fieldline_ingest_nats_ack_pending",
+            "Messages this worker pulled from JetStream and has not acknowledged yet "
+            "(0 with the mqtt source).",
+            value=m.nats_ack_pending,
+        )
+        yield GaugeMetricFamily(
+            "fieldline_ingest_nats_backlog",
+            "Messages in the JetStream consumer not delivered to any worker yet, as of this "
+            "worker's last pull (what $MQTT_msgs holds for the workers; 0 with the mqtt source).",
+            value=m.nats_backlog,
         )
         yield GaugeMetricFamily(
             "fieldline_ingest_broker_connected",

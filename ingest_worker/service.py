@@ -32,6 +32,7 @@ from ingest_worker.admission import CONFLICTING_VALUE, AdmissionLimits
 from ingest_worker.database import connect
 from ingest_worker.decode import Decoded
 from ingest_worker.errors import StorageError
+from ingest_worker.jetstream import JetStreamReceiver, NatsTarget, cluster_mqtt, cluster_urls
 from ingest_worker.maintenance import apply_retention, mark_silent_devices
 from ingest_worker.metrics import IngestMetrics
 from ingest_worker.migrate import RetentionMode, detect_capabilities, migrate_all
@@ -60,6 +61,9 @@ class WorkerConfig:
     dsn: str
     target: BrokerTarget
     client: str = _DEFAULTS.client
+    # "nats": pull from the JetStream cluster `nats` describes instead of subscribing to `target`
+    source: str = _DEFAULTS.source
+    nats: NatsTarget | None = None
     batch_max_rows: int = _DEFAULTS.batch_max_rows
     batch_max_wait_s: float = _DEFAULTS.batch_max_wait_ms / 1000
     writers: int = _DEFAULTS.writers
@@ -115,8 +119,15 @@ class IngestWorker:
     def __init__(self, config: WorkerConfig, metrics: IngestMetrics | None = None) -> None:
         self.config = config
         self.metrics = metrics or IngestMetrics()
-        receiver_class = PahoReceiver if config.client == "paho" else LeanReceiver
-        self.receiver = receiver_class(config.target, self.metrics)
+        self.receiver: LeanReceiver | PahoReceiver | JetStreamReceiver
+        if config.source == "nats":
+            if config.nats is None:
+                raise IngestError("ingest.source is nats but no NATS cluster is configured")
+            self.receiver = JetStreamReceiver(config.nats, self.metrics)
+        elif config.client == "paho":
+            self.receiver = PahoReceiver(config.target, self.metrics)
+        else:
+            self.receiver = LeanReceiver(config.target, self.metrics)
         limits = Limits(
             max_future_skew=timedelta(seconds=config.max_future_skew_s),
             max_payload_bytes=config.max_payload_bytes,
@@ -169,8 +180,9 @@ class IngestWorker:
         self._tasks.append(loop.create_task(self._maintain()))
         self._receiving = loop.create_task(self.receiver.run(self.pipeline.accept))
         log.info(
-            "event=started client=%s writers=%d batch_rows=%d receive_maximum=%d",
-            self.config.client, self.config.writers, self.config.batch_max_rows,
+            "event=started source=%s client=%s writers=%d batch_rows=%d receive_maximum=%d",
+            self.config.source, self.config.client, self.config.writers,
+            self.config.batch_max_rows,
             self.config.target.receive_maximum,
         )  # fmt: skip
 
@@ -376,6 +388,23 @@ async def serve(worker: IngestWorker) -> None:
         log.info("event=stopping")
 
 
+def nats_target(settings: Settings, context: ssl.SSLContext | None = None) -> NatsTarget:
+    """The JetStream consumer as the settings describe it (`ingest.nats_*`, the `nats` section),
+    as the `service` certificate `ingest.identity`."""
+    i = settings.ingest
+    return NatsTarget(
+        urls=tuple(i.nats_urls or cluster_urls(settings.nats)),
+        context=context or client_context(settings.pki_dir, i.identity),
+        name=i.identity,
+        consumer=i.nats_consumer,
+        stream=i.nats_stream,
+        mqtt=tuple(cluster_mqtt(settings.nats)),
+        max_ack_pending=i.nats_max_ack_pending,
+        ack_wait_s=i.nats_ack_wait_s,
+        fetch_batch=i.nats_fetch_batch,
+    )
+
+
 def worker_config(settings: Settings) -> WorkerConfig:
     """The worker as the settings describe it (`ingest.*`, `broker.host/port`, the database)."""
     i = settings.ingest
@@ -390,10 +419,13 @@ def worker_config(settings: Settings) -> WorkerConfig:
         session_expiry=i.session_expiry_s,
         receive_maximum=i.receive_maximum,
     )
+    nats = nats_target(settings, target.context) if i.source == "nats" else None
     return WorkerConfig(
         dsn=database_url(settings),
         target=target,
         client=i.client,
+        source=i.source,
+        nats=nats,
         batch_max_rows=i.batch_max_rows,
         batch_max_wait_s=i.batch_max_wait_ms / 1000,
         writers=i.writers,

@@ -6,6 +6,7 @@ here=$(cd "$(dirname "$0")" && pwd)
 packages=(
     postgresql-15 postgresql-server-dev-15 postgresql-client-15
     mosquitto mosquitto-clients
+    nats-server
     cmake build-essential dpkg-dev libssl-dev libkrb5-dev
     openssl ca-certificates python3-venv curl
 )
@@ -32,6 +33,7 @@ fi
 # PostgreSQL cluster on free ports, so leave the system ones stopped if they were started for us.
 if [ ${#missing[@]} -gt 0 ] && command -v systemctl >/dev/null && [ -d /run/systemd/system ]; then
     $SUDO systemctl disable --now mosquitto >/dev/null 2>&1 || true
+    $SUDO systemctl disable --now nats-server >/dev/null 2>&1 || true
 fi
 
 $SUDO bash "$here/build-timescaledb.sh"

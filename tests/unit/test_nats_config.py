@@ -1,0 +1,176 @@
+"""The NATS cluster renderer: topics as subjects, one user per live identity, ports per node."""
+
+from __future__ import annotations
+
+import stat
+from pathlib import Path
+
+import pytest
+
+from broker.errors import BrokerError
+from broker.nats import (
+    MQTT_INTERNAL_SUBSCRIBE,
+    NatsOptions,
+    nats_files,
+    nats_user,
+    render_cluster,
+    subjects_for_filter,
+    topic_to_subject,
+    user_entry,
+    write_nats_files,
+)
+from broker.policy import Policy, Principal
+from certs import Pki, Role
+from schemas.topics import validate_id
+
+DEVICE = Principal("d1", "acme", Role.DEVICE)
+OPERATOR = Principal("ops-1", "acme", Role.OPERATOR)
+SERVICE = Principal("ingest-1", "platform", Role.SERVICE)
+
+
+@pytest.mark.parametrize(
+    ("topic", "subject"),
+    [
+        ("fl/acme/d1/telemetry", "fl.acme.d1.telemetry"),
+        ("fl/acme/d1/cmd/reset", "fl.acme.d1.cmd.reset"),
+        ("fl/+/+/cmd-res", "fl.*.*.cmd-res"),
+        ("fl/acme/#", "fl.acme.>"),
+        ("#", ">"),
+    ],
+)
+def test_topics_map_as_nats_server_maps_them(topic: str, subject: str) -> None:
+    assert topic_to_subject(topic) == subject
+
+
+def test_a_dot_in_a_topic_cannot_be_mapped_and_ids_never_hold_one() -> None:
+    with pytest.raises(ValueError, match="refuses MQTT topics"):
+        topic_to_subject("fl/acme/d.1/telemetry")
+    # the mapping is one-to-one on fieldline's topics because no id can hold '.' or ' '
+    for bad in ("d.1", "d 1"):
+        with pytest.raises(ValueError, match="device id"):
+            validate_id(bad, "device id")
+
+
+def test_a_multi_level_filter_also_covers_its_parent() -> None:
+    assert subjects_for_filter("fl/acme/d1/cmd/#") == ("fl.acme.d1.cmd", "fl.acme.d1.cmd.>")
+    assert subjects_for_filter("fl/+/+/status") == ("fl.*.*.status",)
+
+
+def test_user_name_is_the_certificate_subject_as_nats_prints_it() -> None:
+    assert nats_user(DEVICE) == "CN=d1,OU=device,O=acme"
+
+
+def test_device_permissions_are_its_own_topics_only() -> None:
+    entry = user_entry(DEVICE, Policy())
+    perms = entry["permissions"]
+    assert isinstance(perms, dict)
+    assert perms["publish"]["allow"] == [
+        "fl.acme.d1.cmd-res", "fl.acme.d1.events", "fl.acme.d1.status", "fl.acme.d1.telemetry",
+    ]  # fmt: skip
+    assert perms["subscribe"]["allow"] == [
+        "fl.acme.d1.cmd", "fl.acme.d1.cmd.>", *MQTT_INTERNAL_SUBSCRIBE,
+    ]  # fmt: skip
+    assert entry["allowed_connection_types"] == ["MQTT"]
+
+
+def test_a_role_without_publish_grants_is_denied_everything_not_allowed_everything() -> None:
+    # an empty allow list means "no restriction" to nats-server
+    auditor = Principal("a1", "acme", Role.SERVER)  # no grants at all
+    perms = user_entry(auditor, Policy())["permissions"]
+    assert isinstance(perms, dict)
+    assert perms["publish"] == {"deny": [">"]}
+
+
+def test_service_may_consume_the_stream_but_not_delete_it() -> None:
+    entry = user_entry(SERVICE, Policy())
+    perms = entry["permissions"]
+    assert isinstance(perms, dict)
+    allowed = perms["publish"]["allow"]
+    assert "$JS.API.CONSUMER.MSG.NEXT.FIELDLINE.*" in allowed
+    assert "$JS.ACK.FIELDLINE.>" in allowed
+    assert not any("DELETE" in s or "PURGE" in s or s in (">", "fl.>") for s in allowed)
+    assert entry["allowed_connection_types"] == ["STANDARD", "MQTT"]
+
+
+@pytest.mark.parametrize(("nodes", "replicas"), [(1, 1), (2, 2), (3, 3), (5, 3)])
+def test_replicas_are_min_of_3_and_nodes(nodes: int, replicas: int, tmp_path: Path) -> None:
+    options = NatsOptions(nodes=nodes)
+    assert options.replicas == replicas
+    texts = render_cluster([DEVICE], options, nats_files(tmp_path, nodes), "pw")
+    assert len(texts) == nodes
+    for text in texts.values():
+        assert f"stream_replicas: {replicas}" in text
+        assert f"consumer_replicas: {replicas}" in text
+        assert ("cluster: {" in text) == (nodes > 1)
+
+
+def test_node_k_listens_on_each_port_plus_k_minus_1(tmp_path: Path) -> None:
+    options = NatsOptions(nodes=3, mqtt_port=8883, client_port=4222, cluster_port=6222)
+    files = nats_files(tmp_path, 3)
+    texts = render_cluster([DEVICE], options, files, "pw")
+    node3 = texts[tmp_path / "node-3.conf"]
+    assert 'server_name: "fieldline-3"' in node3
+    assert "port: 8885" in node3
+    assert "port: 4224" in node3
+    assert "port: 6224" in node3
+    assert "nats-route://route:pw@127.0.0.1:6222" in node3
+    assert "nats-route://route:pw@127.0.0.1:6223" in node3
+    assert ":6224" not in node3.split("routes:")[1]  # not a route to itself
+    assert f'store_dir: "{tmp_path}/node-3"' in node3
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"nodes": 0}, "at least 1 node"),
+        ({"nodes": 3, "hosts": ("a", "b")}, "one per node"),
+        ({"nodes": 3, "mqtt_port": 4222, "client_port": 4224}, "overlap"),
+        ({"nodes": 3, "mqtt_port": 65534}, "--mqtt-port 65534"),
+    ],
+)
+def test_bad_options_are_one_clear_error(kwargs: dict[str, object], message: str) -> None:
+    with pytest.raises(BrokerError, match=message):
+        NatsOptions(**kwargs)  # type: ignore[arg-type]
+
+
+def test_revoked_identities_have_no_user_and_keys_are_0600(tmp_path: Path) -> None:
+    pki = Pki(tmp_path / "pki")
+    pki.init_ca(name="test CA")
+    pki.issue_server("broker", hosts=["localhost"], ips=["127.0.0.1"])
+    pki.issue("dev-a", tenant="acme", role=Role.DEVICE)
+    pki.issue("dev-b", tenant="acme", role=Role.DEVICE)
+    pki.revoke("dev-b")
+    files = write_nats_files(pki, tmp_path / "out", NatsOptions(nodes=2))
+    text = files.configs[0].read_text()
+    assert '"CN=dev-a,OU=device,O=acme"' in text
+    assert "dev-b" not in text
+    assert "broker" not in text.split("authorization")[1]  # the server certificate is no user
+    for path in (files.key, files.route_key, *files.configs, tmp_path / "out/route.secret"):
+        assert stat.S_IMODE(path.stat().st_mode) == 0o600, path
+    # a re-render keeps the route password and the route certificate (no split on reload)
+    route_cert = files.route_cert.read_bytes()
+    again = write_nats_files(pki, tmp_path / "out", NatsOptions(nodes=2))
+    assert again.configs[0].read_text() == text
+    assert files.route_cert.read_bytes() == route_cert
+
+
+def test_no_server_certificate_is_one_clear_error(tmp_path: Path) -> None:
+    pki = Pki(tmp_path / "pki")
+    pki.init_ca(name="test CA")
+    with pytest.raises(BrokerError, match="fieldline certs server broker"):
+        write_nats_files(pki, tmp_path / "out")
+
+
+def test_service_may_consume_mqtt_msgs_only_filtered_to_fl_and_never_change_it() -> None:
+    perms = user_entry(SERVICE, Policy())["permissions"]
+    assert isinstance(perms, dict)
+    allowed = perms["publish"]["allow"]
+    mqtt = [s for s in allowed if "$MQTT_msgs" in s]
+    assert "$JS.API.CONSUMER.CREATE.$MQTT_msgs.*.$MQTT.msgs.fl.>" in mqtt
+    assert "$JS.API.CONSUMER.MSG.NEXT.$MQTT_msgs.*" in mqtt
+    assert "$JS.ACK.$MQTT_msgs.>" in mqtt
+    # nats-server makes and owns that stream; an unfiltered consumer would see every account
+    # message stored for MQTT sessions
+    assert not any(op in s for s in mqtt for op in ("STREAM.CREATE", "UPDATE", "DELETE", "PURGE"))
+    assert "$JS.API.CONSUMER.CREATE.$MQTT_msgs" not in allowed
+    assert "$JS.API.CONSUMER.CREATE.$MQTT_msgs.>" not in allowed
