@@ -6,6 +6,11 @@ node has an MQTT listener and a NATS client listener, both mutual TLS on the fie
 `verify_and_map`: a certificate logs in as the user named by its subject (`CN=dev-1,OU=device,
 O=acme`), which has the publish/subscribe permissions `broker.policy.grants_for` gives its role,
 as NATS subjects. Revoked identities have no user, so they are refused once the nodes reload.
+nats-server 2.9 reads no CRL and maps by subject only, so a revoked certificate whose id was
+issued again (`certs issue ID --force`) maps to the new user. The NATS listener therefore pins
+(`pinned_certs`) the public keys of the live client certificates. The MQTT listener cannot:
+nats-server (2.9.10, and its main branch of 2026) refuses a reload that changes its
+pinned_certs, and with it the rest of the reload (docs/broker.md, "Re-issued ids").
 
 MQTT topics map to NATS subjects by '/' -> '.', '+' -> '*', '#' -> '>'. nats-server refuses a
 topic holding '.' or ' '; fieldline ids cannot hold either (schemas.topics.ID_PATTERN), so the
@@ -16,14 +21,17 @@ mapping is one-to-one on fieldline's topics. `ensure_stream` creates the FIELDLI
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import ipaddress
 import itertools
 import json
+import logging
 import os
+import re
 import secrets
 import ssl
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from enum import StrEnum
 from pathlib import Path
@@ -38,7 +46,7 @@ from broker.errors import BrokerError
 from broker.mosquitto import principals_from_registry
 from broker.policy import Policy, Principal
 from certs import CertsError, Pki, Role
-from core.settings import NatsSettings
+from core.settings import NatsSettings, get_settings
 
 if TYPE_CHECKING:
     from nats.aio.client import Client as NatsClient
@@ -46,8 +54,9 @@ if TYPE_CHECKING:
 STREAM_NAME = "FIELDLINE"
 STREAM_SUBJECTS = ("fl.>",)
 CLUSTER_NAME = "fieldline"
-# the durable consumers the ingest service may create and read (`ingest`, `ingest-2`, ...)
-SERVICE_CONSUMERS = "*"
+_log = logging.getLogger(__name__)
+# as core.settings IngestSettings.nats_consumer: a name that is one subject token
+_CONSUMER_NAME = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
 # nats-server's store of QoS 1 MQTT publishes, written before the PUBACK (the ingest worker's
 # default source, ingest_worker/jetstream.py); `fl/a/b/c` is stored as `$MQTT.msgs.fl.a.b.c`
 MQTT_MSGS_STREAM = "$MQTT_msgs"
@@ -83,8 +92,16 @@ class NatsOptions:
     monitor_port: int = 0  # node K serves /varz, /jsz on monitor_port + K - 1; 0: none
     max_payload: int = DEFAULT_MAX_PAYLOAD
     server_bundle_name: str = "broker"
+    # the one durable consumer the service user may create, read and ack (settings
+    # ingest.nats_consumer, read when the options are made)
+    ingest_consumer: str = field(default_factory=lambda: get_settings().ingest.nats_consumer)
 
     def __post_init__(self) -> None:
+        if not _CONSUMER_NAME.match(self.ingest_consumer):
+            raise BrokerError(
+                f"ingest consumer {self.ingest_consumer!r}: 1-64 of A-Z a-z 0-9 _ - "
+                "(ingest.nats_consumer)"
+            )
         if self.nodes < 1:
             raise BrokerError(f"--nodes {self.nodes}: a cluster needs at least 1 node")
         if len(self.hosts) not in (1, self.nodes):
@@ -183,14 +200,20 @@ def nats_user(principal: Principal) -> str:
 # Found by experiment against nats-server 2.9.10 (tests/integration/test_nats_tier.py): a QoS 1
 # subscription is fed by a JetStream consumer that delivers to `$MQTT.sub.<nuid>` on the
 # subscriber's own connection, and that subscription is checked against the user's permissions.
+# Only MQTT-only users get it: a NATS client allowed it could SUB `$MQTT.sub.>` and read every
+# session's QoS 1 deliveries, device commands included.
 MQTT_INTERNAL_SUBSCRIBE = ("$MQTT.sub.>",)
+# the pin rendered when no client certificate is live: the hash of no key's SPKI
+NO_PIN = hashlib.sha256(b"fieldline: no live client certificate").hexdigest()
 
 
-def service_permissions(stream: str = STREAM_NAME) -> dict[str, dict[str, list[str]]]:
-    """What the ingest worker's NATS client needs: its stream's info, create and update, its
-    durable pull consumers, and acks; on nats-server's $MQTT_msgs (the worker's default
-    source) only info and its consumers filtered to `fl.>` (nats-server makes that stream);
-    replies come on its inbox. No delete, no purge."""
+def service_permissions(
+    consumer: str, stream: str = STREAM_NAME
+) -> dict[str, dict[str, list[str]]]:
+    """What `fieldline ingest nats-ensure` and the ingest worker need: FIELDLINE's info, create
+    and update; on FIELDLINE and on nats-server's $MQTT_msgs (the worker's default source,
+    info only) the one durable consumer `consumer` (on $MQTT_msgs filtered to `fl.>`): create,
+    info, pull, ack. Replies come on its inbox. No delete, no purge, no other consumer."""
     api = "$JS.API"
     mqtt = MQTT_MSGS_STREAM
     return {
@@ -200,25 +223,29 @@ def service_permissions(stream: str = STREAM_NAME) -> dict[str, dict[str, list[s
                 f"{api}.STREAM.INFO.{stream}",
                 f"{api}.STREAM.CREATE.{stream}",
                 f"{api}.STREAM.UPDATE.{stream}",
-                f"{api}.CONSUMER.CREATE.{stream}",
-                f"{api}.CONSUMER.CREATE.{stream}.>",
-                f"{api}.CONSUMER.DURABLE.CREATE.{stream}.{SERVICE_CONSUMERS}",
-                f"{api}.CONSUMER.INFO.{stream}.{SERVICE_CONSUMERS}",
-                f"{api}.CONSUMER.MSG.NEXT.{stream}.{SERVICE_CONSUMERS}",
-                f"$JS.ACK.{stream}.>",
+                # nats-py names the consumer, and its filter if any, in the subject
+                f"{api}.CONSUMER.CREATE.{stream}.{consumer}",
+                f"{api}.CONSUMER.CREATE.{stream}.{consumer}.>",
+                f"{api}.CONSUMER.DURABLE.CREATE.{stream}.{consumer}",
+                f"{api}.CONSUMER.INFO.{stream}.{consumer}",
+                f"{api}.CONSUMER.MSG.NEXT.{stream}.{consumer}",
+                f"$JS.ACK.{stream}.{consumer}.>",
                 f"{api}.STREAM.INFO.{mqtt}",
-                # nats-py names the filter in the subject: `...CREATE.<stream>.<name>.<filter>`
-                f"{api}.CONSUMER.CREATE.{mqtt}.{SERVICE_CONSUMERS}.{MQTT_MSGS_FILTER}",
-                f"{api}.CONSUMER.INFO.{mqtt}.{SERVICE_CONSUMERS}",
-                f"{api}.CONSUMER.MSG.NEXT.{mqtt}.{SERVICE_CONSUMERS}",
-                f"$JS.ACK.{mqtt}.>",
+                # names and filters only: the ensure step tells consumers left behind on it
+                f"{api}.CONSUMER.LIST.{mqtt}",
+                f"{api}.CONSUMER.CREATE.{mqtt}.{consumer}.{MQTT_MSGS_FILTER}",
+                f"{api}.CONSUMER.INFO.{mqtt}.{consumer}",
+                f"{api}.CONSUMER.MSG.NEXT.{mqtt}.{consumer}",
+                f"$JS.ACK.{mqtt}.{consumer}.>",
             ]
         },
         "subscribe": {"allow": ["_INBOX.>"]},
     }
 
 
-def user_entry(principal: Principal, policy: Policy) -> dict[str, object]:
+def user_entry(
+    principal: Principal, policy: Policy, ingest_consumer: str | None = None
+) -> dict[str, object]:
     """One `authorization.users` entry: the policy's grants as subjects, on its listeners."""
     grants = policy.grants(principal)
     publish = sorted({s for f in grants.publish for s in subjects_for_filter(f)})
@@ -226,11 +253,13 @@ def user_entry(principal: Principal, policy: Policy) -> dict[str, object]:
     kinds = [ConnectionType.MQTT.value]
     permissions: dict[str, dict[str, list[str]]]
     if principal.role is Role.SERVICE:
-        # the ingest worker reads the FIELDLINE stream over NATS; its MQTT grants stay, for
-        # tools that subscribe as it
+        # the ingest worker reads its consumer over NATS; its MQTT grants stay for QoS 0
+        # subscriptions (no `$MQTT.sub.>`: see MQTT_INTERNAL_SUBSCRIBE). Its one MQTT
+        # connection, which makes nats-server create $MQTT_msgs, needs only CONNECT.
         kinds = [ConnectionType.STANDARD.value, ConnectionType.MQTT.value]
-        permissions = service_permissions()
-        permissions["subscribe"]["allow"] += [*subscribe, *MQTT_INTERNAL_SUBSCRIBE]
+        consumer = ingest_consumer or get_settings().ingest.nats_consumer
+        permissions = service_permissions(consumer)
+        permissions["subscribe"]["allow"] += subscribe
     elif principal.role is Role.ADMIN:
         kinds = [ConnectionType.STANDARD.value, ConnectionType.MQTT.value]
         permissions = {"publish": {"allow": [">"]}, "subscribe": {"allow": [">"]}}
@@ -246,6 +275,45 @@ def user_entry(principal: Principal, policy: Policy) -> dict[str, object]:
         "permissions": permissions,
         "allowed_connection_types": kinds,
     }
+
+
+def spki_sha256(cert: x509.Certificate) -> str:
+    """A certificate's pin as nats-server's `pinned_certs` holds it: lower-case hex SHA-256 of
+    its DER SubjectPublicKeyInfo (server/auth.go matchesPinnedCert)."""
+    der = cert.public_key().public_bytes(
+        serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
+    )
+    return hashlib.sha256(der).hexdigest()
+
+
+def live_client_pins(pki: Pki) -> list[str]:
+    """The pins of every live (not revoked) client certificate in the registry, sorted.
+
+    A re-issue writes the new bundle over the old one's directory, so the file read is the
+    live record's only if its serial matches; one that does not (or is gone) is not pinned and
+    so refused on the NATS listener, and logged."""
+    pins: set[str] = set()
+    for record in pki.records():
+        if record.revoked_at is not None or record.role is Role.SERVER:
+            continue
+        path = pki.root / record.directory / "cert.pem"
+        try:
+            cert = x509.load_pem_x509_certificate(path.read_bytes())
+        except (OSError, ValueError) as exc:
+            _log.warning(
+                "%s: certificate unreadable, not pinned, refused on the NATS port: %s",
+                record.id,
+                exc,
+            )
+            continue
+        if cert.serial_number != record.serial:
+            _log.warning(
+                "%s: %s holds serial %x, the registry %x: not pinned, refused on the NATS port",
+                record.id, path, cert.serial_number, record.serial,
+            )  # fmt: skip
+            continue
+        pins.add(spki_sha256(cert))
+    return sorted(pins)
 
 
 # -- rendering -------------------------------------------------------------------------------
@@ -278,9 +346,14 @@ def render_node(
     files: NatsFiles,
     users: Sequence[Mapping[str, object]],
     route_password: str,
+    pins: Sequence[str] = (),
 ) -> str:
-    """node-K.conf: client and MQTT listeners (mutual TLS, verify_and_map), JetStream, routes."""
+    """node-K.conf: client and MQTT listeners (mutual TLS, verify_and_map, only the `pins`
+    client keys), JetStream, routes."""
     host = options.host(k)
+    # nats-server takes an empty pinned_certs as "no pinning": with no live certificate, pin
+    # a key nobody has, so that a revoked certificate is still refused
+    pinned = sorted(pins) or [NO_PIN]
     routes = [
         f"nats-route://route:{route_password}@{_url_host(options.host(j))}:"
         f"{options.port(options.cluster_port, j)}"
@@ -292,11 +365,13 @@ def render_node(
         "host": host,
         "port": options.port(options.client_port, k),
         "max_payload": options.max_payload,
-        "tls": _tls(files, verify_and_map=True),
+        "tls": _tls(files, verify_and_map=True, pinned_certs=pinned),
         "jetstream": {"store_dir": files.store_dir(k)},
         "mqtt": {
             "host": host,
             "port": options.port(options.mqtt_port, k),
+            # no pinned_certs here: nats-server (2.9.10, still on main) refuses a reload changing
+            # them on the MQTT listener, and with it the user changes of a revoke
             "tls": _tls(files, verify_and_map=True),
             "stream_replicas": options.replicas,
             "consumer_replicas": options.replicas,
@@ -337,12 +412,14 @@ def render_cluster(
     files: NatsFiles,
     route_password: str,
     policy: Policy | None = None,
+    pins: Sequence[str] = (),
 ) -> dict[Path, str]:
-    """{DIR/node-K.conf: text} for K = 1..N, one user per principal."""
+    """{DIR/node-K.conf: text} for K = 1..N, one user per principal, `pins` (live_client_pins)
+    the only client keys let in."""
     policy = policy or Policy()
-    users = [user_entry(p, policy) for p in principals]
+    users = [user_entry(p, policy, options.ingest_consumer) for p in principals]
     return {
-        files.configs[k - 1]: render_node(k, options, files, users, route_password)
+        files.configs[k - 1]: render_node(k, options, files, users, route_password, pins)
         for k in range(1, options.nodes + 1)
     }
 
@@ -370,6 +447,7 @@ def write_nats_files(
     try:
         server = pki.bundle(opts.server_bundle_name)
         principals = principals_from_registry(pki)
+        pins = live_client_pins(pki)
         ca_bytes = pki.ca_cert_path.read_bytes()
     except (CertsError, OSError) as exc:
         raise BrokerError(
@@ -387,7 +465,7 @@ def write_nats_files(
         password = _route_password(files.out_dir / "route.secret")
         for k in range(1, opts.nodes + 1):
             files.store_dir(k).mkdir(mode=0o700, exist_ok=True)
-        for path, text in render_cluster(principals, opts, files, password, policy).items():
+        for path, text in render_cluster(principals, opts, files, password, policy, pins).items():
             _write(path, text.encode(), 0o600)
     except OSError as exc:
         raise BrokerError(f"cannot write the NATS cluster into {out_dir}: {exc}") from exc

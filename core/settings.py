@@ -155,6 +155,13 @@ class IngestSettings(_Section):
     nats_fetch_batch: int = Field(
         default=500, ge=1, le=10_000, description="messages asked for in one pull request"
     )
+    nats_fetch_max_bytes: int = Field(
+        default=32 * 1024 * 1024,
+        ge=64 * 1024,
+        description="bytes one pull may bring at most, counting each message at the server's "
+        "max_payload (nats-py's fetch has no byte bound): a pull asks for at most this / "
+        "max_payload messages (16 at 2 MiB), never fewer than 1",
+    )
     client: Literal["lean", "paho"] = Field(default="lean", description="MQTT receive path")
     protocol: Literal["auto", "5", "3.1.1"] = Field(
         default="auto", description="auto: MQTT 5, or 3.1.1 where the broker refuses 5"

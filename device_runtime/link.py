@@ -62,6 +62,7 @@ class DeviceLink:
         self.keepalive = keepalive
         self.inflight = inflight
         self._on_message = on_message
+        self._closing = False
         self._on_disconnect = on_disconnect
         self._on_ack = on_ack
         # clean_session=False: commands sent while the device is away wait for it (QoS 1)
@@ -172,16 +173,24 @@ class DeviceLink:
         self._loop_thread = threading.get_ident()
         self._connack = self._loop.create_future()
         self.attempts += 1
+        if self._closing:
+            raise LinkError(f"{self.client_id}: the link is closed")
+        opening = self._loop.run_in_executor(None, self._open)
         try:
-            if not self._started:
-                self._started = True
-                await asyncio.to_thread(self.client.connect, self.host, self.port, self.keepalive)
-            else:
-                await asyncio.to_thread(self.client.reconnect)
+            await asyncio.shield(opening)
+        except asyncio.CancelledError:
+            # the blocking TCP + TLS connect cannot be interrupted: whatever it opens once it
+            # returns is closed then, or it would stay open without keepalive until the broker
+            # timed it out (and fired the Will)
+            opening.add_done_callback(self._opened_too_late)
+            raise
         except (OSError, ssl.SSLError) as exc:
             raise LinkError(
                 f"{self.client_id}: cannot reach {self.host}:{self.port}: {exc}"
             ) from exc
+        if self._closing:  # closed while the connect ran in its thread
+            self._drop()
+            raise LinkError(f"{self.client_id}: the link was closed while connecting")
         if self._misc is None or self._misc.done():
             self._misc = asyncio.create_task(self._misc_loop(), name=f"mqtt-misc-{self.client_id}")
         try:
@@ -192,6 +201,17 @@ class DeviceLink:
         if code != 0:
             self._drop()
             raise LinkError(f"{self.client_id}: the broker refused the connection ({code:#04x})")
+
+    def _open(self) -> None:
+        if not self._started:
+            self._started = True
+            self.client.connect(self.host, self.port, self.keepalive)
+        else:
+            self.client.reconnect()
+
+    def _opened_too_late(self, opening: asyncio.Future[None]) -> None:
+        if not opening.cancelled() and opening.exception() is None:
+            self._drop()
 
     def set_will(self, topic: str, payload: bytes) -> None:
         """The retained QoS 1 message the broker publishes if this link dies; next CONNECT."""
@@ -240,6 +260,7 @@ class DeviceLink:
         """Send DISCONNECT (no Will), close the socket and stop the timers.
 
         Returns at once when the broker is gone or half-open: the DISCONNECT is best effort."""
+        self._closing = True  # a connect still running in its thread closes what it opens
         self._on_message = None  # what still arrives while closing is not acted on
         was, self.connected = self.connected, False  # a close is no loss: on_disconnect stays quiet
         if was:
@@ -261,14 +282,25 @@ class DeviceLink:
         on_error: Callable[[LinkError, float], None] | None = None,
         backoff: Backoff | None = None,
         check_s: float = 0.5,
+        stable_s: float = 10.0,
     ) -> None:
         """Connect, and reconnect whenever the link drops, until cancelled.
 
         Before each try `will()` gives the Will; after each CONNACK `on_connect()` runs
-        (subscribe, birth); a failed try is `on_error(error, delay)` and a jittered wait."""
+        (subscribe, birth); a failed try is `on_error(error, delay)` and a jittered wait. A
+        link that drops within `stable_s` of its CONNACK waits as a failed try does."""
         backoff = backoff or Backoff(1.0, 30.0)
+        up_since: float | None = None
         while True:
             if not self.connected:
+                if up_since is not None:
+                    # a broker that accepts, then drops (another client taking this client id
+                    # over, say) must not get a reconnect every check_s from every device
+                    if time.monotonic() - up_since >= stable_s:
+                        backoff.reset()
+                    else:
+                        await asyncio.sleep(backoff.next())
+                    up_since = None
                 if will is not None:
                     self.set_will(*will())
                 try:
@@ -279,6 +311,6 @@ class DeviceLink:
                         on_error(exc, delay)
                     await asyncio.sleep(delay)
                     continue
-                backoff.reset()
+                up_since = time.monotonic()
                 on_connect()
             await asyncio.sleep(check_s)

@@ -9,6 +9,7 @@ module metrics travel as `<module>.<metric>` in its telemetry, rule alerts as it
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import time
@@ -32,6 +33,7 @@ from edge_agent.manifest import RULE_PREFIX, UPSTREAM, Manifest, ModuleSpec, loa
 from edge_agent.modules import sim_modules
 from edge_agent.outbox import Outbox
 from edge_agent.rules import Firing, Rule
+from edge_agent.values import ValueGuard
 from schemas import topics
 from schemas.limits import MAX_DETAIL_LENGTH
 from schemas.messages import CommandStatus
@@ -39,6 +41,10 @@ from schemas.messages import CommandStatus
 log = logging.getLogger("fieldline.edge")
 
 FIELD_COMMANDS_DRAIN_S = 5.0  # how long stop() waits for field commands still running
+# Field commands (cloud and rule) running at once per field module; beyond it a cloud command
+# is `rejected: busy` and a rule's command is dropped, so a flood cannot pile up tasks.
+MAX_FIELD_COMMANDS = 8
+EMIT_ERROR_LOG_EVERY_S = 60.0  # a reading the outbox cannot take: one log line this often
 
 
 def _dumps(body: dict[str, Any]) -> bytes:
@@ -73,8 +79,19 @@ class AgentMetrics:
         )
         self.commands_refused = Counter(
             "fieldline_edge_commands_refused",
-            "Commands refused before they ran: retained, duplicate, no_ts, future_ts, expired",
+            "Commands refused before they ran: retained, duplicate, no_ts, future_ts, expired, "
+            "busy (a field module already runs MAX_FIELD_COMMANDS)",
             ["reason"], registry=r,
+        )  # fmt: skip
+        self.field_values_dropped = Counter(
+            "fieldline_edge_field_values_dropped",
+            "Field metrics dropped before the outbox because ingest would refuse them "
+            "(reason: text, number, type, name), and source timestamps replaced (reason: ts)",
+            ["module", "reason"], registry=r,
+        )  # fmt: skip
+        self.field_modules_ended = Counter(
+            "fieldline_edge_field_modules_ended",
+            "Field modules whose collecting task ended unexpectedly", ["module"], registry=r,
         )  # fmt: skip
 
 
@@ -113,6 +130,15 @@ class EdgeAgent:
         # a cloud command accepted for a field module, taken by _on_command to run as a task
         self._deferred: tuple[str, str, dict[str, Any]] | None = None
         self._field_tasks: set[asyncio.Task[None]] = set()
+        self._running: dict[str, int] = {}  # field module -> commands (cloud and rule) running
+        self._running_ids: set[str] = set()  # cloud command ids accepted and still running
+        self._emit_failed_logged = 0.0
+        self.guard = ValueGuard(
+            lambda module, kind, message, data: self.put_event(
+                module, "warning", kind, message, data
+            ),
+            lambda module, reason: self.metrics.field_values_dropped.labels(module, reason).inc(),
+        )
         self.rules = {r.name: Rule(r) for r in manifest.rules}
         self.topics = topics.device_topics(self.tenant, self.id)
         try:
@@ -151,6 +177,9 @@ class EdgeAgent:
             await listener.start()
         for name, module in self.fields.items():
             await module.start(self._emitter(name), self._eventer(name))
+            task = module.task
+            if task is not None:
+                task.add_done_callback(self._field_ended(name))
         self._tasks = [
             asyncio.create_task(self._sample_loop(), name="edge-sample"),
             asyncio.create_task(self._connect_loop(), name="edge-connect"),
@@ -288,14 +317,43 @@ class EdgeAgent:
                     log.warning("event=rule_command_failed rule=%s error=%r", firing.rule, str(exc))
             elif route.to in self.fields:
                 name, args = firing.command_body()
-                self._spawn(self._rule_command(route.to, firing.rule, name, args))
+                self._rule_field_command(route.to, firing.rule, name, args)
 
     # -- field modules (edge_agent/field.py) ----------------------------------------------
     def _emitter(self, module: str) -> Callable[[dict[str, Any]], None]:
         def emit(reading: dict[str, Any]) -> None:
-            self._route(module, reading)
+            # the Emit contract: never raises, so a module's loop never dies of the outbox
+            try:
+                clean = self.guard.clean(module, reading)
+                if clean is not None:
+                    self._route(module, clean)
+            except Exception as exc:
+                now = time.monotonic()
+                if now - self._emit_failed_logged >= EMIT_ERROR_LOG_EVERY_S:
+                    self._emit_failed_logged = now
+                    log.error(
+                        "event=field_reading_lost module=%s error=%r", module,
+                        f"{type(exc).__name__}: {exc}",
+                    )  # fmt: skip
 
         return emit
+
+    def _field_ended(self, module: str) -> Callable[[asyncio.Task[None]], None]:
+        def ended(task: asyncio.Task[None]) -> None:
+            if task.cancelled() or self._stopping:
+                return
+            exc = task.exception()
+            why = "returned" if exc is None else f"{type(exc).__name__}: {exc}"
+            self.metrics.field_modules_ended.labels(module).inc()
+            log.error("event=field_module_ended module=%s error=%r", module, why)
+            with contextlib.suppress(Exception):  # an unusable outbox: the line above is all
+                self.put_event(
+                    module, "critical", "field_module_ended",
+                    f"module {module} stopped collecting ({why}); restart the agent",
+                    {"error": why[:200]},
+                )  # fmt: skip
+
+        return ended
 
     def _eventer(self, module: str) -> Callable[[str, str, str, dict[str, Any]], None]:
         def event(severity: str, kind: str, message: str, data: dict[str, Any]) -> None:
@@ -319,21 +377,51 @@ class EdgeAgent:
         self.outbox.put(self.topics[topics.Kind.EVENTS], _dumps(body), kind="event")
         self._wake.set()
 
-    def _spawn(self, work: Coroutine[Any, Any, None]) -> None:
+    def _spawn(self, module: str, work: Coroutine[Any, Any, None], cid: str | None = None) -> None:
         task = asyncio.get_running_loop().create_task(work)
         self._field_tasks.add(task)
-        task.add_done_callback(self._field_tasks.discard)
+        self._running[module] = self._running.get(module, 0) + 1
+        if cid is not None:
+            self._running_ids.add(cid)
+
+        def done(task: asyncio.Task[None]) -> None:
+            self._field_tasks.discard(task)
+            self._running[module] -= 1
+            if cid is not None:
+                self._running_ids.discard(cid)
+
+        task.add_done_callback(done)
+
+    def _busy(self, module: str) -> int | None:
+        """How many commands the module runs when that is the limit, else None."""
+        running = self._running.get(module, 0)
+        return running if running >= MAX_FIELD_COMMANDS else None
+
+    def _rule_field_command(self, module: str, rule: str, name: str, args: dict[str, Any]) -> None:
+        busy = self._busy(module)
+        if busy is not None:
+            self.metrics.commands_refused.labels("busy").inc()
+            log.warning(
+                "event=rule_command_dropped rule=%s module=%s command=%s running=%d",
+                rule, module, name, busy,
+            )  # fmt: skip
+            return
+        self._spawn(module, self._rule_command(module, rule, name, args))
 
     async def _rule_command(self, module: str, rule: str, name: str, args: dict[str, Any]) -> None:
         try:
             detail = await self.fields[module].command(name, args)
         except FieldError as exc:
-            self.put_event(
-                module, "error", "command_failed", f"rule {rule}: {name}: {exc.detail}",
-                {"rule": rule, "command": name},
-            )  # fmt: skip
+            why = exc.detail
+        except Exception as exc:  # a bug in a module: one line and an event, not a traceback
+            why = f"{type(exc).__name__}: {exc}"
+        else:
+            log.info("event=rule_command rule=%s module=%s detail=%r", rule, module, detail)
             return
-        log.info("event=rule_command rule=%s module=%s detail=%r", rule, module, detail)
+        self.put_event(
+            module, "error", "command_failed", f"rule {rule}: {name}: {why}",
+            {"rule": rule, "command": name},
+        )  # fmt: skip
 
     async def _field_command(self, cid: str, module: str, name: str, args: dict[str, Any]) -> None:
         """Run a cloud command on a field module; its one result goes on cmd-res when it ends."""
@@ -367,9 +455,16 @@ class EdgeAgent:
         if cid is None:
             log.warning("event=command_unanswerable detail=%r", detail)
             return
+        if cid in self._running_ids:
+            # a redelivery of a command still running: the platform keeps the first answer
+            # per id, so only the real result, sent when the command ends, may answer it
+            if status == CommandStatus.OK:  # the intake forgot the id: still never twice
+                self._refused(Refusal.DUPLICATE)
+            log.warning("event=command_duplicate_running id=%s (answered when it ends)", cid)
+            return
         if deferred is not None and status == CommandStatus.OK:
             # accepted (the intake has its id, so a replay is refused); answered when it ends
-            self._spawn(self._field_command(cid, *deferred))
+            self._spawn(deferred[0], self._field_command(cid, *deferred), cid)
             return
         self._answer(cid, status, detail)
 
@@ -404,6 +499,14 @@ class EdgeAgent:
                 self.fields[str(target)].check_command(name, args)
             except FieldError as exc:
                 raise CommandError(exc.status, exc.detail) from None
+            busy = self._busy(str(target))
+            if busy is not None:
+                self.metrics.commands_refused.labels("busy").inc()
+                raise CommandError(
+                    CommandStatus.REJECTED,
+                    f"rejected: busy, {busy} commands running on {target} (at most "
+                    f"{MAX_FIELD_COMMANDS}); send it again when they have finished",
+                )
             self._deferred = (str(target), name, args)
             return "accepted"
         if target not in self.modules:

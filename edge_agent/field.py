@@ -17,6 +17,7 @@ command that cannot run raises FieldError, whose `status` is the result's status
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Callable
 from typing import Any, Protocol, runtime_checkable
 
@@ -48,6 +49,11 @@ class FieldModule(Protocol):
 
     name: str
     kind: str
+
+    @property
+    def task(self) -> asyncio.Task[None] | None:
+        """The collecting task while started (the agent watches it end), else None."""
+        ...
 
     async def start(self, emit: Emit, event: EmitEvent) -> None:
         """Begin collecting in background tasks; return at once (a server that is down is

@@ -12,6 +12,7 @@ Commands `write-coil` and `write-register` (edge_agent/registers.py) write the d
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import math
 import time
@@ -31,6 +32,7 @@ from edge_agent.registers import (
     WRITE_COIL,
     Layout,
     ReadRequest,
+    RegisterError,
     Write,
     WriteArgsError,
     parse_write,
@@ -153,6 +155,11 @@ class ModbusModule:
         self._last_ts = 0
 
     @property
+    def task(self) -> asyncio.Task[None] | None:
+        """The polling task while started, else None."""
+        return self._task
+
+    @property
     def where(self) -> str:
         """`host:port unit N`, for messages."""
         return f"{self.host}:{self.port} unit {self.unit}"
@@ -197,8 +204,21 @@ class ModbusModule:
         return True
 
     async def _run(self) -> None:
+        backoff = Backoff(min(1.0, self.spec.interval_s), RECONNECT_CAP_S)
+        while True:
+            try:
+                await self._cycle(backoff)
+            except Exception as exc:  # a buggy or hostile device must not end polling
+                error = f"unexpected {type(exc).__name__}: {exc}"[:300]
+                log.warning("event=modbus_error module=%s error=%r", self.name, error)
+                with contextlib.suppress(Exception):
+                    self._close()
+                    self._account(PollResult(failures={CONNECTION: error}))  # rate-limited
+                await asyncio.sleep(backoff.next())
+
+    async def _cycle(self, backoff: Backoff) -> None:
+        """Connect (with backoff) and poll every interval_s until something raises."""
         interval = self.spec.interval_s
-        backoff = Backoff(min(1.0, interval), RECONNECT_CAP_S)
         due = time.monotonic()
         while True:
             if self.client is None or not self.client.connected:
@@ -244,7 +264,11 @@ class ModbusModule:
                 point = self.points[i]
                 span = point.layout.span
                 offset = span.address - request.address
-                value = point.layout.value(words[offset : offset + span.count])
+                try:
+                    value = point.layout.value(words[offset : offset + span.count])
+                except RegisterError as exc:
+                    result.failures[f"value {point.metric}"] = f"{point.metric}: {exc}"
+                    continue
                 if isinstance(value, float) and not math.isfinite(value):
                     result.failures[f"value {point.metric}"] = (
                         f"{point.metric} at {point.table} {point.address} holds {value!r}, "
@@ -287,7 +311,12 @@ class ModbusModule:
                 answered=True,
             )
         if request.table in ("coil", "discrete"):
-            return list(response.bits[: request.count])
+            bits = list(response.bits)
+            if len(bits) < request.count:  # a byte_count of 0, or too few bytes
+                raise PollFailedError(
+                    f"{_read_key(request)}: {len(bits)} bits in the answer", answered=True
+                )
+            return bits[: request.count]
         registers = list(response.registers)
         if len(registers) < request.count:
             raise PollFailedError(

@@ -58,6 +58,9 @@ if logging.getLogger("asyncua").level == logging.NOTSET:
 CERT_DAYS = 730
 RENEW_BEFORE = datetime.timedelta(days=30)
 DISCONNECT_TIMEOUT_S = 2.0
+# What the agent tells the server (OPC UA Hello) it accepts: asyncua's default is no limit.
+MAX_MESSAGE_BYTES = 16 * 1024 * 1024
+MAX_CHUNKS = MAX_MESSAGE_BYTES // 8192 + 1  # 8 KiB: the smallest receive buffer allowed
 _CONNECTION_ERRORS = (OSError, TimeoutError, ConnectionError, UaError, ServiceError)
 
 
@@ -125,21 +128,55 @@ def trusted_certificates(path: Path) -> list[x509.Certificate]:
     return certs
 
 
+def _in_date(cert: x509.Certificate, now: datetime.datetime) -> bool:
+    return cert.not_valid_before_utc <= now <= cert.not_valid_after_utc
+
+
+def _is_ca(cert: x509.Certificate) -> bool:
+    """BasicConstraints ca=True, and keyCertSign when the certificate has a KeyUsage."""
+    try:
+        if not cert.extensions.get_extension_for_class(x509.BasicConstraints).value.ca:
+            return False
+    except x509.ExtensionNotFound:
+        return False
+    try:
+        return cert.extensions.get_extension_for_class(x509.KeyUsage).value.key_cert_sign
+    except x509.ExtensionNotFound:
+        return True  # RFC 5280 4.2.1.3: without KeyUsage every use is allowed
+
+
 def is_trusted(cert: x509.Certificate, trusted: Iterable[x509.Certificate]) -> bool:
-    """The certificate is one of `trusted`, or directly issued by one of them, and in date."""
+    """The certificate is in date and one of `trusted`, or directly issued by one of them that
+    is a CA (BasicConstraints ca, keyCertSign) and in date itself."""
     now = datetime.datetime.now(datetime.UTC)
-    if not cert.not_valid_before_utc <= now <= cert.not_valid_after_utc:
+    if not _in_date(cert, now):
         return False
     for anchor in trusted:
         if anchor == cert:
             return True
-        if anchor.subject == cert.issuer:
+        if anchor.subject == cert.issuer and _is_ca(anchor) and _in_date(anchor, now):
             try:
                 cert.verify_directly_issued_by(anchor)
             except (ValueError, TypeError, InvalidSignature):
                 continue
             return True
     return False
+
+
+def server_certificate(chain: bytes) -> x509.Certificate:
+    """The server's own certificate from an endpoint's ServerCertificate (one DER certificate
+    or a chain, the server's first); SetupError when it is neither."""
+    try:
+        return x509.load_der_x509_certificate(chain)
+    except ValueError:  # a chain: the server's own certificate comes first
+        pass
+    try:
+        return x509.load_der_x509_certificate(chain[: 4 + int.from_bytes(chain[2:4], "big")])
+    except ValueError:
+        raise SetupError(
+            f"the server's endpoint certificate ({len(chain)} bytes) is not a DER "
+            "certificate: fix the server's certificate"
+        ) from None
 
 
 def describe(cert: x509.Certificate) -> str:
@@ -158,11 +195,21 @@ def _reason(exc: BaseException) -> str:
 
 
 def _to_ms(stamp: datetime.datetime | None) -> int | None:
+    """Epoch ms of an OPC UA timestamp; None when absent or DateTime 0 (asyncua: 1601)."""
     if stamp is None:
         return None
     if stamp.tzinfo is None:  # asyncua's timestamps are UTC, naive or not
         stamp = stamp.replace(tzinfo=datetime.UTC)
-    return int(stamp.timestamp() * 1000)
+    ms = int(stamp.timestamp() * 1000)
+    return ms if ms > 0 else None
+
+
+def _same_count(asked: int, results: list[Any], service: str) -> None:
+    """A server answering a different number of results than asked for is broken."""
+    if len(results) != asked:
+        raise _LostError(
+            f"the server answered {service} for {asked} node(s) with {len(results)} result(s)"
+        )
 
 
 def convert(value: Any, kind: str) -> bool | float | str | None:
@@ -261,6 +308,11 @@ class OpcUaModule:
             self._task = None
 
     @property
+    def task(self) -> asyncio.Task[None] | None:
+        """The collecting task while started, else None."""
+        return self._task
+
+    @property
     def connected(self) -> bool:
         """True while a session is up and its nodes are being collected."""
         return self.client is not None
@@ -287,6 +339,9 @@ class OpcUaModule:
                 self._down(str(exc), "opcua_setup_error", "error")
             except _CONNECTION_ERRORS as exc:
                 self._down(_reason(exc), "opcua_disconnected", "warning")
+            except Exception as exc:  # a hostile or buggy server must not end collecting
+                log.warning("event=opcua_error module=%s error=%r", self.name, _reason(exc))
+                self._down(f"unexpected {_reason(exc)}", "opcua_error", "error")
             finally:
                 self.client = None
                 if client is not None:
@@ -341,6 +396,8 @@ class OpcUaModule:
         client.application_uri = self.uri
         client.name = client.description = f"fieldline edge {self.name}"
         client.connection_lost_callback = self._on_connection_lost
+        client.max_messagesize = MAX_MESSAGE_BYTES  # public attributes (Client's docstring)
+        client.max_chunkcount = MAX_CHUNKS
         mode = self.spec.security_mode
         if mode != "None":
             server_der = await self._trusted_server_certificate(mode)
@@ -382,11 +439,7 @@ class OpcUaModule:
                 f"the server offers no Basic256Sha256 endpoint with security_mode {mode!r}; "
                 f"it offers {', '.join(offered)}: change security_mode or the server"
             )
-        chain = endpoint.ServerCertificate or b""
-        try:
-            cert = x509.load_der_x509_certificate(chain)
-        except ValueError:  # a chain: the server's own certificate comes first
-            cert = x509.load_der_x509_certificate(chain[: 4 + int.from_bytes(chain[2:4], "big")])
+        cert = server_certificate(endpoint.ServerCertificate or b"")
         if not is_trusted(cert, trusted):
             raise SetupError(
                 f"the server's certificate ({describe(cert)}) is not trusted by server_trust "
@@ -415,6 +468,7 @@ class OpcUaModule:
                 unknown.append(f"{spec.ref} ({_reason(exc)})")
         if found:
             classes = await client.read_attributes(list(found.values()), AttributeIds.NodeClass)
+            _same_count(len(found), classes, "Read")
             for (metric, _), value in zip(list(found.items()), classes, strict=True):
                 status = value.StatusCode
                 if status is not None and not status.is_good():
@@ -444,6 +498,7 @@ class OpcUaModule:
             nodes, sampling_interval=Double(self.spec.sampling_interval_s * 1000)
         )
         results = handles if isinstance(handles, list) else [handles]
+        _same_count(len(nodes), results, "CreateMonitoredItems")
         refused = [
             f"{self.by_id[node.nodeid].ref} ({handle.name})"
             for node, handle in zip(nodes, results, strict=True)
@@ -461,7 +516,9 @@ class OpcUaModule:
         while not self._lost.is_set():
             started = time.monotonic()
             if nodes:
-                for node, value in zip(nodes, await client.read_attributes(nodes), strict=True):
+                values = await client.read_attributes(nodes)
+                _same_count(len(nodes), values, "Read")
+                for node, value in zip(nodes, values, strict=True):
                     self.on_value(node.nodeid, value)
                 self._flush()
             wait = self.spec.interval_s - (time.monotonic() - started)

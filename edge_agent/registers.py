@@ -200,8 +200,14 @@ class Layout:
         return Span(self.table, self.address, 1 if kind is None else WIDTH[kind])
 
     def value(self, words: Sequence[int] | Sequence[bool]) -> bool | int | float:
-        """The engineering value of the point's registers (or its one bit)."""
+        """The engineering value of the point's registers (or its one bit); RegisterError when
+        there are fewer words than the point spans (a short answer from the device)."""
         kind = self.type
+        if len(words) < self.span.count:
+            raise RegisterError(
+                f"{self.table} {self.address}: {len(words)} of {self.span.count} "
+                f"{'bit' if kind is None else 'register'}(s) in the answer"
+            )
         if kind is None:
             return bool(words[0])
         raw = decode([int(w) for w in words], kind, self.byte_order, self.word_order)

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import logging
 import secrets
 import ssl
@@ -57,8 +58,12 @@ STREAM = MQTT_STREAM
 FILTERS = {MQTT_STREAM: f"{MQTT_PREFIX}fl.>", NATIVE_STREAM: "fl.>"}
 # the topics the service ingests: fl/<tenant>/<device>/<kind> for these kinds
 SERVICE_KINDS = frozenset(f.rsplit("/", 1)[1] for f in service_filters())
-# how long one pull request waits for messages: also how soon a pause or a stop is noticed
+# how long one pull request waits for messages: also how soon a pause or a stop is noticed, and
+# how soon a deleted consumer is (a pull on it just times out, as an empty one does)
 FETCH_WAIT_S = 1.0
+# the largest message nats-server delivers when the connection does not say (DEFAULT_MAX_PAYLOAD
+# of broker/nats.py's rendered configs)
+MAX_PAYLOAD = 2 * 1024 * 1024
 
 _DEFAULTS = IngestSettings()
 
@@ -118,6 +123,7 @@ class NatsTarget:
     max_ack_pending: int = _DEFAULTS.nats_max_ack_pending
     ack_wait_s: float = _DEFAULTS.nats_ack_wait_s
     fetch_batch: int = _DEFAULTS.nats_fetch_batch
+    fetch_max_bytes: int = _DEFAULTS.nats_fetch_max_bytes
     connect_timeout: float = 10.0
 
     @property
@@ -150,6 +156,8 @@ class Ensured:
     leader: str | None  # the stream's leader (server_name), None on a single server
     replicas: int
     stranded: Stranded | None = None
+    # other pull consumers of fl.> on $MQTT_msgs (None: they could not be listed)
+    orphans: tuple[str, ...] | None = ()
 
     def describe(self, target: NatsTarget) -> str:
         """One line for logs and the CLI."""
@@ -160,7 +168,11 @@ class Ensured:
             f"{target.filter_subject}, ack_wait {target.ack_wait_s:g} s, max_ack_pending "
             f"{target.max_ack_pending})"
         )
-        return line if self.stranded is None else f"{line}; WARNING: {self.stranded}"
+        if self.stranded is not None:
+            line = f"{line}; WARNING: {self.stranded}"
+        if self.orphans:
+            line = f"{line}; WARNING: {orphan_warning(self.orphans)}"
+        return line
 
 
 @dataclass(frozen=True)
@@ -191,6 +203,95 @@ def stranded(
     if consumers != 1 or messages == 0 or first_seq > ack_floor:
         return None
     return Stranded(first_seq, min(ack_floor, last_seq), messages)
+
+
+def subjects_overlap(a: str, b: str) -> bool:
+    """True if some subject matches both NATS filters `a` and `b` (`*` one token, `>` the rest;
+    an empty filter matches everything)."""
+    if not a or not b:
+        return True
+    ta, tb = a.split("."), b.split(".")
+    for x, y in zip(ta, tb, strict=False):
+        if x == ">" or y == ">":
+            return True
+        if x != y and "*" not in (x, y):
+            return False
+    return len(ta) == len(tb)
+
+
+def orphan_consumers(
+    consumers: list[tuple[str, str, str | None]], own: str | None
+) -> tuple[str, ...]:
+    """The consumers of $MQTT_msgs, as (name, filter_subject, deliver_subject), that keep
+    `fl.>` messages there for nobody: pull consumers (no deliver subject) whose filter overlaps
+    `$MQTT.msgs.fl.>`, other than `own` (the worker's, when it consumes $MQTT_msgs).
+
+    nats-server's own consumers for MQTT QoS 1 subscriptions (`<session hash>_<nuid>`, filter
+    `$MQTT.msgs.<subject>`) are push consumers delivering to `$MQTT.sub.<nuid>`: left out."""
+    wanted = FILTERS[MQTT_STREAM]
+    return tuple(
+        sorted(
+            name
+            for name, filter_subject, deliver in consumers
+            if not deliver and name != own and subjects_overlap(filter_subject, wanted)
+        )
+    )
+
+
+def orphan_warning(names: tuple[str, ...]) -> str:
+    """The warning about consumers found by `orphan_consumers`."""
+    return (
+        f"consumer(s) {', '.join(names)} on {MQTT_STREAM} also want fl.> and nobody pulls from "
+        f"them: interest retention keeps every message for them until the JetStream store is "
+        f"full (a renamed ingest.nats_consumer, a switched ingest.nats_stream?); delete them "
+        f"as the admin (`nats consumer rm {MQTT_STREAM} <name>`)"
+    )
+
+
+async def _orphans(nc: Client, target: NatsTarget) -> tuple[str, ...] | None:
+    """`orphan_consumers` of $MQTT_msgs; None when the listing is refused or unanswered.
+
+    The request is made by hand, not with nats-py's consumers_info, so that a permission the
+    user lacks (`$JS.API.CONSUMER.LIST.$MQTT_msgs`) is seen at the next PONG, not after a
+    timeout: nats-server answers a refused publish with -ERR, before the PONG."""
+    subject = f"$JS.API.CONSUMER.LIST.{MQTT_STREAM}"
+    before = nc.last_error
+    inbox = nc.new_inbox()
+    sub = await nc.subscribe(inbox, max_msgs=1)
+    try:
+        await nc.publish(subject, b'{"offset":0}', reply=inbox)
+        await nc.flush(timeout=int(max(1, target.connect_timeout)))
+        err = nc.last_error
+        if err is not None and err is not before and subject.lower() in str(err).lower():
+            return None
+        reply = await sub.next_msg(timeout=target.connect_timeout)
+    except (TimeoutError, nats.errors.Error):
+        return None
+    finally:
+        with contextlib.suppress(Exception):
+            await sub.unsubscribe()
+    try:
+        body = json.loads(reply.data)
+        found = [
+            (
+                str(c["name"]),
+                str(c.get("config", {}).get("filter_subject") or ""),
+                c.get("config", {}).get("deliver_subject") or None,
+            )
+            for c in body.get("consumers") or []
+        ]
+    except (ValueError, KeyError, TypeError, AttributeError):
+        return None
+    if "error" in body:
+        return None
+    own = target.consumer if target.stream == MQTT_STREAM else None
+    return orphan_consumers(found, own)
+
+
+def pull_size(batch: int, room: int, max_bytes: int, max_payload: int) -> int:
+    """Messages to ask for in one pull: at most `batch`, `room` (under max_ack_pending) and as
+    many messages of `max_payload` bytes (the server's largest) as fit in `max_bytes`; >= 1."""
+    return max(1, min(batch, room, max_bytes // max(1, max_payload)))
 
 
 def _same(have: ConsumerConfig, want: ConsumerConfig) -> bool:
@@ -240,6 +341,13 @@ async def ensure_ingest_consumer(nc: Client, target: NatsTarget) -> Ensured:
     if change != "unchanged":
         await js.add_consumer(target.stream, config=want)
     cluster = info.cluster
+    orphans: tuple[str, ...] | None = ()
+    if target.stream == MQTT_STREAM:
+        orphans = await _orphans(nc, target)
+    else:  # a worker switched from $MQTT_msgs may have left its consumer there
+        with contextlib.suppress(nats.js.errors.NotFoundError):
+            await js.stream_info(MQTT_STREAM)
+            orphans = await _orphans(nc, target)
     return Ensured(
         stream=target.stream,
         made_by=made_by,
@@ -247,6 +355,7 @@ async def ensure_ingest_consumer(nc: Client, target: NatsTarget) -> Ensured:
         leader=cluster.leader if cluster is not None else None,
         replicas=info.config.num_replicas or 1,
         stranded=await _stranded(js, target) if target.stream == MQTT_STREAM else None,
+        orphans=orphans,
     )
 
 
@@ -360,6 +469,7 @@ class JetStreamReceiver:
         self._ack_ready = asyncio.Event()
         self.outstanding = 0  # handed to the pipeline, not acknowledged yet
         self.ensured: Ensured | None = None
+        self._orphans_unchecked_told = False
 
     # -- connection ---------------------------------------------------------------------------
     async def _connect(self) -> JetStreamContext.PullSubscription:
@@ -401,6 +511,18 @@ class JetStreamReceiver:
             self.ensured = await ensure_ingest_consumer(nc, t)
             if self.ensured.stranded is not None:
                 log.warning("event=nats_stranded detail=%r", str(self.ensured.stranded))
+            if self.ensured.orphans:
+                self.metrics.nats_orphan_consumers.inc(len(self.ensured.orphans))
+                log.warning(
+                    "event=nats_orphan_consumer consumers=%s detail=%r",
+                    ",".join(self.ensured.orphans), orphan_warning(self.ensured.orphans),
+                )  # fmt: skip
+            elif self.ensured.orphans is None and not self._orphans_unchecked_told:
+                self._orphans_unchecked_told = True
+                log.info(
+                    "event=nats_orphan_check_skipped detail='may not list the consumers of "
+                    "%s ($JS.API.CONSUMER.LIST.%s)'", MQTT_STREAM, MQTT_STREAM,
+                )  # fmt: skip
             return await js.pull_subscribe_bind(durable=t.consumer, stream=t.stream)
         except BaseException:
             with contextlib.suppress(Exception):
@@ -439,6 +561,11 @@ class JetStreamReceiver:
                 self.ready.set()
                 await self._pull(sub, on_message)
                 self.metrics.connected = 0
+                if nc is not None and not nc.is_closed and not self._stopping.is_set():
+                    # the consumer or its stream is gone: a new connection runs the ensure
+                    # step again (acks still owed are resent by nobody: JetStream redelivers)
+                    with contextlib.suppress(Exception):
+                        await nc.close()
         finally:
             acker.cancel()
             with contextlib.suppress(asyncio.CancelledError):
@@ -458,13 +585,21 @@ class JetStreamReceiver:
                 self._room.clear()
                 await self._until(self._room)
                 continue
+            max_payload = (self.nc.max_payload if self.nc is not None else 0) or MAX_PAYLOAD
+            size = pull_size(t.fetch_batch, room, t.fetch_max_bytes, max_payload)
             try:
-                msgs = await sub.fetch(min(t.fetch_batch, room), timeout=FETCH_WAIT_S)
-            except TimeoutError:  # nothing to deliver, or no server answering just now
+                msgs = await sub.fetch(size, timeout=FETCH_WAIT_S)
+            except TimeoutError:
+                # nothing to deliver, no server answering just now, or no consumer any more
+                # (a pull on a deleted consumer times out as an empty one does): asked
+                if await self._consumer_lost(sub, "pull timed out"):
+                    return
                 continue
             except nats.errors.ConnectionClosedError:
                 return
             except nats.errors.Error as exc:  # a consumer leader moving, a stream lost...
+                if await self._consumer_lost(sub, str(exc) or type(exc).__name__):
+                    return
                 delay = backoff.next()
                 log.warning("event=pull_failed error=%r retry_in=%.1fs", str(exc), delay)
                 await self._sleep(delay)
@@ -472,6 +607,8 @@ class JetStreamReceiver:
                     return
                 continue
             backoff.reset()
+            if len(msgs) == size < min(t.fetch_batch, room):
+                self.metrics.nats_pull_bounded.inc()  # more was there: the byte bound bit
             now = time.time()
             for msg in msgs:
                 if msg.metadata.num_delivered > 1:
@@ -489,6 +626,26 @@ class JetStreamReceiver:
             self.metrics.nats_ack_pending = self.outstanding
             if msgs:
                 self.metrics.nats_backlog = msgs[-1].metadata.num_pending
+
+    async def _consumer_lost(self, sub: JetStreamContext.PullSubscription, why: str) -> bool:
+        """After a pull that brought nothing: True (logged, counted) if the server says the
+        consumer or its stream no longer exists. Any other answer, or none, is not a loss."""
+        if self._stopping.is_set():
+            return False
+        try:
+            # bounded: a stop or a pause is noticed within a pull and this question
+            await asyncio.wait_for(sub.consumer_info(), 2 * FETCH_WAIT_S)
+        except nats.js.errors.NotFoundError as exc:
+            self.metrics.nats_consumer_lost.inc()
+            log.warning(
+                "event=consumer_lost stream=%s consumer=%s after=%r error=%r "
+                "detail='connecting again to recreate it'",
+                self.target.stream, self.target.consumer, why, exc.description or str(exc),
+            )  # fmt: skip
+            return True
+        except (TimeoutError, nats.errors.Error):
+            return False
+        return False
 
     async def _until(self, event: asyncio.Event) -> None:
         """Wait for `event` or the stop, whichever comes first."""

@@ -155,6 +155,26 @@ class IngestMetrics:
             "to devices, published QoS 1 by operators): acknowledged and not ingested.",
             registry=r,
         )
+        self.nats_consumer_lost = Counter(
+            "fieldline_ingest_nats_consumer_lost_total",
+            "Times the worker found its JetStream consumer (or its stream) gone and connected "
+            "again to recreate it (interest retention drops what arrives in between).",
+            registry=r,
+        )
+        self.nats_pull_bounded = Counter(
+            "fieldline_ingest_nats_pull_bounded_total",
+            "Full pulls that asked for fewer messages than ingest.nats_fetch_batch so that one "
+            "pull of messages of the server's largest size stays within "
+            "ingest.nats_fetch_max_bytes.",
+            registry=r,
+        )
+        self.nats_orphan_consumers = Counter(
+            "fieldline_ingest_nats_orphan_consumers_total",
+            "Other pull consumers of fl.> found on $MQTT_msgs when connecting (a renamed "
+            "ingest.nats_consumer or a switched ingest.nats_stream): the stream keeps every "
+            "message for them.",
+            registry=r,
+        )
         self.up = Gauge("fieldline_ingest_up", "1 while the worker runs.", registry=r)
 
 

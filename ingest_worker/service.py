@@ -402,6 +402,7 @@ def nats_target(settings: Settings, context: ssl.SSLContext | None = None) -> Na
         max_ack_pending=i.nats_max_ack_pending,
         ack_wait_s=i.nats_ack_wait_s,
         fetch_batch=i.nats_fetch_batch,
+        fetch_max_bytes=i.nats_fetch_max_bytes,
     )
 
 

@@ -75,6 +75,7 @@ __all__ = [
     "decode_status",
     "decode_telemetry",
     "encode",
+    "metric_problem",
     "reading",
     "readings",
 ]
@@ -427,6 +428,20 @@ def _quantity_shape_problem(value: dict[str, Any]) -> str:
     if "v" not in value:
         return 'a value object needs "v": {"v": value, "u": "unit"}'
     return 'unit "u" is null: omit it, or send a string'
+
+
+def metric_problem(name: object, value: object) -> str | None:
+    """Why ingest would refuse the metric `name: value` (one line), or None if it is valid;
+    for senders that drop one bad metric instead of having a whole message refused."""
+    if type(name) is not str or _METRIC_NAME_RE.fullmatch(name) is None:
+        return (
+            f"metric name {_show(name)} is invalid: use 1-64 of A-Z a-z 0-9 _ . - "
+            "starting with a letter"
+        )
+    if type(value) is dict or type(value) is Quantity:
+        q = _quantity(value)
+        return q if type(q) is str else None
+    return _scalar_problem(value)
 
 
 def _validate_metrics(value: object, info: ValidationInfo) -> dict[str, MetricValue]:

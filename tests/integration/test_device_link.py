@@ -187,3 +187,49 @@ async def test_a_connect_without_connack_leaves_no_socket_open(
     finally:
         await link.close()
         await server.close()
+
+
+class DroppingServer(SilentServer):
+    """Accepts the CONNECT with a CONNACK, then closes the connection at once."""
+
+    def __init__(self, pki: TestPki) -> None:
+        super().__init__(pki)
+        self.accepted = 0
+
+    async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            if await reader.read(4096):  # the CONNECT
+                self.accepted += 1
+                writer.write(b"\x20\x02\x00\x00")  # CONNACK, accepted
+                await writer.drain()
+        except (ConnectionError, ssl.SSLError):
+            pass
+        writer.close()
+
+
+async def test_a_link_dropped_right_after_connack_backs_off(
+    test_pki: TestPki, tmp_path: Path
+) -> None:
+    """Without backoff, a broker that accepts and drops (a client id taken over) got a new
+    CONNECT every check (0.5 s) from every device."""
+    server = DroppingServer(test_pki)
+    port = await server.start()
+    tls = ssl.create_default_context(cafile=str(test_pki.device2.ca))
+    tls.load_cert_chain(test_pki.device2.cert, test_pki.device2.key)
+    link = DeviceLink("dev-2", "127.0.0.1", port, tls)
+    task = asyncio.create_task(link.stay_connected(lambda: None, check_s=0.2))
+    try:
+
+        async def accepted(n: int) -> bool:
+            return server.accepted >= n
+
+        await wait_for(lambda: accepted(1), 10, "the first CONNACK")
+        first = asyncio.get_running_loop().time()
+        await wait_for(lambda: accepted(4), 30, "three reconnects")
+        # jittered backoff from 1 s: at least 0.5 + 1 + 2 s for three; every check_s it was 0.6
+        assert asyncio.get_running_loop().time() - first >= 3.0
+    finally:
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+        await link.close()
+        await server.close()

@@ -45,6 +45,7 @@ nodes = [
   {{ node = "{TEMPERATURE}", metric = "temperature", unit = "degC" }},
   {{ path = "2:Machine/2:State", metric = "state", kind = "text" }},
   {{ node = "ns=2;s=Machine.NoSuchSensor", metric = "ghost" }},
+  {{ node = "ns=2;s=Machine.V0000", metric = "huge" }},
 ]
 """
     rule = """
@@ -92,14 +93,22 @@ async def test_the_machine_reset_over_opcua_end_to_end_with_a_server_restart(
 
     broker = broker_factory("fieldline")  # the agent's MQTT side is test_edge_agent's subject
     dsn = timescale_dsn
+    started = time.time()
     worker = start_worker(broker, dsn, tmp_path / "worker")
     ops = Paho(broker, broker.pki.operator)
     assert ops.connect()
     assert ops.subscribe("fl/acme/dev-2/cmd-res") == [1]
     try:
-        async with MachineServer() as server:
+        async with MachineServer(extra_variables=1) as server:
             path = write_manifest(tmp_path, _opcua_manifest(broker, server.url))
             async with running_agent(path, tmp_path / "home"):
+                # a value beyond the platform's bounds is dropped at the edge: the telemetry
+                # it would share a message with is not dead-lettered with it
+                await server.extra[0].write_value(1e305)
+                dropped = (
+                    "SELECT count(*) FROM tenant_acme.events WHERE kind = 'field_value_dropped'"
+                )
+                await wait_for(lambda: _at_least(dsn, dropped, 1), 30, "the dropped-value event")
                 # the rule fires on the OPC UA temperature and calls Reset over OPC UA
                 overheat = "SELECT count(*) FROM tenant_acme.events WHERE kind = 'overheat'"
                 await wait_for(lambda: _at_least(dsn, overheat, 1), 60, "the overheat event")
@@ -163,6 +172,11 @@ async def test_the_machine_reset_over_opcua_end_to_end_with_a_server_restart(
             dsn, "SELECT kind, severity, body FROM tenant_acme.events ORDER BY time"
         )
         kinds = [e["kind"] for e in events]
+        dead = (
+            "SELECT count(*) FROM fieldline.dead_letters "  # noqa: S608
+            f"WHERE device_id = 'dev-2' AND time >= to_timestamp({started})"
+        )
+        assert await _count(dsn, dead) == 0, "nothing the agent sent was refused"
         # the unknown node: one clear error, not one per reconnect
         assert kinds.count("opcua_unknown_nodes") == 1, kinds
         unknown = next(e for e in events if e["kind"] == "opcua_unknown_nodes")

@@ -34,7 +34,7 @@ REPO = Path(__file__).resolve().parents[2]
 PAGES = [REPO / "README.md", *sorted((REPO / "docs").glob("*.md"))]
 OPENING = re.compile(r"^<!-- walkthrough:([\w-]+) -->\s*$", re.MULTILINE)
 # the walk-throughs the tests below run, by name
-TESTED = {"certs", "broker", "modbus"}
+TESTED = {"certs", "broker", "modbus", "opcua"}
 TELEMETRY_LINE = 'fl/acme/pump-1/telemetry {"metrics":{"temperature":21.5}}'
 
 Step = str | tuple[str, str]
@@ -248,6 +248,19 @@ def test_modbus_manifest_walkthrough(tmp_path: Path) -> None:
     runner = Runner(tmp_path)
     try:
         for step in walkthrough("modbus"):
+            runner.run(step)
+        assert runner.ran == ["config", "fieldline edge check"]
+        checked = next(o.stdout for s, o in runner.outputs if "edge check" in s)
+        assert "1 module(s), 1 rule(s), 4 route(s)" in checked
+    finally:
+        runner.close()
+
+
+def test_opcua_manifest_walkthrough(tmp_path: Path) -> None:
+    """docs/edge.md's OPC UA manifest, written and checked as the page shows it."""
+    runner = Runner(tmp_path)
+    try:
+        for step in walkthrough("opcua"):
             runner.run(step)
         assert runner.ran == ["config", "fieldline edge check"]
         checked = next(o.stdout for s, o in runner.outputs if "edge check" in s)

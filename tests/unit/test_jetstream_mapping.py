@@ -6,12 +6,16 @@ import pytest
 
 from core.settings import IngestSettings, NatsSettings
 from ingest_worker.jetstream import (
+    Ensured,
     NatsTarget,
     cluster_mqtt,
     cluster_urls,
     is_service_topic,
+    orphan_consumers,
+    pull_size,
     stranded,
     subject_to_topic,
+    subjects_overlap,
 )
 
 
@@ -92,3 +96,66 @@ def test_nothing_is_stranded_when_the_stream_may_still_deliver(
     first_seq: int, messages: int, consumers: int, ack_floor: int
 ) -> None:
     assert stranded(first_seq, 200, messages, consumers, ack_floor) is None
+
+
+# what nats-server 2.9.10 makes for an MQTT QoS 1 subscription to fl/acme/+/telemetry: a push
+# consumer named <session hash>_<nuid>, delivering to $MQTT.sub.<nuid>
+MQTT_SUB = ("Jb0JcgT5_9aTs4ZbgNhLvsZbsUYbs1K", "$MQTT.msgs.fl.acme.*.telemetry", "$MQTT.sub.x1")
+
+
+def test_a_pull_consumer_of_fl_left_behind_on_mqtt_msgs_is_an_orphan() -> None:
+    consumers = [
+        ("ingest", "$MQTT.msgs.fl.>", None),  # the worker's own
+        ("ingest-old", "$MQTT.msgs.fl.>", None),  # ingest.nats_consumer renamed
+        ("everything", "", None),  # no filter: wants fl.> too
+        ("acme-only", "$MQTT.msgs.fl.acme.>", None),
+        MQTT_SUB,
+        ("other", "$MQTT.msgs.plant.>", None),  # not fl.>: not the service's business
+    ]
+    assert orphan_consumers(consumers, own="ingest") == ("acme-only", "everything", "ingest-old")
+    # a worker switched to FIELDLINE: its old consumer on $MQTT_msgs is an orphan too
+    assert orphan_consumers(consumers, own=None)[:4] == (
+        "acme-only", "everything", "ingest", "ingest-old",
+    )  # fmt: skip
+    assert orphan_consumers([("ingest", "$MQTT.msgs.fl.>", None), MQTT_SUB], "ingest") == ()
+
+
+def test_an_orphan_is_one_warning_in_the_ensure_line() -> None:
+    target = NatsTarget(urls=("tls://x:1",), context=None, name="ingest-1")
+    ensured = Ensured("$MQTT_msgs", None, "unchanged", None, 3, orphans=("ingest-old",))
+    line = ensured.describe(target)
+    assert line.count("WARNING") == 1
+    assert "ingest-old" in line
+    assert "nats consumer rm" in line
+    for quiet in ((), None):  # none found, or not allowed to list
+        assert "WARNING" not in Ensured("$MQTT_msgs", None, "x", None, 3, orphans=quiet).describe(
+            target
+        )
+
+
+@pytest.mark.parametrize(
+    ("a", "b", "overlap"),
+    [
+        ("$MQTT.msgs.fl.>", "$MQTT.msgs.fl.>", True),
+        ("$MQTT.msgs.>", "$MQTT.msgs.fl.>", True),
+        ("$MQTT.msgs.fl.acme.*.telemetry", "$MQTT.msgs.fl.>", True),
+        ("$MQTT.msgs.*.acme.d1.telemetry", "$MQTT.msgs.fl.>", True),
+        ("$MQTT.msgs.plant.>", "$MQTT.msgs.fl.>", False),
+        ("$MQTT.msgs.fl", "$MQTT.msgs.fl.>", False),  # `>` needs one more token
+        ("$MQTT.msgs.fl.a", "$MQTT.msgs.fl.b", False),
+        ("", "$MQTT.msgs.fl.>", True),
+    ],
+)
+def test_subject_filters_overlap_token_by_token(a: str, b: str, overlap: bool) -> None:
+    assert subjects_overlap(a, b) is overlap
+    assert subjects_overlap(b, a) is overlap
+
+
+def test_one_pull_is_bounded_by_bytes_at_the_servers_largest_message() -> None:
+    mib = 1024 * 1024
+    default = IngestSettings()
+    # 500 x 2 MiB would be ~1 GiB in one pull: 32 MiB / 2 MiB = 16 messages
+    assert pull_size(default.nats_fetch_batch, 10_000, default.nats_fetch_max_bytes, 2 * mib) == 16
+    assert pull_size(500, 10_000, 32 * mib, 1024) == 500  # small max_payload: the batch bounds
+    assert pull_size(500, 7, 32 * mib, 1024) == 7  # max_ack_pending room bounds
+    assert pull_size(500, 10_000, 64 * 1024, 8 * mib) == 1  # never 0

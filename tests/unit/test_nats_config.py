@@ -2,15 +2,19 @@
 
 from __future__ import annotations
 
+import hashlib
 import stat
 from pathlib import Path
 
 import pytest
+from cryptography.hazmat.primitives import serialization
 
 from broker.errors import BrokerError
 from broker.nats import (
     MQTT_INTERNAL_SUBSCRIBE,
+    NO_PIN,
     NatsOptions,
+    live_client_pins,
     nats_files,
     nats_user,
     render_cluster,
@@ -20,7 +24,7 @@ from broker.nats import (
     write_nats_files,
 )
 from broker.policy import Policy, Principal
-from certs import Pki, Role
+from certs import Bundle, Pki, Role
 from schemas.topics import validate_id
 
 DEVICE = Principal("d1", "acme", Role.DEVICE)
@@ -82,12 +86,12 @@ def test_a_role_without_publish_grants_is_denied_everything_not_allowed_everythi
 
 
 def test_service_may_consume_the_stream_but_not_delete_it() -> None:
-    entry = user_entry(SERVICE, Policy())
+    entry = user_entry(SERVICE, Policy(), "ingest")
     perms = entry["permissions"]
     assert isinstance(perms, dict)
     allowed = perms["publish"]["allow"]
-    assert "$JS.API.CONSUMER.MSG.NEXT.FIELDLINE.*" in allowed
-    assert "$JS.ACK.FIELDLINE.>" in allowed
+    assert "$JS.API.CONSUMER.MSG.NEXT.FIELDLINE.ingest" in allowed
+    assert "$JS.ACK.FIELDLINE.ingest.>" in allowed
     assert not any("DELETE" in s or "PURGE" in s or s in (">", "fl.>") for s in allowed)
     assert entry["allowed_connection_types"] == ["STANDARD", "MQTT"]
 
@@ -162,15 +166,100 @@ def test_no_server_certificate_is_one_clear_error(tmp_path: Path) -> None:
 
 
 def test_service_may_consume_mqtt_msgs_only_filtered_to_fl_and_never_change_it() -> None:
-    perms = user_entry(SERVICE, Policy())["permissions"]
+    perms = user_entry(SERVICE, Policy(), "ingest")["permissions"]
     assert isinstance(perms, dict)
     allowed = perms["publish"]["allow"]
     mqtt = [s for s in allowed if "$MQTT_msgs" in s]
-    assert "$JS.API.CONSUMER.CREATE.$MQTT_msgs.*.$MQTT.msgs.fl.>" in mqtt
-    assert "$JS.API.CONSUMER.MSG.NEXT.$MQTT_msgs.*" in mqtt
-    assert "$JS.ACK.$MQTT_msgs.>" in mqtt
+    assert "$JS.API.CONSUMER.CREATE.$MQTT_msgs.ingest.$MQTT.msgs.fl.>" in mqtt
+    assert "$JS.API.CONSUMER.MSG.NEXT.$MQTT_msgs.ingest" in mqtt
+    assert "$JS.ACK.$MQTT_msgs.ingest.>" in mqtt
     # nats-server makes and owns that stream; an unfiltered consumer would see every account
     # message stored for MQTT sessions
     assert not any(op in s for s in mqtt for op in ("STREAM.CREATE", "UPDATE", "DELETE", "PURGE"))
     assert "$JS.API.CONSUMER.CREATE.$MQTT_msgs" not in allowed
     assert "$JS.API.CONSUMER.CREATE.$MQTT_msgs.>" not in allowed
+
+
+def test_service_reads_and_acks_only_its_own_consumer_and_no_mqtt_delivery(
+    tmp_path: Path,
+) -> None:
+    """`$MQTT.sub.>` would let a NATS SUB read every session's QoS 1 deliveries (commands
+    included), `$JS.ACK.<stream>.>` ack them, `*` any consumer: none of them for the service."""
+    options = NatsOptions(nodes=1, ingest_consumer="ingest-b")
+    texts = render_cluster([SERVICE], options, nats_files(tmp_path, 1), "pw")
+    text = texts[tmp_path / "node-1.conf"]
+    perms = user_entry(SERVICE, Policy(), "ingest-b")["permissions"]
+    assert isinstance(perms, dict)
+    allowed, subscribe = perms["publish"]["allow"], perms["subscribe"]["allow"]
+    assert "$MQTT.sub.>" not in subscribe
+    assert not any(s.startswith("$MQTT") for s in subscribe)
+    for stream in ("FIELDLINE", "$MQTT_msgs"):
+        assert f"$JS.ACK.{stream}.ingest-b.>" in allowed
+        assert f"$JS.API.CONSUMER.MSG.NEXT.{stream}.ingest-b" in allowed
+        assert f"$JS.API.CONSUMER.INFO.{stream}.ingest-b" in allowed
+        assert f"$JS.ACK.{stream}.>" not in allowed
+    # listing names the consumers (the ensure step tells one left behind); it reads nothing
+    assert "$JS.API.CONSUMER.LIST.$MQTT_msgs" in allowed
+    acting = [
+        s
+        for s in allowed
+        if (".CONSUMER." in s and ".CONSUMER.LIST." not in s) or s.startswith("$JS.ACK.")
+    ]
+    assert acting
+    assert all(".ingest-b" in s for s in acting)
+    assert not any(".*" in s for s in allowed)
+    assert "$JS.ACK.$MQTT_msgs.ingest-b.>" in text
+
+
+def test_a_consumer_name_that_is_not_one_subject_token_is_one_clear_error() -> None:
+    with pytest.raises(BrokerError, match=r"ingest\.nats_consumer"):
+        NatsOptions(ingest_consumer="a.>")
+
+
+def _pin_of_key(bundle: Bundle) -> str:
+    # from the private key the holder has, not from the certificate the renderer reads
+    key = serialization.load_pem_private_key(bundle.key.read_bytes(), None)
+    der = key.public_key().public_bytes(
+        serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
+    )
+    return hashlib.sha256(der).hexdigest()
+
+
+def test_pinned_keys_are_the_live_client_certificates_and_no_revoked_one(tmp_path: Path) -> None:
+    pki = Pki(tmp_path / "pki")
+    pki.init_ca(name="test CA")
+    pki.issue_server("broker", hosts=["localhost"], ips=["127.0.0.1"])
+    live = [
+        pki.issue("dev-a", tenant="acme", role=Role.DEVICE),
+        pki.issue("ops-1", tenant="acme", role=Role.OPERATOR),
+        pki.issue("ingest-1", tenant="platform", role=Role.SERVICE),
+        pki.issue("root", tenant="platform", role=Role.ADMIN),
+    ]
+    old = pki.issue("dev-b", tenant="acme", role=Role.DEVICE)
+    old_pin = _pin_of_key(old)  # the bundle is overwritten by the re-issue below
+    gone = pki.issue("dev-c", tenant="acme", role=Role.DEVICE)
+    gone_pin = _pin_of_key(gone)
+    pki.revoke("dev-c")
+    new = pki.issue("dev-b", tenant="acme", role=Role.DEVICE, force=True)
+    live.append(new)
+    assert [r.revoked_at is not None for r in pki.records() if r.id == "dev-b"] == [True, False]
+    pins = live_client_pins(pki)
+    assert pins == sorted(_pin_of_key(b) for b in live)
+    assert old_pin not in pins
+    assert gone_pin not in pins
+    assert _pin_of_key(pki.bundle("broker")) not in pins  # a server certificate is no client
+
+    text = write_nats_files(pki, tmp_path / "out").configs[0].read_text()
+    nats_tls, mqtt = text.split("mqtt: {")
+    for pin in pins:
+        assert pin in nats_tls
+    assert old_pin not in text
+    assert gone_pin not in text
+    # nats-server refuses a reload that changes the MQTT listener's pins (see broker/nats.py)
+    assert "pinned_certs" not in mqtt
+
+
+def test_with_no_live_client_certificate_the_pin_is_one_nobody_has(tmp_path: Path) -> None:
+    # nats-server reads an empty pinned_certs as "no pinning at all"
+    text = render_cluster([], NatsOptions(nodes=1), nats_files(tmp_path, 1), "pw", pins=())
+    assert f'pinned_certs: ["{NO_PIN}"]' in next(iter(text.values()))
