@@ -45,7 +45,7 @@ from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 from broker.errors import BrokerError
 from broker.mosquitto import principals_from_registry
 from broker.policy import Policy, Principal
-from certs import CertsError, Pki, Role
+from certs import CertsError, Pki, Role, serial_uri
 from core.settings import NatsSettings, get_settings
 
 if TYPE_CHECKING:
@@ -244,9 +244,13 @@ def service_permissions(
 
 
 def user_entry(
-    principal: Principal, policy: Policy, ingest_consumer: str | None = None
+    principal: Principal,
+    policy: Policy,
+    ingest_consumer: str | None = None,
+    name: str | None = None,
 ) -> dict[str, object]:
-    """One `authorization.users` entry: the policy's grants as subjects, on its listeners."""
+    """One `authorization.users` entry: the policy's grants as subjects, on its listeners;
+    `name` is what verify_and_map matches (default: the subject, `nats_user`)."""
     grants = policy.grants(principal)
     publish = sorted({s for f in grants.publish for s in subjects_for_filter(f)})
     subscribe = sorted({s for f in grants.subscribe for s in subjects_for_filter(f)})
@@ -271,7 +275,7 @@ def user_entry(
             "subscribe": {"allow": [*subscribe, *MQTT_INTERNAL_SUBSCRIBE]},
         }
     return {
-        "user": nats_user(principal),
+        "user": name or nats_user(principal),
         "permissions": permissions,
         "allowed_connection_types": kinds,
     }
@@ -292,7 +296,28 @@ def live_client_pins(pki: Pki) -> list[str]:
     A re-issue writes the new bundle over the old one's directory, so the file read is the
     live record's only if its serial matches; one that does not (or is gone) is not pinned and
     so refused on the NATS listener, and logged."""
-    pins: set[str] = set()
+    return sorted({spki_sha256(cert) for cert in live_client_certificates(pki).values()})
+
+
+def user_names(pki: Pki) -> dict[str, str]:
+    """id -> the name verify_and_map matches for its live certificate: the certificate's own
+    serial URI when it has one, so an older certificate of a re-issued id (same subject, other
+    serial) names no user and is refused; the subject for certificates made before that URI."""
+    names: dict[str, str] = {}
+    for identity_id, cert in live_client_certificates(pki).items():
+        try:
+            san = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+        except x509.ExtensionNotFound:
+            continue
+        uris = san.get_values_for_type(x509.UniformResourceIdentifier)
+        if serial_uri(cert.serial_number) in uris:
+            names[identity_id] = serial_uri(cert.serial_number)
+    return names
+
+
+def live_client_certificates(pki: Pki) -> dict[str, x509.Certificate]:
+    """id -> its live client certificate, as its bundle holds it (checked by serial)."""
+    live: dict[str, x509.Certificate] = {}
     for record in pki.records():
         if record.revoked_at is not None or record.role is Role.SERVER:
             continue
@@ -312,8 +337,8 @@ def live_client_pins(pki: Pki) -> list[str]:
                 record.id, path, cert.serial_number, record.serial,
             )  # fmt: skip
             continue
-        pins.add(spki_sha256(cert))
-    return sorted(pins)
+        live[record.id] = cert
+    return live
 
 
 # -- rendering -------------------------------------------------------------------------------
@@ -413,11 +438,13 @@ def render_cluster(
     route_password: str,
     policy: Policy | None = None,
     pins: Sequence[str] = (),
+    names: Mapping[str, str] | None = None,
 ) -> dict[Path, str]:
-    """{DIR/node-K.conf: text} for K = 1..N, one user per principal, `pins` (live_client_pins)
-    the only client keys let in."""
+    """{DIR/node-K.conf: text} for K = 1..N, one user per principal (named by `names`, from
+    `user_names`, else by subject), `pins` (live_client_pins) the only client keys let in."""
     policy = policy or Policy()
-    users = [user_entry(p, policy, options.ingest_consumer) for p in principals]
+    names = names or {}
+    users = [user_entry(p, policy, options.ingest_consumer, names.get(p.id)) for p in principals]
     return {
         files.configs[k - 1]: render_node(k, options, files, users, route_password, pins)
         for k in range(1, options.nodes + 1)
@@ -448,6 +475,7 @@ def write_nats_files(
         server = pki.bundle(opts.server_bundle_name)
         principals = principals_from_registry(pki)
         pins = live_client_pins(pki)
+        names = user_names(pki)
         ca_bytes = pki.ca_cert_path.read_bytes()
     except (CertsError, OSError) as exc:
         raise BrokerError(
@@ -465,7 +493,8 @@ def write_nats_files(
         password = _route_password(files.out_dir / "route.secret")
         for k in range(1, opts.nodes + 1):
             files.store_dir(k).mkdir(mode=0o700, exist_ok=True)
-        for path, text in render_cluster(principals, opts, files, password, policy, pins).items():
+        rendered = render_cluster(principals, opts, files, password, policy, pins, names)
+        for path, text in rendered.items():
             _write(path, text.encode(), 0o600)
     except OSError as exc:
         raise BrokerError(f"cannot write the NATS cluster into {out_dir}: {exc}") from exc

@@ -1,6 +1,6 @@
 """The PKI: CA, device/operator/service/admin and broker certificates, CRL, identity registry."""
 
-from certs.authority import Pki, load_certificate
+from certs.authority import Pki, load_certificate, serial_uri
 from certs.context import client_context
 from certs.crl import CrlStatus, Renewer, expired_line, read_crl
 from certs.errors import CertsError
@@ -21,4 +21,5 @@ __all__ = [
     "expired_line",
     "load_certificate",
     "read_crl",
+    "serial_uri",
 ]

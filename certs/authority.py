@@ -47,6 +47,14 @@ DEFAULT_CRL_DAYS = 30.0
 _BACKDATE = timedelta(minutes=5)
 
 
+SERIAL_URI_PREFIX = "urn:fieldline:serial:"
+
+
+def serial_uri(serial: int) -> str:
+    """The URI a client certificate carries for its own serial (lower-case hex)."""
+    return f"{SERIAL_URI_PREFIX}{serial:x}"
+
+
 def _now() -> datetime:
     return datetime.now(UTC).replace(microsecond=0)
 
@@ -432,6 +440,12 @@ class Pki:
             decipher_only=False,
         )
         ca_ski = ca_cert.extensions.get_extension_for_class(x509.SubjectKeyIdentifier).value
+        serial = x509.random_serial_number()
+        san = list(request.san)
+        if request.usage == ExtendedKeyUsageOID.CLIENT_AUTH:
+            # one name per certificate, not per id: a broker that maps certificates to users
+            # by name (NATS verify_and_map) then tells a re-issued id's old certificate apart
+            san.append(x509.UniformResourceIdentifier(serial_uri(serial)))
         cert = (
             x509.CertificateBuilder()
             .subject_name(
@@ -445,13 +459,13 @@ class Pki:
             )
             .issuer_name(ca_cert.subject)
             .public_key(public)
-            .serial_number(x509.random_serial_number())
+            .serial_number(serial)
             .not_valid_before(request.start)
             .not_valid_after(request.end)
             .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
             .add_extension(key_usage, critical=True)
             .add_extension(x509.ExtendedKeyUsage([request.usage]), critical=False)
-            .add_extension(x509.SubjectAlternativeName(request.san), critical=False)
+            .add_extension(x509.SubjectAlternativeName(san), critical=False)
             .add_extension(x509.SubjectKeyIdentifier.from_public_key(public), critical=False)
             .add_extension(
                 x509.AuthorityKeyIdentifier.from_issuer_subject_key_identifier(ca_ski),

@@ -17,7 +17,7 @@ from typing import cast
 import nats.errors
 import pytest
 
-from certs import Bundle, Role
+from certs import Bundle, Role, serial_uri
 from tests.clients import Paho, raw
 from tests.fixtures.brokers import BrokerUnderTest
 from tests.fixtures.nats import NatsCluster, NatsNode, run_async
@@ -113,9 +113,10 @@ def test_publish_to_a_forbidden_topic_is_never_delivered(nats_cluster: NatsClust
         attacker.close()
         watcher.close()
     log = nats_cluster.node(1).log_text()
+    user = serial_uri(pki.device.serial)  # the user its certificate maps to (docs/broker.md)
     for topic in FORBIDDEN_TOPICS:
         subject = topic.replace("/", ".")
-        assert f'Publish Violation - User "CN=dev-1,OU=device,O=acme", Subject "{subject}"' in log
+        assert f'Publish Violation - User "{user}", Subject "{subject}"' in log
 
 
 def test_forbidden_subscriptions_are_refused_and_receive_nothing(
@@ -387,15 +388,11 @@ def test_a_revoked_certificate_of_a_reissued_id_is_refused_on_the_nats_port(
         assert run_async(lambda k=node.k: _nats_on(nats_cluster, k, new))  # type: ignore[misc]
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="nats-server 2.9.10 cannot reload pinned_certs on the MQTT listener and maps by "
-    "subject only: a re-issued id's old certificate still logs in over MQTT (docs/broker.md, "
-    "Re-issued ids); XPASS means nats-server or fieldline closed the hole",
-)
 def test_a_revoked_certificate_of_a_reissued_id_is_refused_on_mqtt(
     nats_cluster: NatsCluster, tmp_path: Path
 ) -> None:
+    """The MQTT listener cannot reload pins (nats-server 2.9.10 refuses the reload), so users
+    are named by the certificate's own serial URI: the old certificate names no user."""
     pki = nats_cluster.pki.pki
     first = pki.issue("dev-rot", tenant="acme", role=Role.DEVICE)
     nats_cluster.reload()

@@ -45,8 +45,10 @@ def test_identity_fields_and_extensions(pki: Pki) -> None:
     assert Identity.from_certificate(cert) == Identity("dev-1", "acme", Role.DEVICE)
     assert cert.subject.get_attributes_for_oid(NameOID.COMMON_NAME)[0].value == "dev-1"
     san = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    # the identity, and this certificate's own serial (what NATS maps users by)
     assert san.get_values_for_type(x509.UniformResourceIdentifier) == [
-        "urn:fieldline:acme:device:dev-1"
+        "urn:fieldline:acme:device:dev-1",
+        f"urn:fieldline:serial:{cert.serial_number:x}",
     ]
     eku = cert.extensions.get_extension_for_class(x509.ExtendedKeyUsage).value
     assert list(eku) == [ExtendedKeyUsageOID.CLIENT_AUTH]

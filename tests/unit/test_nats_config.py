@@ -24,7 +24,7 @@ from broker.nats import (
     write_nats_files,
 )
 from broker.policy import Policy, Principal
-from certs import Bundle, Pki, Role
+from certs import Bundle, Pki, Role, serial_uri
 from schemas.topics import validate_id
 
 DEVICE = Principal("d1", "acme", Role.DEVICE)
@@ -141,13 +141,16 @@ def test_revoked_identities_have_no_user_and_keys_are_0600(tmp_path: Path) -> No
     pki = Pki(tmp_path / "pki")
     pki.init_ca(name="test CA")
     pki.issue_server("broker", hosts=["localhost"], ips=["127.0.0.1"])
-    pki.issue("dev-a", tenant="acme", role=Role.DEVICE)
-    pki.issue("dev-b", tenant="acme", role=Role.DEVICE)
+    dev_a = pki.issue("dev-a", tenant="acme", role=Role.DEVICE)
+    dev_b = pki.issue("dev-b", tenant="acme", role=Role.DEVICE)
     pki.revoke("dev-b")
     files = write_nats_files(pki, tmp_path / "out", NatsOptions(nodes=2))
     text = files.configs[0].read_text()
-    assert '"CN=dev-a,OU=device,O=acme"' in text
+    # named by the certificate's own serial URI, not by its subject (which a re-issue shares)
+    assert f'user: "{serial_uri(dev_a.serial)}"' in text
+    assert "CN=dev-a" not in text
     assert "dev-b" not in text
+    assert f"{dev_b.serial:x}" not in text
     assert "broker" not in text.split("authorization")[1]  # the server certificate is no user
     for path in (files.key, files.route_key, *files.configs, tmp_path / "out/route.secret"):
         assert stat.S_IMODE(path.stat().st_mode) == 0o600, path
