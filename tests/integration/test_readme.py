@@ -243,24 +243,13 @@ def test_embedded_broker_walkthrough(tmp_path: Path) -> None:
         runner.close()
 
 
-def test_modbus_manifest_walkthrough(tmp_path: Path) -> None:
-    """docs/edge.md's Modbus manifest, written and checked as the page shows it."""
+@pytest.mark.parametrize("name", ["modbus", "opcua"])
+def test_field_module_manifest_walkthroughs(tmp_path: Path, name: str) -> None:
+    """docs/edge.md's Modbus and OPC UA manifests, written and checked as the page shows them
+    (running the agent needs the machine; tests/integration/test_edge_*.py bring one)."""
     runner = Runner(tmp_path)
     try:
-        for step in walkthrough("modbus"):
-            runner.run(step)
-        assert runner.ran == ["config", "fieldline edge check"]
-        checked = next(o.stdout for s, o in runner.outputs if "edge check" in s)
-        assert "1 module(s), 1 rule(s), 4 route(s)" in checked
-    finally:
-        runner.close()
-
-
-def test_opcua_manifest_walkthrough(tmp_path: Path) -> None:
-    """docs/edge.md's OPC UA manifest, written and checked as the page shows it."""
-    runner = Runner(tmp_path)
-    try:
-        for step in walkthrough("opcua"):
+        for step in walkthrough(name):
             runner.run(step)
         assert runner.ran == ["config", "fieldline edge check"]
         checked = next(o.stdout for s, o in runner.outputs if "edge check" in s)
