@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from broker.errors import BrokerError
+from broker.files import write_atomic
 from broker.policy import Policy, Principal
 from certs import CertsError, Pki, Role
 from core.settings import BrokerSettings
@@ -264,14 +265,4 @@ def _atomic_write(path: Path, text: str, mode: int, owner: tuple[int, int] | Non
 
 
 def _write(target: Path, data: bytes, mode: int, owner: tuple[int, int] | None) -> None:
-    # created with its final mode and owner before the rename: a key copy is never readable
-    # by anyone it should not be, and mosquitto never reads a half-written file
-    tmp = target.with_name(target.name + ".tmp")
-    tmp.unlink(missing_ok=True)
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode)
-    with os.fdopen(fd, "wb") as handle:
-        handle.write(data)
-    os.chmod(tmp, mode)
-    if owner is not None:
-        os.chown(tmp, owner[0], owner[1])
-    os.replace(tmp, target)
+    write_atomic(target, data, mode, owner)

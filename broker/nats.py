@@ -43,6 +43,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from broker.errors import BrokerError
+from broker.files import write_atomic
 from broker.mosquitto import principals_from_registry
 from broker.policy import Policy, Principal
 from certs import CertsError, Pki, Role, serial_uri
@@ -578,15 +579,7 @@ def _ensure_route_certs(files: NatsFiles, options: NatsOptions) -> None:
 
 
 def _write(target: Path, data: bytes, mode: int) -> None:
-    # created with its final mode before the rename: a key is never readable by others, and
-    # a reloading node never reads a half-written config
-    tmp = target.with_name(target.name + ".tmp")
-    tmp.unlink(missing_ok=True)
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode)
-    with os.fdopen(fd, "wb") as handle:
-        handle.write(data)
-    os.chmod(tmp, mode)
-    os.replace(tmp, target)
+    write_atomic(target, data, mode)
 
 
 # -- the stream ------------------------------------------------------------------------------

@@ -23,7 +23,7 @@ from cryptography import x509
 from edge_agent.manifest import ModuleSpec
 from edge_agent.opcua import OpcUaModule
 from tests.fixtures.brokers import BrokerUnderTest
-from tests.fixtures.edge import manifest_text, write_manifest
+from tests.fixtures.edge import MACHINE_RESET, manifest_text, write_manifest
 from tests.fixtures.ingest import fetch, start_worker, wait_for
 from tests.fixtures.opcua import SECURE, TEMPERATURE, MachineServer, server_certificate
 from tests.integration.test_edge_agent import _scalar, running_agent
@@ -58,27 +58,7 @@ condition = { op = ">", value = 35 }
 event = { kind = "overheat", severity = "warning", message = "machine too hot" }
 command = { name = "call", args = { object = "ns=2;s=Machine", method = "2:Reset" } }
 """
-    routes = """
-[[routes]]
-name = "telemetryToCloud"
-from = "machine"
-to = "upstream"
-
-[[routes]]
-name = "telemetryToRules"
-from = "machine"
-to = "rules/overheat"
-
-[[routes]]
-name = "alertsToCloud"
-from = "rules/overheat"
-to = "upstream"
-
-[[routes]]
-name = "alertsToReset"
-from = "rules/overheat"
-to = "machine"
-"""
+    routes = MACHINE_RESET[2]  # the same four routes as the simulated machine's
     return manifest_text(broker, module, rule, routes)
 
 
