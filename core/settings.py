@@ -100,6 +100,23 @@ class BrokerSettings(_Section):
     # (a save comes 1-2 s after the last) costs no measurable throughput, even with 200,000
     # messages queued (benchmarks/mosquitto_durability.py; docs/operations.md, Mosquitto in
     # production).
+    mosquitto_outage_s: float = Field(
+        default=3600.0,
+        gt=0,
+        description="ingest outage the rendered Mosquitto queues for the worker "
+        "(`mosquitto-config --outage`); beyond it messages are dropped, already PUBACKed",
+    )
+    mosquitto_queue_rate: float = Field(
+        default=200.0,
+        gt=0,
+        description="messages/s the fleet sends the worker, for sizing that queue "
+        "(`--rate`; `fieldline capacity` prints it): a small plant, 200 devices at 1 msg/s",
+    )
+    mosquitto_message_bytes: int = Field(
+        default=256,
+        ge=1,
+        description="average payload bytes of those messages (`--message-bytes`)",
+    )
     mosquitto_autosave_interval: int = Field(
         default=1,
         ge=1,
@@ -224,6 +241,19 @@ class IngestSettings(_Section):
     dead_letters_per_device_per_minute: int = Field(
         default=60, ge=1, description="dead letters stored per device; the rest only counted"
     )
+    seq_reorder_window_s: float = Field(
+        default=60.0,
+        ge=0,
+        description="a hole in a device's committed `seq` counts as loss once this old "
+        "(another writer or worker may still be committing it); 0: at once",
+    )
+    seq_reorder_span: int = Field(
+        default=65_536,
+        ge=1,
+        le=1_048_576,
+        description="seq numbers a device's row tracks beyond its contiguous mark (bits: "
+        "8 KiB at the default, only while a hole is open); holes further back count at once",
+    )
     retention_every_s: float = Field(default=3600.0, gt=0)
     metrics_port: int = Field(default=9884, ge=0, le=65535, description="0 turns it off")
     metrics_bind: str = "127.0.0.1"
@@ -300,6 +330,89 @@ class NatsSettings(_Section):
     )
 
 
+class WebSettings(_Section):
+    """`fieldline web run`: the HTTP API and console (docs/web.md), and its bounds."""
+
+    host: str = Field(
+        default="127.0.0.1",
+        description="listen address; anything but loopback requires HTTPS (web.server_cert)",
+    )
+    port: int = Field(default=8080, ge=0, le=65535, description="0 picks a free port")
+    https: Literal["auto", "always"] = Field(
+        default="auto",
+        description="auto: HTTPS beyond loopback (required), plain HTTP on loopback; "
+        "always: HTTPS on loopback too",
+    )
+    server_cert: str = Field(
+        default="web", description="name of the `fieldline certs server` bundle it serves"
+    )
+    operator_identity: str = Field(
+        default="web-{tenant}",
+        description="the operator certificate commands are published as, per tenant "
+        "({tenant} is replaced); issue it with `fieldline certs issue web-T --tenant T "
+        "--role operator`",
+    )
+    max_body_bytes: int = Field(
+        default=64 * 1024, ge=1024, description="larger request bodies are refused (413)"
+    )
+    rate_per_s: float = Field(
+        default=20.0, gt=0, description="requests a token may make per second, sustained (429)"
+    )
+    rate_burst: int = Field(
+        default=100, ge=1, description="requests a token may make at once before rate_per_s"
+    )
+    max_points: int = Field(
+        default=5000, ge=2, description="largest `points` of a metric series (400 beyond)"
+    )
+    max_limit: int = Field(
+        default=1000, ge=1, description="largest `limit` of events, alerts, commands (400)"
+    )
+    max_streams_per_token: int = Field(
+        default=4, ge=1, description="live streams (server-sent events) one token may hold (429)"
+    )
+    stream_poll_s: float = Field(
+        default=1.0, gt=0, description="how often a live stream looks for changes"
+    )
+    stream_ping_s: float = Field(
+        default=15.0, gt=0, description="a ping event keeps idle streams (and proxies) open"
+    )
+    db_pool_size: int = Field(
+        default=10, ge=1, le=100, description="database connections per database it reads"
+    )
+    publish_timeout_s: float = Field(
+        default=10.0, gt=0, description="how long a command waits for the broker's PUBACK"
+    )
+    statement_timeout_s: float = Field(
+        default=15.0, gt=0, description="longest a query of the API may run (then 503)"
+    )
+
+
+class StorageSettings(_Section):
+    """Compaction of numeric samples into packed rows (ingest_worker/compaction.py)."""
+
+    compact_after_s: float = Field(
+        default=86400.0,
+        gt=0,
+        description="hot rows of UTC days that ended this long ago are packed (1 day: the "
+        "hot table holds today and yesterday)",
+    )
+    compact_every_s: float = Field(
+        default=300.0, gt=0, description="how often the worker's maintenance loop compacts"
+    )
+    compact_budget_s: float = Field(
+        default=20.0,
+        gt=0,
+        description="time one pass may take (then it stops and the next pass goes on), so "
+        "compaction never holds the maintenance loop for long",
+    )
+    compact_batch_rows: int = Field(
+        default=200_000,
+        ge=1000,
+        description="rows per compaction transaction, about (a day of a range of metrics); "
+        "a writer redelivering into that range waits for it",
+    )
+
+
 class PostgresSettings(_Section):
     """The embedded PostgreSQL cluster under FIELDLINE_HOME/pg (unless database_url is set)."""
 
@@ -338,6 +451,8 @@ class Settings(BaseSettings):
     commands: CommandSettings = CommandSettings()
     certs: CertsSettings = CertsSettings()
     nats: NatsSettings = NatsSettings()
+    web: WebSettings = WebSettings()
+    storage: StorageSettings = StorageSettings()
 
     @field_validator("database_url")
     @classmethod

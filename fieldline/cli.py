@@ -27,6 +27,8 @@ from schemas.cli import app as schemas_app
 from schemas.errors import SchemaError
 from simulator.cli import app as sim_app
 from simulator.errors import SimulatorError
+from web.cli import app as web_app
+from web.errors import WebError
 
 app = typer.Typer(
     name="fieldline",
@@ -48,6 +50,7 @@ app.add_typer(cmd_app, name="cmd")
 app.command("query")(query_command)
 app.command("tail")(tail_command)
 app.command("up")(up)
+app.add_typer(web_app, name="web")
 
 _KNOWN_ERRORS = (
     FieldlineError,
@@ -58,6 +61,7 @@ _KNOWN_ERRORS = (
     SimulatorError,
     DeviceError,
     EdgeError,
+    WebError,
 )
 
 

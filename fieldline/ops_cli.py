@@ -22,7 +22,11 @@ from core.console import cli_console
 from core.errors import FieldlineError
 from core.pgcluster import database_url
 from core.settings import Settings, get_settings
-from fieldline.ops import DeviceState, list_devices, parse_duration, query, record_command
+from fleet.commands import record_command
+from fleet.db import on
+from fleet.devices import DeviceState, list_devices
+from fleet.durations import parse_duration
+from fleet.series import query
 from schemas import topics
 from schemas.limits import MAX_TTL_S
 from schemas.messages import Command
@@ -42,7 +46,7 @@ def devices_list(
     as_json: bool = typer.Option(False, "--json", help="JSON lines instead of a table."),
 ) -> None:
     """List a tenant's devices with their status, last seen time, firmware, boot and metrics."""
-    rows = asyncio.run(list_devices(database_url(tenant=tenant), tenant))
+    rows = asyncio.run(on(database_url(tenant=tenant), lambda c: list_devices(c, tenant)))
     if as_json:
         for row in rows:
             typer.echo(json.dumps(row, default=_json_default))
@@ -70,14 +74,11 @@ def query_command(
     """Average, min, max and count of a numeric metric per time bucket (TimescaleDB time_bucket)."""
     if fmt not in ("table", "csv", "json"):
         raise FieldlineError(f"--format must be table, csv or json, not {fmt!r}")
+    since_td, bucket_td = parse_duration(since), parse_duration(bucket)
     buckets = asyncio.run(
-        query(
+        on(
             database_url(tenant=tenant),
-            tenant,
-            device,
-            metric,
-            parse_duration(since),
-            parse_duration(bucket),
+            lambda c: query(c, tenant, device, metric, since_td, bucket_td),
         )
     )
     if fmt == "json":
@@ -200,7 +201,7 @@ def cmd_send(
         raise FieldlineError(f"{where}: {first['msg']}") from None
     dsn = database_url(settings, tenant)
     # an unknown device is refused here, before anything is recorded or published
-    state = asyncio.run(record_command(dsn, tenant, device, command))
+    state = asyncio.run(on(dsn, lambda c: record_command(c, tenant, device, command)))
     if not state.online:
         # still sent: its persistent session at the broker keeps the command until it comes
         # back (as Mosquitto and AWS IoT do), and a device that is back within ttl runs it

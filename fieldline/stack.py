@@ -37,10 +37,15 @@ from core.settings import Settings
 from device_runtime.intake import ReplayPolicy
 from edge_agent.agent import AgentOptions, EdgeAgent
 from edge_agent.manifest import parse_manifest
+from fleet.errors import NotFoundError
+from fleet.series import latest_values, recent_rows
 from ingest_worker.database import connect
 from ingest_worker.migrate import migrate_all, quote_ident, tenant_schema
 from ingest_worker.service import IngestWorker, worker_config
 from simulator.fleet import Fleet, FleetConfig, bundle_dirs, device_ids
+from web import tokens
+from web.server import WebServer
+from web.tokens import TokenRole
 
 log = logging.getLogger("fieldline.up")
 
@@ -48,6 +53,9 @@ AGENT_ID = "gw-1"
 # the identity of the printed `mosquitto_sub` line: the client id is the certificate's CN, so
 # sharing the CLI's operator identity made the two take the session from each other
 WATCHER_ID = "watcher"
+# the console of `fieldline up` listens on loopback only, with an operator token on disk
+WEB_HOST = "127.0.0.1"
+WEB_TOKEN_FILE = "web-token"  # noqa: S105 - a file name, not a secret
 
 
 @dataclass
@@ -79,8 +87,9 @@ def ensure_certificates(settings: Settings, tenant: str) -> Pki:
     pki = Pki(settings.pki_dir, settings.certs.crl_validity_days)
     if not pki.exists():
         pki.init_ca(name="fieldline local CA")
+    web_id = settings.web.operator_identity.replace("{tenant}", tenant)
     have = pki.bundles([settings.broker.server_cert, settings.ingest.identity,
-                        settings.operator, AGENT_ID, WATCHER_ID])  # fmt: skip
+                        settings.operator, AGENT_ID, WATCHER_ID, web_id])  # fmt: skip
     if settings.broker.server_cert not in have:
         pki.issue_server(settings.broker.server_cert, hosts=["localhost"], ips=["127.0.0.1"])
     if settings.ingest.identity not in have:
@@ -89,6 +98,8 @@ def ensure_certificates(settings: Settings, tenant: str) -> Pki:
         pki.issue(settings.operator, tenant=tenant, role=Role.OPERATOR)
     if AGENT_ID not in have:
         pki.issue(AGENT_ID, tenant=tenant, role=Role.DEVICE)
+    if web_id not in have:  # the web console sends this tenant's commands as it
+        pki.issue(web_id, tenant=tenant, role=Role.OPERATOR)
     watcher = have.get(WATCHER_ID)
     if watcher is not None and watcher.identity.role is not Role.OPERATOR:
         raise FieldlineError(
@@ -119,6 +130,7 @@ def ports_free(s: Settings, extra: list[tuple[str, int, str]] | None = None) -> 
          "broker.metrics_port (FIELDLINE_BROKER__METRICS_PORT, 0 for none)"),
         (s.ingest.metrics_bind, s.ingest.metrics_port,
          "ingest.metrics_port (FIELDLINE_INGEST__METRICS_PORT, 0 for none)"),
+        (WEB_HOST, s.web.port, "web.port (FIELDLINE_WEB__PORT, 0 for a free one)"),
     ]  # fmt: skip
     for host, port, setting in wanted:
         if port == 0:
@@ -151,6 +163,8 @@ class LocalStack:
         self.worker: IngestWorker | None = None
         self.agent: EdgeAgent | None = None
         self.fleet: Fleet | None = None
+        self.web: WebServer | None = None
+        self.web_token_file = settings.home / WEB_TOKEN_FILE
         self._fleet_task: asyncio.Task[Any] | None = None
         self._crl_task: asyncio.Task[None] | None = None
         self.view = View()
@@ -186,6 +200,11 @@ class LocalStack:
         self.fleet = Fleet(config, dirs, s.home / "sim")
         await self.fleet.start(timeout=60)
         self._fleet_task = asyncio.create_task(self.fleet.run(), name="up-fleet")
+        await demo_token(self.dsn, self.web_token_file, o.tenant)
+        # loopback only: plain HTTP is allowed there, and the demo token is on disk
+        web_settings = s.model_copy(update={"web": s.web.model_copy(update={"https": "auto"})})
+        self.web = WebServer(web_settings, host=WEB_HOST, dsn=self.dsn)
+        await self.web.start()
 
     async def _start_broker(self, pki: Pki) -> None:
         s = self.settings
@@ -259,6 +278,8 @@ class LocalStack:
     async def stop(self) -> None:
         """Fleet, agent, worker (drains), broker, database: each stopped even if one fails."""
         steps: list[tuple[str, Any]] = []
+        if self.web is not None:
+            steps.append(("web server", self.web.stop()))
         if self.fleet is not None:
             self.fleet.request_stop()
             if self._fleet_task is not None:
@@ -297,19 +318,11 @@ class LocalStack:
         schema = quote_ident(tenant_schema(self.options.tenant))
         conn = await connect(self.dsn, timeout=5)
         try:
-            v.rows = float(await conn.fetchval(
-                f"SELECT count(*) FROM {schema}.numeric_values "  # noqa: S608
-                "WHERE time > now() - interval '10 seconds'"
-            ))  # fmt: skip
+            # numeric values are read through fleet.series only (hot + compacted rows)
+            v.rows = float(await recent_rows(conn, self.options.tenant, 10))
             v.rows_per_s = v.rows / 10
-            latest = await conn.fetch(
-                f"SELECT m.device_id, m.name, v.value FROM {schema}.metrics m "  # noqa: S608
-                f"CROSS JOIN LATERAL (SELECT value FROM {schema}.numeric_values n "
-                "WHERE n.metric_id = m.id ORDER BY time DESC LIMIT 1) v ORDER BY 1, 2"
-            )
-            v.latest = {}
-            for r in latest:
-                v.latest.setdefault(r["device_id"], {})[r["name"]] = r["value"]
+            latest = await latest_values(conn, self.options.tenant)
+            v.latest = {d: {k: x.value for k, x in m.items()} for d, m in latest.items()}
             v.devices = int(await conn.fetchval(f"SELECT count(*) FROM {schema}.devices"))  # noqa: S608
             v.online = int(await conn.fetchval(
                 f"SELECT count(*) FROM {schema}.devices WHERE status = 'online'"  # noqa: S608
@@ -328,11 +341,42 @@ class LocalStack:
                     "ORDER BY updated_at DESC LIMIT 5"
                 )
             ]
-        except asyncpg.UndefinedTableError:
+        except (asyncpg.UndefinedTableError, NotFoundError):
             pass  # the tenant's schema comes with its first message
         finally:
             await conn.close()
         return v
+
+
+async def demo_token(dsn: str, path: Path, tenant: str) -> Path:
+    """An operator token of the demo tenant in `path` (0600), created once: kept while it is
+    valid, replaced when revoked or when the database no longer knows it."""
+    conn = await connect(dsn, timeout=15)
+    try:
+        existing = _read_token(path)
+        if existing is not None:
+            token = await tokens.verify(conn, existing)
+            if token is not None and token.tenant == tenant:
+                return path
+        _record, text = await tokens.create_token(
+            conn, TokenRole.OPERATOR, tenant, f"fieldline up ({tenant})"
+        )
+    finally:
+        await conn.close()
+    _write_token(path, text)
+    return path
+
+
+def _read_token(path: Path) -> str | None:
+    return path.read_text().strip() if path.is_file() else None
+
+
+def _write_token(path: Path, text: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as out:
+        out.write(text + "\n")
+    path.chmod(0o600)  # an existing file keeps its mode through O_CREAT
 
 
 def reload_mosquitto(

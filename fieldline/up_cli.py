@@ -40,7 +40,8 @@ def up(
     seconds: float | None = typer.Option(None, "--seconds", help="Stop after this long."),
 ) -> None:
     """Run everything: certificates, PostgreSQL + TimescaleDB, the broker, an ingest worker,
-    an edge agent (machine reset) and a simulated fleet, with a live view; Ctrl-C stops it.
+    an edge agent (machine reset), a simulated fleet and the web console (on loopback, port
+    web.port), with a live view; Ctrl-C stops it.
 
     Data stays under FIELDLINE_HOME, so a second `fieldline up` continues where this one
     stopped. Set FIELDLINE_DATABASE_URL to use your own PostgreSQL.
@@ -102,6 +103,13 @@ async def _run(stack: LocalStack, seconds: float | None) -> None:
         # a line to paste: never wrapped, never read as markup (a path may hold brackets)
         console.print(watch_command(stack.settings, stack.options.tenant), highlight=False,
                       soft_wrap=True, markup=False)  # fmt: skip
+        if stack.web is not None:
+            # the URL and the path are lines to paste: never wrapped, never read as markup
+            console.print(f"The web console: {stack.web.url} (API docs: {stack.web.url}docs)",
+                          highlight=False, soft_wrap=True, markup=False)  # fmt: skip
+            console.print(f"Its operator token for {stack.options.tenant} is in "
+                          f"{stack.web_token_file} (paste it at the login)",
+                          highlight=False, soft_wrap=True, markup=False)  # fmt: skip
         console.print("Ctrl-C stops everything.", highlight=False, soft_wrap=True)
         if seconds is not None:
             loop.call_later(seconds, stop.set)

@@ -9,6 +9,8 @@ packages=(
     nats-server
     cmake build-essential dpkg-dev libssl-dev libkrb5-dev
     openssl ca-certificates python3-venv curl
+    # the web console's browser tests: headless Chromium driven by Playwright, and a font
+    chromium fonts-dejavu-core
 )
 
 SUDO=""

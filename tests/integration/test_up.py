@@ -13,6 +13,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import urllib.request
 from pathlib import Path
 
 import pytest
@@ -54,6 +55,7 @@ def test_up_runs_the_pipeline_and_stops_cleanly(tmp_path: Path, broker: str) -> 
         "FIELDLINE_BROKER__PORT": str(free_port_block(3)),
         "FIELDLINE_BROKER__METRICS_PORT": "0",
         "FIELDLINE_INGEST__METRICS_PORT": str(free_port()),
+        "FIELDLINE_WEB__PORT": "0",
         "FIELDLINE_LOG_LEVEL": "INFO",
     }
     if broker == "nats":  # three nodes, each on its own MQTT, client and route port
@@ -123,6 +125,17 @@ def test_up_runs_the_pipeline_and_stops_cleanly(tmp_path: Path, broker: str) -> 
             assert connects == 1, f"mosquitto_sub was thrown out {connects - 1} time(s)"
         finally:
             stop_process(sub)
+        # the printed console URL serves the API, with the token `up` keeps for the demo
+        url = next(x for x in text().splitlines() if x.startswith("The web console: "))
+        base = url.split()[3]
+        token = (home / "web-token").read_text().strip()
+        assert (home / "web-token").stat().st_mode & 0o777 == 0o600
+        request = urllib.request.Request(
+            f"{base}api/v1/tenants/demo/devices", headers={"Authorization": f"Bearer {token}"}
+        )
+        with urllib.request.urlopen(request, timeout=10) as answer:  # noqa: S310 - loopback
+            listed_web = json.load(answer)["devices"]
+        assert {d["id"] for d in listed_web} >= {d["id"] for d in sims}
         sent = cli("cmd", "send", "demo", "sim-0001", "reset", "--wait", "--timeout", "30")
         assert sent.returncode == 0, (sent.stdout, sent.stderr)
         assert json.loads(sent.stdout.splitlines()[-1])["status"] == "ok"
@@ -191,6 +204,7 @@ def test_a_taken_port_is_one_line_and_nothing_starts(tmp_path: Path) -> None:
             "FIELDLINE_BROKER__PORT": str(port),
             "FIELDLINE_BROKER__METRICS_PORT": "0",
             "FIELDLINE_INGEST__METRICS_PORT": "0",
+            "FIELDLINE_WEB__PORT": "0",
         }
         env.pop("FIELDLINE_DATABASE_URL", None)
         done = subprocess.run(

@@ -13,9 +13,10 @@ from certs import Pki, Role
 from core.errors import FieldlineError
 from core.settings import Settings
 from edge_agent.manifest import parse_manifest
-from fieldline.ops import DeviceState, parse_duration
 from fieldline.ops_cli import offline_line
 from fieldline.stack import AGENT_ID, WATCHER_ID, demo_manifest, ensure_certificates, watch_command
+from fleet.devices import DeviceState
+from fleet.durations import parse_duration
 
 
 def test_durations() -> None:

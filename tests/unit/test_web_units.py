@@ -1,0 +1,116 @@
+"""The web server's pure parts: token format and hash, bucket choice, durations and times,
+the rate limiter, stream slots, loopback and the HTTPS rule."""
+
+from __future__ import annotations
+
+import hashlib
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+import pytest
+
+from core.settings import Settings
+from fleet.durations import bucket_seconds, parse_duration, parse_time, time_range
+from fleet.errors import BadInputError
+from web.errors import WebError
+from web.limits import RateLimiter, StreamSlots
+from web.server import is_loopback, tls_files
+from web.tokens import TokenRole, new_secret, parse, token_hash
+
+NOW = datetime(2026, 12, 5, 7, 30, tzinfo=UTC)
+
+
+def test_a_token_is_flt_id_secret_and_only_its_hash_is_kept() -> None:
+    token_id, text = new_secret()
+    prefix, rest = text[:4], text[4:]
+    assert prefix == "flt_"
+    assert rest[:12] == token_id
+    assert len(token_id) == 12
+    assert int(token_id, 16) >= 0
+    assert rest[12] == "_"
+    assert len(rest[13:]) == 43
+    assert parse(text) == token_id
+    assert token_hash(text) == hashlib.sha256(text.encode()).digest()
+    assert new_secret()[1] != text
+    for bad in ("", text[:-1], text + "x", text.replace("flt_", "flx_"), "Bearer " + text,
+                f"flt_{token_id.upper()}_{text[17:]}", text[:-1] + "!"):  # fmt: skip
+        assert parse(bad) is None, bad
+
+
+def test_roles_are_ordered() -> None:
+    assert TokenRole.ADMIN.at_least(TokenRole.OPERATOR)
+    assert TokenRole.OPERATOR.at_least(TokenRole.VIEWER)
+    assert not TokenRole.VIEWER.at_least(TokenRole.OPERATOR)
+    assert not TokenRole.OPERATOR.at_least(TokenRole.ADMIN)
+
+
+@pytest.mark.parametrize(
+    ("span_s", "points", "bucket"),
+    [(86_400, 500, 173), (86_400, 5000, 18), (3600, 500, 8), (60, 500, 1), (1000, 10, 100),
+     (86_401, 500, 173), (86_500, 500, 173), (86_501, 500, 174), (0.5, 2, 1)],
+)  # fmt: skip
+def test_the_bucket_is_the_smallest_whole_second_giving_at_most_points(
+    span_s: float, points: int, bucket: int
+) -> None:
+    start = NOW - timedelta(seconds=span_s)
+    assert bucket_seconds(start, NOW, points) == bucket
+    assert span_s / bucket <= points  # so at most `points` buckets counted from start
+    if bucket > 1:
+        assert span_s / (bucket - 1) > points  # and no smaller whole second would do
+
+
+def test_durations_and_times() -> None:
+    assert parse_duration("15m") == timedelta(minutes=15)
+    assert parse_duration("7d") == timedelta(days=7)
+    for bad in ("", "1", "-1h", "0m", "1w", "1 h", "yesterday"):
+        with pytest.raises(BadInputError, match="duration"):
+            parse_duration(bad)
+    assert parse_time("24h", NOW) == NOW - timedelta(hours=24)
+    assert parse_time("2026-12-05T06:30:00+00:00", NOW) == NOW - timedelta(hours=1)
+    assert parse_time("2026-12-05T06:30:00", NOW) == NOW - timedelta(hours=1)  # UTC when bare
+    with pytest.raises(BadInputError, match="since 'soon' is neither"):
+        parse_time("soon", NOW, "since")
+    assert time_range("1h", None, NOW) == (NOW - timedelta(hours=1), NOW)
+    with pytest.raises(BadInputError, match="must be before"):
+        time_range("1h", "2h", NOW)
+
+
+def test_the_rate_limiter_is_a_token_bucket_per_key() -> None:
+    clock = [0.0]
+    limiter = RateLimiter(rate_per_s=2, burst=3, clock=lambda: clock[0])
+    assert [limiter.allow("a") for _ in range(4)] == [True, True, True, False]
+    assert limiter.allow("b")  # another token has its own bucket
+    assert limiter.retry_after("a") == pytest.approx(0.5)
+    clock[0] = 0.5
+    assert limiter.allow("a")
+    assert not limiter.allow("a")
+    clock[0] = 100.0
+    assert [limiter.allow("a") for _ in range(4)] == [True, True, True, False]  # capped at burst
+
+
+def test_stream_slots_are_bounded_per_key_and_given_back() -> None:
+    slots = StreamSlots(per_key=2)
+    assert slots.acquire("a")
+    assert slots.acquire("a")
+    assert not slots.acquire("a")
+    assert slots.acquire("b")
+    assert slots.total() == 3
+    slots.release("a")
+    assert slots.acquire("a")
+    for key in ("a", "a", "b"):
+        slots.release(key)
+    assert slots.total() == 0
+
+
+def test_plain_http_only_on_loopback(tmp_path: Path) -> None:
+    for host in ("127.0.0.1", "127.0.0.2", "::1", "localhost"):
+        assert is_loopback(host), host
+    for host in ("0.0.0.0", "192.168.1.5", "::", "example.com"):  # noqa: S104
+        assert not is_loopback(host), host
+    settings = Settings(home=tmp_path)
+    assert tls_files(settings, "127.0.0.1") is None
+    with pytest.raises(WebError, match=r"fieldline certs server web --host fleet\.example\.com"):
+        tls_files(settings, "fleet.example.com")
+    always = Settings(home=tmp_path, web={"https": "always"})
+    with pytest.raises(WebError, match=r"web\.https=always"):
+        tls_files(always, "127.0.0.1")

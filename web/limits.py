@@ -1,0 +1,83 @@
+"""Per-token bounds: a token bucket of requests, and a count of open live streams."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+# tokens idle long enough to have a full bucket are forgotten past this many keys
+_MAX_KEYS = 10_000
+
+
+@dataclass
+class _Bucket:
+    level: float
+    at: float
+
+
+class RateLimiter:
+    """Token bucket per key: `burst` requests at once, then `rate_per_s` a second."""
+
+    def __init__(
+        self, rate_per_s: float, burst: int, clock: Callable[[], float] = time.monotonic
+    ) -> None:
+        self.rate = rate_per_s
+        self.burst = float(burst)
+        self.clock = clock
+        self._buckets: dict[str, _Bucket] = {}
+
+    def allow(self, key: str) -> bool:
+        """Take one request from the key's bucket; False when it is empty."""
+        now = self.clock()
+        bucket = self._buckets.get(key)
+        if bucket is None:
+            if len(self._buckets) >= _MAX_KEYS:
+                self._forget_full(now)
+            bucket = self._buckets[key] = _Bucket(self.burst, now)
+        bucket.level = min(self.burst, bucket.level + (now - bucket.at) * self.rate)
+        bucket.at = now
+        if bucket.level < 1.0:
+            return False
+        bucket.level -= 1.0
+        return True
+
+    def retry_after(self, key: str) -> float:
+        """Seconds until the key's bucket holds a request again."""
+        bucket = self._buckets.get(key)
+        if bucket is None:
+            return 0.0
+        return max(0.0, (1.0 - bucket.level) / self.rate)
+
+    def _forget_full(self, now: float) -> None:
+        for key, bucket in list(self._buckets.items()):
+            if bucket.level + (now - bucket.at) * self.rate >= self.burst:
+                del self._buckets[key]
+
+
+class StreamSlots:
+    """At most `per_key` open streams per key."""
+
+    def __init__(self, per_key: int) -> None:
+        self.per_key = per_key
+        self._open: dict[str, int] = {}
+
+    def acquire(self, key: str) -> bool:
+        """Take a slot; False when the key has `per_key` open already."""
+        held = self._open.get(key, 0)
+        if held >= self.per_key:
+            return False
+        self._open[key] = held + 1
+        return True
+
+    def release(self, key: str) -> None:
+        """Give a slot back (when the stream ends, however it ends)."""
+        held = self._open.get(key, 0) - 1
+        if held <= 0:
+            self._open.pop(key, None)
+        else:
+            self._open[key] = held
+
+    def total(self) -> int:
+        """Streams open over all keys."""
+        return sum(self._open.values())
