@@ -16,6 +16,8 @@ payload bytes per message, months kept, RAM of the database server) by these for
   Each packet is assumed to travel in its own TLS record (no coalescing: an upper bound).
   TCP/IP headers, TLS handshakes, PINGREQs and the broker-to-worker leg are not counted.
 * per month = per second x 30.44 days; over K months = per month x K.
+* compacted = rows x PACKED_BYTES_PER_SAMPLE (measured by benchmarks/storage.py) plus the
+  last HOT_DAYS days at STORED_BYTES_PER_ROW: what the database holds with compaction on.
 * stored bytes = rows x STORED_BYTES_PER_ROW (measured, see the constant: heap row plus the
   unique (metric_id, time) index plus TimescaleDB's default time index; no compression: the
   Apache build has none).
@@ -47,6 +49,12 @@ from schemas.packets import MAX_REMAINING_LENGTH, varint
 # + 25 data -> 56 aligned, + 4 item pointer), unique index 42.1 (scattered inserts leave
 # pages half full after splits), TimescaleDB's default time index 8.2 (deduplicated).
 STORED_BYTES_PER_ROW = 110.7
+# Measured by benchmarks/storage.py (docs/benchmarks.md): the simulator's ARMA temperature and
+# humidity sensors at 1 sample/min, 20 metrics x 31 days, after compaction into
+# numeric_packed (heap, TOAST and index): 4.75 B/sample; the real UCI values: 2.59. Rounded
+# up. Compaction keeps the last 1-2 days hot (storage.compact_after_s), at the row price.
+PACKED_BYTES_PER_SAMPLE = 4.8
+HOT_DAYS = 2
 
 SECONDS_PER_MONTH = 30.44 * 86400
 HEADROOM = 1.5
@@ -142,6 +150,10 @@ class CapacityReport:
     stored_bytes_per_row: float
     stored_bytes_per_month: float
     stored_bytes_total: float
+    # with compaction (the default): the last HOT_DAYS days as rows, the rest packed
+    packed_bytes_per_sample: float
+    compacted_bytes_per_month: float
+    compacted_bytes_total: float
     workers: int
     workers_bound_by: str
     chunk_interval_s: int
@@ -202,6 +214,7 @@ def estimate(inputs: CapacityInputs) -> CapacityReport:
 
     stored_per_s = rows_per_s * STORED_BYTES_PER_ROW
     stored_month = stored_per_s * SECONDS_PER_MONTH
+    packed_month = rows_per_s * PACKED_BYTES_PER_SAMPLE * SECONDS_PER_MONTH
 
     by_messages = messages_per_s / inputs.worker_msgs_per_s
     by_rows = rows_per_s / inputs.worker_rows_per_s
@@ -238,6 +251,9 @@ def estimate(inputs: CapacityInputs) -> CapacityReport:
         stored_bytes_per_row=STORED_BYTES_PER_ROW,
         stored_bytes_per_month=stored_month,
         stored_bytes_total=stored_month * inputs.months,
+        packed_bytes_per_sample=PACKED_BYTES_PER_SAMPLE,
+        compacted_bytes_per_month=packed_month,
+        compacted_bytes_total=packed_month * inputs.months + stored_per_s * HOT_DAYS * 86400,
         workers=workers,
         workers_bound_by=bound,
         chunk_interval_s=interval_s,

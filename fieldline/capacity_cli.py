@@ -12,6 +12,8 @@ from core.console import cli_console
 from fieldline.capacity import (
     DEFAULT_WORKER_MSGS_PER_S,
     DEFAULT_WORKER_ROWS_PER_S,
+    HOT_DAYS,
+    PACKED_BYTES_PER_SAMPLE,
     SECONDS_PER_MONTH,
     STORED_BYTES_PER_ROW,
     CapacityError,
@@ -36,6 +38,8 @@ TLS(x)     = x + 29 bytes per record (AES-GCM, TLS 1.2: 5 header
 per month  = per second x 30.44 days; total = per month x months
 stored     = rows x {STORED_BYTES_PER_ROW} bytes (measured: heap and both
              indexes, uncompressed)
+compacted  = rows x {PACKED_BYTES_PER_SAMPLE} bytes (measured on the ARMA data
+             by benchmarks/storage.py) + the last {HOT_DAYS} days as rows
 workers    = ceil(1.5 x max(messages/s / worker-msgs-per-s,
                             rows/s / worker-rows-per-s))
 chunk      = 0.25 x RAM / stored bytes/s, rounded down to one of
@@ -166,5 +170,11 @@ def _table(inputs: CapacityInputs, r: CapacityReport) -> Table:
         human_bytes(r.rows_per_s * r.stored_bytes_per_row) + "/s",
         human_bytes(r.stored_bytes_per_month),
         human_bytes(r.stored_bytes_total),
+    )
+    table.add_row(
+        f"compacted ({r.packed_bytes_per_sample:g} B/sample)",
+        human_bytes(r.rows_per_s * r.packed_bytes_per_sample) + "/s",
+        human_bytes(r.compacted_bytes_per_month),
+        human_bytes(r.compacted_bytes_total),
     )
     return table

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 from collections.abc import Awaitable, Callable
+from datetime import timedelta
 from typing import TypeVar
 
 import asyncpg
@@ -13,10 +14,14 @@ from rich.table import Table
 
 from core.console import cli_console
 from core.pgcluster import cluster, database_url
+from core.settings import get_settings
+from fleet.durations import parse_duration
+from ingest_worker.compaction import StorageStats, compact_all, storage_stats
 from ingest_worker.database import connect, mask_dsn
 from ingest_worker.errors import StorageError
 from ingest_worker.migrate import (
     MigrationReport,
+    Tenant,
     add_tenant,
     detect_capabilities,
     list_tenants,
@@ -176,4 +181,75 @@ def tenants_list(
         table.add_row(
             t.id, t.schema_name, str(t.retention_days or "-"), f"{t.created_at:%Y-%m-%d %H:%M}"
         )
+    console.print(table)
+
+
+def _tenants(all_tenants: list[Tenant], tenant: str | None) -> list[Tenant]:
+    if tenant is None:
+        return all_tenants
+    chosen = [t for t in all_tenants if t.id == tenant]
+    if not chosen:
+        known = ", ".join(t.id for t in all_tenants) or "none"
+        raise StorageError(f"no tenant {tenant!r} in this database (tenants: {known})")
+    return chosen
+
+
+@app.command()
+def compact(
+    tenant: str | None = typer.Argument(None, help="Tenant id; every tenant when omitted."),
+    older_than: str | None = typer.Option(
+        None,
+        "--older-than",
+        help="Pack hot rows of UTC days that ended this long ago (30m, 12h, 1d); default "
+        "storage.compact_after_s. The day in progress is never packed.",
+    ),
+) -> None:
+    """Pack old numeric rows now, as the ingest workers do on their schedule.
+
+    Safe while workers run (one compactor per tenant at a time; the others skip it) and to
+    interrupt: each transaction is a day of a range of metrics, all or nothing."""
+    settings = get_settings()
+    after = (
+        parse_duration(older_than)
+        if older_than is not None
+        else timedelta(seconds=settings.storage.compact_after_s)
+    )
+
+    async def work(conn: asyncpg.Connection) -> None:
+        chosen = _tenants(await list_tenants(conn), tenant)
+        totals = await compact_all(
+            conn, after, batch_rows=settings.storage.compact_batch_rows, tenants=chosen
+        )
+        for r in totals.results:
+            note = " (another compactor holds this tenant: skipped)" if r.skipped else ""
+            console.print(
+                f"{r.tenant}: {r.rows:,} rows packed into {r.buckets:,} rows in "
+                f"{r.windows:,} transactions, {r.seconds:.1f} s{note}",
+                soft_wrap=True,
+            )
+
+    _with_connection(work)
+
+
+@app.command()
+def stats(
+    tenant: str | None = typer.Argument(None, help="Tenant id; every tenant when omitted."),
+    as_json: bool = typer.Option(False, "--json", help="Print JSON instead of a table."),
+) -> None:
+    """Numeric samples and bytes per tenant: hot rows, packed (compacted) rows, and the
+    bytes per sample of each (heap, TOAST and indexes: what the disk holds)."""
+
+    async def work(conn: asyncpg.Connection) -> list[StorageStats]:
+        chosen = _tenants(await list_tenants(conn), tenant)
+        return [await storage_stats(conn, t.id) for t in chosen]
+
+    found = _with_connection(work)
+    if as_json:
+        typer.echo(json.dumps([s.as_dict() for s in found], indent=2))
+        return
+    table = Table("tenant", "part", "samples", "rows", "bytes", "B/sample")
+    for st in found:
+        for part, t in (("hot", st.hot), ("packed", st.packed), ("total", st.total)):
+            per = f"{t.bytes_per_sample:.1f}" if t.bytes_per_sample is not None else "-"
+            table.add_row(st.tenant, part, f"{t.samples:,}", f"{t.rows:,}", f"{t.bytes:,}", per)
     console.print(table)

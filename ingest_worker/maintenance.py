@@ -10,7 +10,14 @@ from ingest_worker.migrate import RetentionMode, list_tenants, quote_ident
 
 log = logging.getLogger("ingest")
 
-_VALUE_TABLES = ("numeric_values", "text_values", "events")
+# each table with the column retention goes by: numeric_packed rows are dropped by the
+# start of their day (or hour), so a packed row is kept while any of it is within retention
+_VALUE_TABLES = {
+    "numeric_values": "time",
+    "numeric_packed": "bucket",
+    "text_values": "time",
+    "events": "time",
+}
 
 
 async def mark_silent_devices(conn: asyncpg.Connection, offline_after_s: float) -> dict[str, int]:
@@ -57,7 +64,7 @@ async def apply_retention(conn: asyncpg.Connection, mode: RetentionMode) -> dict
             continue
         schema = quote_ident(tenant.schema_name)
         count = 0
-        for table in _VALUE_TABLES:
+        for table, column in _VALUE_TABLES.items():
             name = f"{schema}.{table}"
             if mode is RetentionMode.DROP_CHUNKS:
                 rows = await conn.fetch(
@@ -76,7 +83,8 @@ async def apply_retention(conn: asyncpg.Connection, mode: RetentionMode) -> dict
                 )
             else:
                 status = await conn.execute(
-                    f"DELETE FROM {name} WHERE time < now() - make_interval(days => $1)",
+                    f"DELETE FROM {name} WHERE {column} < now() - make_interval(days => $1) "
+                    + ("- interval '1 day'" if table == "numeric_packed" else ""),
                     tenant.retention_days,
                 )
                 count += int(status.split()[-1])
