@@ -13,10 +13,10 @@ from broker.mosquitto import (
     DEFAULT_MAX_INFLIGHT,
     DEFAULT_MAX_INFLIGHT_BYTES,
     DEFAULT_MAX_KEEPALIVE,
-    DEFAULT_MAX_QUEUED,
-    DEFAULT_MAX_QUEUED_BYTES,
     DEFAULT_MEMORY_LIMIT,
     MosquittoOptions,
+    QueueSizing,
+    parse_duration,
     principals_from_registry,
     write_mosquitto_files,
 )
@@ -113,19 +113,37 @@ def mosquitto_config(
         help="Unacknowledged QoS 1/2 messages per MQTT 3.1.1 client (MQTT 5 clients set their own "
         "with Receive Maximum).",
     ),
-    max_queued: int = typer.Option(
-        DEFAULT_MAX_QUEUED,
+    outage: str | None = typer.Option(
+        None,
+        "--outage",
+        help="Longest ingest outage the worker's queue must hold (90s, 30m, 1h, 2d); sizes "
+        "--max-queued and --max-queued-bytes. Default: broker.mosquitto_outage_s (1 h).",
+    ),
+    rate: float | None = typer.Option(
+        None,
+        "--rate",
+        help="Messages/s the fleet publishes to the worker (`fieldline capacity` prints it as "
+        "messages/s). Default: broker.mosquitto_queue_rate (200: a small plant).",
+    ),
+    message_bytes: int | None = typer.Option(
+        None,
+        "--message-bytes",
+        help="Average payload bytes of those messages. Default: "
+        "broker.mosquitto_message_bytes (256).",
+    ),
+    max_queued: int | None = typer.Option(
+        None,
         "--max-queued",
         min=0,
-        help="Messages queued per session beyond those in flight; more are dropped.",
+        help="Messages queued per session beyond those in flight; more are dropped (already "
+        "PUBACKed to their publishers). Default: --outage x --rate.",
     ),
-    max_queued_bytes: int = typer.Option(
-        DEFAULT_MAX_QUEUED_BYTES,
+    max_queued_bytes: int | None = typer.Option(
+        None,
         "--max-queued-bytes",
         min=0,
-        help="Bytes queued per session beyond those in flight; more are dropped (already "
-        "PUBACKed to their publishers). Size it for the whole fleet's bytes during the longest "
-        "ingest outage to survive. 0: no byte limit.",
+        help="Payload bytes queued per session beyond those in flight; more are dropped. "
+        "Default: --outage x --rate x --message-bytes. 0: no byte limit.",
     ),
     max_inflight_bytes: int = typer.Option(
         DEFAULT_MAX_INFLIGHT_BYTES,
@@ -173,6 +191,19 @@ def mosquitto_config(
         autosave_interval = settings.broker.mosquitto_autosave_interval
     if autosave_on_changes is None:
         autosave_on_changes = settings.broker.mosquitto_autosave_on_changes
+    b = settings.broker
+    try:
+        queue = QueueSizing(
+            parse_duration(outage) if outage is not None else b.mosquitto_outage_s,
+            rate if rate is not None else b.mosquitto_queue_rate,
+            message_bytes if message_bytes is not None else b.mosquitto_message_bytes,
+        )
+    except BrokerError as exc:
+        raise typer.BadParameter(str(exc)) from None
+    if max_queued is None:
+        max_queued = queue.messages
+    if max_queued_bytes is None:
+        max_queued_bytes = queue.bytes
     options = MosquittoOptions(
         bind=bind,
         port=port,
@@ -194,6 +225,21 @@ def mosquitto_config(
     console.print(f"wrote {files.acl} ({count} principals)", highlight=False, soft_wrap=True)
     console.print(
         f"wrote {files.ca.parent}/ (CA, server certificate and key, CRL)",
+        highlight=False,
+        soft_wrap=True,
+    )
+    if (max_queued, max_queued_bytes) == (queue.messages, queue.bytes):
+        console.print(queue.describe(), highlight=False, soft_wrap=True)
+    else:
+        console.print(
+            f"worker queue: {max_queued:,} messages / {max_queued_bytes:,} bytes as given "
+            f"(--outage/--rate would give {queue.messages:,} / {queue.bytes:,})",
+            highlight=False,
+            soft_wrap=True,
+        )
+    console.print(
+        f"alert when the worker is {queue.outage_s / 2:g} s behind (half the queue): "
+        "deploy/prometheus/alerts.yml, FieldlineIngestBrokerQueueHalfFull",
         highlight=False,
         soft_wrap=True,
     )

@@ -9,8 +9,10 @@ ACL file and the CRL.
 
 from __future__ import annotations
 
+import math
 import os
 import pwd
+import re
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -28,7 +30,6 @@ from core.settings import BrokerSettings
 # ingest.receive_maximum). The queue must hold what arrives while a worker is down for as
 # long as you want to survive.
 DEFAULT_MAX_INFLIGHT = 1000
-DEFAULT_MAX_QUEUED = 200_000
 DEFAULT_SESSION_EXPIRY = "7d"
 DEFAULT_MAX_PACKET = 2 * 1024 * 1024  # as the embedded broker's max_packet_bytes
 MIB = 1024 * 1024
@@ -37,7 +38,8 @@ MIB = 1024 * 1024
 # once the ingest session's queue is full, Mosquitto drops (and has already PUBACKed) the
 # messages of every device alike, so max_queued_bytes must hold the whole fleet's bytes for the
 # longest worker outage to survive (docs/operations.md, Mosquitto in production).
-DEFAULT_MAX_QUEUED_BYTES = 256 * MIB
+# Both are sized for an outage (QueueSizing below) from core.settings' broker.mosquitto_outage_s,
+# mosquitto_queue_rate and mosquitto_message_bytes: 1 h at 200 msg/s of 256 B by default.
 # 10,000 in flight (the worker's Receive Maximum) x 1.6 KiB; a bigger backlog message still
 # goes out alone. 2.0.11 applies it only to a message's first try at flight, not when the
 # queue moves on (fixed in 2.0.13): there the count window is what bounds in-flight bytes.
@@ -68,6 +70,81 @@ DEFAULT_MAX_KEEPALIVE = 3600
 _BROKER_FIELDS = BrokerSettings.model_fields
 DEFAULT_AUTOSAVE_ON_CHANGES: bool = _BROKER_FIELDS["mosquitto_autosave_on_changes"].default
 DEFAULT_AUTOSAVE_INTERVAL: int = _BROKER_FIELDS["mosquitto_autosave_interval"].default
+DEFAULT_OUTAGE_S: float = _BROKER_FIELDS["mosquitto_outage_s"].default
+DEFAULT_QUEUE_RATE: float = _BROKER_FIELDS["mosquitto_queue_rate"].default
+DEFAULT_MESSAGE_BYTES: int = _BROKER_FIELDS["mosquitto_message_bytes"].default
+
+
+# Mosquitto's resident memory per queued message beyond its payload: 576 B per message of 194
+# payload bytes and 1,393 B at 1,000 (topic 24 B), i.e. ~380-390 B of its own, rounded up
+# (Mosquitto 2.0.11, 200,000 and 100,000 messages queued for an offline persistent session,
+# VmRSS before and after; docs/broker.md, Sizing the worker's queue)
+QUEUED_OVERHEAD_BYTES = 400
+_DURATION_RE = re.compile(r"^(\d+(?:\.\d+)?)\s*(s|m|h|d)?$")
+_UNIT_S = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+
+
+def parse_duration(text: str) -> float:
+    """Seconds from `90`, `90s`, `30m`, `1h` or `2d`; BrokerError otherwise."""
+    match = _DURATION_RE.match(text.strip().lower())
+    if match is None or float(match.group(1)) <= 0:
+        raise BrokerError(f"{text!r} is not a duration: write e.g. 90s, 30m, 1h or 2d")
+    return float(match.group(1)) * _UNIT_S[match.group(2) or "s"]
+
+
+@dataclass(frozen=True)
+class QueueSizing:
+    """The worker's queue at the broker, sized to hold `outage_s` of traffic at `rate`."""
+
+    outage_s: float
+    rate: float  # messages/s the fleet publishes to the worker
+    message_bytes: int  # average payload bytes
+
+    def __post_init__(self) -> None:
+        for name in ("outage_s", "rate", "message_bytes"):
+            value = getattr(self, name)
+            if not (math.isfinite(value) and value > 0):
+                raise BrokerError(f"the queue's {name} must be greater than 0 (got {value})")
+
+    @property
+    def messages(self) -> int:
+        """max_queued_messages: the outage's messages."""
+        return math.ceil(self.outage_s * self.rate)
+
+    @property
+    def bytes(self) -> int:
+        """max_queued_bytes: their payload bytes (what Mosquitto counts)."""
+        return self.messages * self.message_bytes
+
+    @property
+    def memory(self) -> int:
+        """Mosquitto's memory with the queue full: payload plus its own ~400 B a message."""
+        return self.messages * (self.message_bytes + QUEUED_OVERHEAD_BYTES)
+
+    def describe(self) -> str:
+        """One line for the operator: what was chosen and what it costs."""
+        return (
+            f"worker queue: {self.messages:,} messages / {_mib(self.bytes)} of payload "
+            f"(a {_duration(self.outage_s)} outage at {self.rate:g} msg/s of "
+            f"{self.message_bytes} B); Mosquitto memory when full: ~{_mib(self.memory)}; "
+            f"beyond it messages are dropped (already PUBACKed to devices)"
+        )
+
+
+def _mib(n: float) -> str:
+    return f"{n / MIB:,.0f} MiB"
+
+
+def _duration(seconds: float) -> str:
+    for unit, size in (("d", 86400), ("h", 3600), ("m", 60)):
+        if seconds >= size and seconds % size == 0:
+            return f"{seconds / size:g} {unit}"
+    return f"{seconds:g} s"
+
+
+DEFAULT_QUEUE = QueueSizing(DEFAULT_OUTAGE_S, DEFAULT_QUEUE_RATE, DEFAULT_MESSAGE_BYTES)
+DEFAULT_MAX_QUEUED = DEFAULT_QUEUE.messages
+DEFAULT_MAX_QUEUED_BYTES = DEFAULT_QUEUE.bytes
 
 
 @dataclass(frozen=True)

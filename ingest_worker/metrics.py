@@ -88,6 +88,10 @@ class IngestMetrics:
                 10,
                 60,
                 600,
+                # a worker behind by half the broker's queue (FieldlineIngestBrokerQueueHalfFull)
+                1800,
+                3600,
+                7200,
             ),
             registry=r,
         )
@@ -117,7 +121,15 @@ class IngestMetrics:
         )
         self.seq_gaps = Counter(
             "fieldline_ingest_seq_gaps_total",
-            "Messages missing by the devices' `seq` counters.",
+            "Messages missing by the devices' `seq` counters: holes in the committed sequence "
+            "older than ingest.seq_reorder_window_s or further back than ingest.seq_reorder_span "
+            "(a reordering between writers or workers is not counted).",
+            registry=r,
+        )
+        self.seq_gaps_forced = Counter(
+            "fieldline_ingest_seq_gaps_forced_total",
+            "Of those, the ones counted before their time because a device's holes reached "
+            "ingest.seq_reorder_span numbers (may count a very late reordering as loss).",
             registry=r,
         )
         self.presence = Counter(
@@ -134,6 +146,29 @@ class IngestMetrics:
         self.retention_runs = Counter(
             "fieldline_ingest_retention_runs_total",
             "Retention passes, by result.",
+            ["result"],
+            registry=r,
+        )
+        self.compacted_rows = Counter(
+            "fieldline_ingest_compacted_rows_total",
+            "Hot numeric rows moved into packed rows by compaction.",
+            registry=r,
+        )
+        self.compacted_buckets = Counter(
+            "fieldline_ingest_compacted_buckets_total",
+            "Packed rows (a metric's day or hour) written by compaction, new or merged.",
+            registry=r,
+        )
+        self.compaction_seconds = Histogram(
+            "fieldline_ingest_compaction_seconds",
+            "Time one compaction pass took (all tenants of a database).",
+            buckets=(0.01, 0.1, 0.5, 1, 2.5, 5, 10, 20, 30, 60),
+            registry=r,
+        )
+        self.compaction_runs = Counter(
+            "fieldline_ingest_compaction_runs_total",
+            "Compaction passes, by result: ok, partial (stopped by storage.compact_budget_s "
+            "with rows left), failed.",
             ["result"],
             registry=r,
         )

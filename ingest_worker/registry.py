@@ -15,6 +15,7 @@ import asyncpg
 
 from ingest_worker.admission import AdmissionLimits, TokenBuckets
 from ingest_worker.migrate import add_tenant, quote_ident, tenant_ready, tenant_schema
+from ingest_worker.sequence import SeqWindow
 from schemas.messages import MetricKind
 
 
@@ -36,6 +37,8 @@ class Registry:
     devices: dict[tuple[str, str], tuple[str, datetime]] = field(default_factory=dict)
     metrics: dict[tuple[str, str], dict[str, MetricRef]] = field(default_factory=dict)  # by device
     admission: AdmissionLimits = field(default_factory=AdmissionLimits)
+    # how long and how far a hole in a device's seq may stay open before it counts as loss
+    sequence: SeqWindow = field(default_factory=SeqWindow)
     # tenant -> (retention_days, when it was read): a changed retention is seen within a minute
     retention: dict[str, tuple[int | None, float]] = field(default_factory=dict)
     _tenant_lock: asyncio.Lock = field(default_factory=asyncio.Lock)

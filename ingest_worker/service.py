@@ -27,8 +27,9 @@ import certs
 from certs import CertsError
 from core.pgcluster import database_url
 from core.retry import Backoff
-from core.settings import IngestSettings, Settings
+from core.settings import IngestSettings, Settings, StorageSettings
 from ingest_worker.admission import CONFLICTING_VALUE, AdmissionLimits
+from ingest_worker.compaction import compact_all
 from ingest_worker.database import connect
 from ingest_worker.decode import Decoded
 from ingest_worker.errors import StorageError
@@ -39,6 +40,7 @@ from ingest_worker.migrate import RetentionMode, detect_capabilities, migrate_al
 from ingest_worker.pipeline import Pipeline
 from ingest_worker.receive import BrokerTarget, LeanReceiver, PahoReceiver
 from ingest_worker.registry import Registry
+from ingest_worker.sequence import SeqWindow
 from ingest_worker.writer import Narrowing, Written, classify, sqlstate, write_narrowed
 from schemas.limits import Limits
 from schemas.topics import Kind, service_filters, shared
@@ -52,6 +54,7 @@ class IngestError(StorageError):
 
 # the settings model is the one source of defaults
 _DEFAULTS = IngestSettings()
+_STORAGE = StorageSettings()
 
 
 @dataclass(frozen=True)
@@ -78,7 +81,14 @@ class WorkerConfig:
     max_samples: int = _DEFAULTS.max_samples
     max_metrics_per_message: int = _DEFAULTS.max_metrics_per_message
     admission: AdmissionLimits = field(default_factory=AdmissionLimits)
+    sequence: SeqWindow = field(default_factory=SeqWindow)
     retention_every_s: float = _DEFAULTS.retention_every_s
+    # compaction of old numeric rows (`storage.*`): every compact_every_s, at most
+    # compact_budget_s per pass
+    compact_after_s: float = _STORAGE.compact_after_s
+    compact_every_s: float = _STORAGE.compact_every_s
+    compact_budget_s: float = _STORAGE.compact_budget_s
+    compact_batch_rows: int = _STORAGE.compact_batch_rows
     chunk_interval: str = "1 day"
     metrics_port: int = 0
     metrics_bind: str = _DEFAULTS.metrics_bind
@@ -146,7 +156,11 @@ class IngestWorker:
             resume=self.receiver.resume,
             metrics=self.metrics,
         )
-        self.registry = Registry(chunk_interval=config.chunk_interval, admission=config.admission)
+        self.registry = Registry(
+            chunk_interval=config.chunk_interval,
+            admission=config.admission,
+            sequence=config.sequence,
+        )
         self._tasks: list[asyncio.Task[Any]] = []
         self._receiving: asyncio.Task[None] | None = None
         self._http: Any = None
@@ -178,6 +192,7 @@ class IngestWorker:
         loop = asyncio.get_running_loop()
         self._tasks = [loop.create_task(self._writer(n)) for n in range(self.config.writers)]
         self._tasks.append(loop.create_task(self._maintain()))
+        self._tasks.append(loop.create_task(self._compactor()))
         self._receiving = loop.create_task(self.receiver.run(self.pipeline.accept))
         log.info(
             "event=started source=%s client=%s writers=%d batch_rows=%d receive_maximum=%d",
@@ -314,6 +329,7 @@ class IngestWorker:
         self.metrics.rows.labels("commands").inc(written.results)
         if written.gaps:
             self.metrics.seq_gaps.inc(written.gaps)
+            self.metrics.seq_gaps_forced.inc(written.gaps_forced)
         for reason, n in written.suppressed.items():
             self.metrics.dead_letters_suppressed.labels(reason).inc(n)
         if written.conflicts:
@@ -330,6 +346,52 @@ class IngestWorker:
         self.pipeline.committed(items)
 
     # -- schedules --------------------------------------------------------------------------
+    async def _compactor(self) -> None:
+        """Compaction on its own schedule and connection (a pass of up to
+        storage.compact_budget_s must not delay presence or retention)."""
+        conns: dict[str, asyncpg.Connection] = {}
+        try:
+            await asyncio.sleep(min(5.0, self.config.compact_every_s))
+            while True:
+                for dsn in self.config.all_dsns():
+                    try:
+                        conn = conns.get(dsn)
+                        if conn is None or conn.is_closed():
+                            conn = conns[dsn] = await self._connect_db(dsn)
+                        await self._compact(conn)
+                    except (
+                        StorageError,
+                        asyncpg.PostgresError,
+                        OSError,
+                        asyncpg.InterfaceError,
+                    ) as exc:
+                        log.warning("event=compaction_failed error=%r", str(exc)[:200])
+                        self.metrics.compaction_runs.labels("failed").inc()
+                        failed = conns.pop(dsn, None)
+                        if failed is not None:
+                            with contextlib.suppress(Exception):
+                                await failed.close()
+                await asyncio.sleep(self.config.compact_every_s)
+        finally:
+            for conn in conns.values():
+                with contextlib.suppress(Exception):
+                    await conn.close()
+
+    async def _compact(self, conn: asyncpg.Connection) -> None:
+        """One bounded compaction pass over the tenants of one database."""
+        started = time.monotonic()
+        totals = await compact_all(
+            conn,
+            timedelta(seconds=self.config.compact_after_s),
+            batch_rows=self.config.compact_batch_rows,
+            budget_s=self.config.compact_budget_s,
+        )
+        self.metrics.compaction_seconds.observe(time.monotonic() - started)
+        self.metrics.compacted_rows.inc(totals.rows)
+        self.metrics.compacted_buckets.inc(sum(r.buckets for r in totals.results))
+        done = all(r.done for r in totals.results)
+        self.metrics.compaction_runs.labels("ok" if done else "partial").inc()
+
     async def _maintain(self) -> None:
         conns: dict[str, asyncpg.Connection] = {}
         every = max(0.5, self.config.offline_after_s / 4)
@@ -447,7 +509,12 @@ def worker_config(settings: Settings) -> WorkerConfig:
             dead_letter_payload_bytes=i.dead_letter_payload_bytes,
             dead_letters_per_device_per_minute=i.dead_letters_per_device_per_minute,
         ),
+        sequence=SeqWindow(wait=timedelta(seconds=i.seq_reorder_window_s), span=i.seq_reorder_span),
         retention_every_s=i.retention_every_s,
+        compact_after_s=settings.storage.compact_after_s,
+        compact_every_s=settings.storage.compact_every_s,
+        compact_budget_s=settings.storage.compact_budget_s,
+        compact_batch_rows=settings.storage.compact_batch_rows,
         metrics_port=i.metrics_port,
         metrics_bind=i.metrics_bind,
         tenant_dsns=settings.tenant_databases,

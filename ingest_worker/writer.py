@@ -38,6 +38,7 @@ from ingest_worker.admission import (
 from ingest_worker.decode import DB_REJECTED, KIND_CHANGED, WRONG_TENANT, Decoded
 from ingest_worker.errors import StorageError
 from ingest_worker.registry import MetricRef, Registry
+from ingest_worker.sequence import SeqTrack, advance
 from schemas.messages import MetricKind, Quantity
 
 # how stale `devices.last_seen` may get (presence times out after ingest.offline_after_s)
@@ -105,6 +106,7 @@ class Written:
     results: int = 0
     dead: int = 0
     gaps: int = 0
+    gaps_forced: int = 0  # of them, counted because the seq bitmap was full, not by age
     transitions: list[tuple[str, str | None, str]] = field(default_factory=list)
     metrics: dict[tuple[str, str], dict[str, MetricRef]] = field(default_factory=dict)
     owners: dict[str, str] = field(default_factory=dict)
@@ -613,32 +615,15 @@ def _device_states(live: list[Decoded]) -> dict[str, _DeviceState]:
     return states
 
 
-def count_gaps(
-    boot: int | None, seq: int | None, state: _DeviceState
-) -> tuple[int | None, int | None, int]:
-    """New (boot, seq) and the messages missing between them, from the stored (boot, seq).
-
-    Messages from an older boot, or not past the stored seq, are redeliveries or stragglers:
-    they move nothing and count nothing. A newer boot restarts the count.
-    """
-    gaps = 0
-    for announced in state.boots:
-        if boot is None or announced > boot:
-            boot, seq = announced, None
-    for msg_boot, first, last in state.sequences:
-        if msg_boot is not None and boot is not None and msg_boot < boot:
-            continue
-        if msg_boot is not None and (boot is None or msg_boot > boot):
-            boot, seq = msg_boot, last
-            continue
-        if seq is None:
-            seq = last
-        elif first > seq + 1:
-            gaps += first - seq - 1
-            seq = last
-        elif last > seq:
-            seq = last
-    return boot, seq, gaps
+def _track(row: Any) -> SeqTrack:
+    """A device's sequence as its row stores it."""
+    return SeqTrack(
+        row["boot"],
+        row["seq"],
+        SeqTrack.bitmap(row["seq_ahead"]),
+        row["seq_hole_at"],
+        row["seq_hole_mark"],
+    )
 
 
 async def _devices(
@@ -652,8 +637,9 @@ async def _devices(
     """Device rows: last seen, presence, firmware, boot, `seq` gaps; transitions as events.
 
     The rows are read FOR UPDATE and written back at the end of the batch's transaction:
-    gaps are counted against what is committed, so two writers (or workers) never count the
-    same messages twice, and the locks are held only until the commit.
+    gaps are counted on the committed sequence whatever the order the batches commit in
+    (`ingest_worker.sequence`), so two writers (or workers) never count a reordering as loss
+    nor the same messages twice, and the locks are held only until the commit.
     """
     live = _live(items)
     if not live:
@@ -694,18 +680,26 @@ async def _devices(
     current = {
         row["id"]: row
         for row in await conn.fetch(
-            f"SELECT id, status, boot, seq, last_seen FROM {schema}.devices "
-            "WHERE id = ANY($1::text[]) "
+            f"SELECT id, status, boot, seq, seq_ahead, seq_hole_at, seq_hole_mark, last_seen, "
+            f"now() AS now FROM {schema}.devices WHERE id = ANY($1::text[]) "
             "ORDER BY id FOR UPDATE",
             ids,
         )
     }
-    boots, seqs, gaps = [], [], []
+    tracks: list[SeqTrack] = []
+    gaps: list[int] = []
     for device in ids:
-        row = current[device]
-        boot, seq, added = count_gaps(row["boot"], row["seq"], states[device])
-        boots.append(boot)
-        seqs.append(seq)
+        row, state = current[device], states[device]
+        track = _track(row)
+        if state.boots or state.sequences or track.ahead:
+            # the database's clock (transaction start) ages the holes: one clock for all workers
+            track, added, forced = advance(
+                track, state.boots, state.sequences, row["now"], registry.sequence
+            )
+            out.gaps_forced += forced
+        else:
+            added = 0
+        tracks.append(track)
         gaps.append(added)
         out.gaps += added
     st = [states[d] for d in ids]
@@ -713,13 +707,16 @@ async def _devices(
         f"""
         UPDATE {schema}.devices d SET
             last_seen = GREATEST(d.last_seen, n.seen), status = COALESCE(n.status, d.status),
-            fw = COALESCE(n.fw, d.fw), boot = n.boot, seq = n.seq,
-            seq_gaps = d.seq_gaps + n.gaps
+            fw = COALESCE(n.fw, d.fw), boot = n.boot, seq = n.seq, seq_ahead = n.ahead,
+            seq_hole_at = n.hole_at, seq_hole_mark = n.mark, seq_gaps = d.seq_gaps + n.gaps
         FROM unnest($1::text[], $2::timestamptz[], $3::text[], $4::text[], $5::bigint[],
-                    $6::bigint[], $7::bigint[]) AS n(id, seen, status, fw, boot, seq, gaps)
+                    $6::bigint[], $7::bytea[], $8::timestamptz[], $9::bigint[], $10::bigint[])
+             AS n(id, seen, status, fw, boot, seq, ahead, hole_at, mark, gaps)
         WHERE d.id = n.id
         """,
-        ids, [s.seen for s in st], [s.status for s in st], [s.fw for s in st], boots, seqs, gaps,
+        ids, [s.seen for s in st], [s.status for s in st], [s.fw for s in st],
+        [t.boot for t in tracks], [t.seq for t in tracks], [t.ahead_bytes() for t in tracks],
+        [t.hole_at for t in tracks], [t.hole_mark for t in tracks], gaps,
     )  # fmt: skip
     times: list[datetime] = []
     devices: list[str] = []

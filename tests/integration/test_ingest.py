@@ -12,16 +12,21 @@ import hashlib
 import json
 import time
 import uuid
+from datetime import timedelta
 from typing import Any
 
 import pytest
 
+from ingest_worker.sequence import SeqWindow
 from ingest_worker.service import IngestWorker
 from tests.clients import Paho, raw
 from tests.fixtures.brokers import BrokerUnderTest
 from tests.fixtures.ingest import burst, count, fetch, fetchval, wait_for, worker_config
 
 pytestmark = pytest.mark.integration
+
+
+WINDOW = timedelta(seconds=0.5)  # the seq reorder window of the gap test
 
 
 def now_ms() -> int:
@@ -393,27 +398,53 @@ async def test_paho_devices_end_to_end(broker: BrokerUnderTest, timescale_dsn: s
 async def test_seq_gaps_are_counted_once_and_a_new_boot_starts_afresh(
     broker: BrokerUnderTest, timescale_dsn: str
 ) -> None:
+    """Through the broker with two writers and small batches (so a device's batches commit
+    out of order): a reordering counts nothing, a real skip counts exactly once it is older
+    than the reorder window, a redelivery nothing, a new boot starts afresh."""
     pki = broker.pki
     t0 = now_ms() - 60_000
 
-    def msg(i: int, seq: int, boot: int) -> tuple[str, bytes]:
+    def msg(i: int, seq: int, boot: int, device: str = "dev-1") -> tuple[str, bytes]:
         return (
-            "fl/acme/dev-1/telemetry",
+            f"fl/acme/{device}/telemetry",
             j({"ts": t0 + i, "seq": seq, "boot": boot, "metrics": {"v": i}}),
         )
 
-    # boot 1: seq 1, 2, 5 (3 and 4 lost), then 9 (6, 7, 8 lost); boot 2 restarts at 1: no gap
+    async def hole_aged() -> bool:
+        aged = (
+            "SELECT now() - seq_hole_at > interval '0.5 s' FROM tenant_acme.devices WHERE id = $1"
+        )
+        return bool(await fetchval(timescale_dsn, aged, "dev-1"))
+
+    # dev-2: 600 messages in order, batches of 20 rows on two writers: never a gap
+    steady = [msg(1000 + s, s, 1, "dev-2") for s in range(1, 601)]
+    # dev-1, boot 1: 1, 2, 5 (3 and 4 lost); then 9 (6, 7, 8 lost); boot 2 restarts at 1
     first = [msg(0, 1, 1), msg(1, 2, 1), msg(2, 5, 1)]
-    second = [msg(3, 9, 1), msg(4, 1, 2), msg(5, 2, 2)]
-    async with IngestWorker(worker_config(broker, timescale_dsn)) as worker:
+    config = worker_config(
+        broker, timescale_dsn, writers=2, batch_max_rows=20, sequence=SeqWindow(wait=WINDOW)
+    )
+    async with IngestWorker(config) as worker:
         await worker.wait_connected(15)
-        await asyncio.to_thread(burst, broker, pki.device, first)
-        await wait_for(lambda: _count(timescale_dsn, "tenant_acme.numeric_values", 3), 10, "3 rows")
+        await asyncio.gather(
+            asyncio.to_thread(burst, broker, pki.device, first),
+            asyncio.to_thread(burst, broker, pki.device2, steady),
+        )
+        await wait_for(lambda: _count(timescale_dsn, "tenant_acme.numeric_values", 603), 20, "rows")
+        assert worker.metrics.seq_gaps._value.get() == 0  # within the window: maybe reordered
+        await wait_for(hole_aged, 10, "the hole of dev-1 to pass the window")
+        await asyncio.to_thread(burst, broker, pki.device, [msg(3, 9, 1)])  # counts 3, 4
+        await wait_for(lambda: _count(timescale_dsn, "tenant_acme.numeric_values", 604), 10, "9")
+        assert worker.metrics.seq_gaps._value.get() == 2
+        await wait_for(hole_aged, 10, "the hole 6..8 to pass the window")
+        # 10 counts 6, 7, 8 (alone: a boot 2 committing first would make it a straggler)
+        await asyncio.to_thread(burst, broker, pki.device, [msg(4, 10, 1)])
+        await wait_for(lambda: _count(timescale_dsn, "tenant_acme.numeric_values", 605), 10, "10")
+        second = [msg(5, 1, 2), msg(6, 2, 2)]
         await asyncio.to_thread(burst, broker, pki.device, second)
-        await wait_for(lambda: _count(timescale_dsn, "tenant_acme.numeric_values", 6), 10, "6 rows")
+        await wait_for(lambda: _count(timescale_dsn, "tenant_acme.numeric_values", 607), 10, "rows")
         # the same messages again (a redelivery): nothing counted twice
         await asyncio.to_thread(burst, broker, pki.device, first + second)
-        await wait_for(lambda: _received(worker, 12), 10, "the redelivery")  # and settled
+        await wait_for(lambda: _received(worker, 612), 10, "the redelivery")  # and settled
         assert worker.metrics.seq_gaps._value.get() == 5
-    row = await fetch(timescale_dsn, "SELECT boot, seq, seq_gaps FROM tenant_acme.devices")
-    assert [tuple(r) for r in row] == [(2, 2, 5)]
+    rows = await fetch(timescale_dsn, "SELECT id, boot, seq, seq_gaps FROM tenant_acme.devices")
+    assert sorted(tuple(r) for r in rows) == [("dev-1", 2, 2, 5), ("dev-2", 1, 600, 0)]

@@ -21,7 +21,11 @@ from broker.mosquitto import (
     DEFAULT_MAX_CONNECTIONS,
     DEFAULT_MAX_INFLIGHT_BYTES,
     DEFAULT_MAX_QUEUED_BYTES,
+    DEFAULT_QUEUE,
+    QUEUED_OVERHEAD_BYTES,
     MosquittoOptions,
+    QueueSizing,
+    parse_duration,
     render_acl,
     write_mosquitto_files,
 )
@@ -94,7 +98,7 @@ def test_config_binds_identity_to_the_certificate(pki: Pki, tmp_path: Path) -> N
         "persistence true",
         f"persistence_location {tmp_path / 'data'}/",
         "max_inflight_messages 1000",
-        "max_queued_messages 200000",
+        "max_queued_messages 720000",  # 1 h at 200 msg/s (broker.mosquitto_outage_s, ...)
     ):
         assert expected in lines, expected
     assert "retain_available false" not in lines  # it would disconnect every device's status
@@ -106,7 +110,7 @@ def test_config_has_byte_memory_connection_and_keepalive_limits(pki: Pki, tmp_pa
     files = write_mosquitto_files(pki, tmp_path / "mq")
     lines = files.config.read_text().splitlines()
     for expected in (
-        f"max_queued_bytes {256 * 1024 * 1024}",
+        f"max_queued_bytes {720_000 * 256}",
         f"max_inflight_bytes {16 * 1024 * 1024}",
         "memory_limit 0",  # off: reservable before CONNECT (benchmarks/mosquitto_limits.py)
         "max_connections 20000",
@@ -194,7 +198,8 @@ def test_systemd_unit_limits_sit_above_the_rendered_ones() -> None:
     assert DEFAULT_MAX_CONNECTIONS < nofile <= DEFAULT_MAX_CONNECTIONS + 1024
     units = {"K": 1024, "M": 1024**2, "G": 1024**3}
     memory_max = int(settings["MemoryMax"][:-1]) * units[settings["MemoryMax"][-1]]
-    sessions = 2 * (DEFAULT_MAX_QUEUED_BYTES + DEFAULT_MAX_INFLIGHT_BYTES)
+    assert DEFAULT_QUEUE.bytes == DEFAULT_MAX_QUEUED_BYTES
+    sessions = 2 * (DEFAULT_QUEUE.memory + DEFAULT_MAX_INFLIGHT_BYTES)
     assert memory_max >= sessions + DEFAULT_MAX_CONNECTIONS * 40 * 1024
 
 
@@ -259,3 +264,59 @@ def test_cli_autosave_comes_from_the_settings_and_its_options(
     refused = CliRunner().invoke(broker_app, [*base, "--autosave-interval", "0"])
     assert refused.exit_code != 0
     assert "--autosave-interval" in refused.output
+
+
+# -- the worker's queue, sized for an outage (issue 19) -----------------------------------------
+@pytest.mark.parametrize(
+    ("text", "seconds"), [("90", 90), ("90s", 90), ("30m", 1800), ("1h", 3600), ("1.5 h", 5400)]
+)
+def test_durations(text: str, seconds: float) -> None:
+    assert parse_duration(text) == seconds
+
+
+@pytest.mark.parametrize("text", ["", "1w", "h", "-1h", "0s", "one hour"])
+def test_bad_durations_are_refused(text: str) -> None:
+    with pytest.raises(BrokerError, match="not a duration"):
+        parse_duration(text)
+
+
+def test_queue_sizing_counts_messages_payload_and_mosquittos_memory() -> None:
+    queue = QueueSizing(outage_s=7200, rate=1000, message_bytes=194)
+    assert (queue.messages, queue.bytes) == (7_200_000, 7_200_000 * 194)
+    assert queue.memory == 7_200_000 * (194 + QUEUED_OVERHEAD_BYTES)
+    assert "7,200,000 messages" in queue.describe()
+    assert "2 h outage at 1000 msg/s" in queue.describe()
+    with pytest.raises(BrokerError, match="rate"):
+        QueueSizing(3600, 0, 200)
+
+
+def test_cli_sizes_the_queue_from_outage_and_rate_and_says_what_it_costs(
+    home_env: None, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    out = tmp_path / "mq"
+
+    def render(*args: str) -> tuple[str, set[str]]:
+        result = CliRunner().invoke(broker_app, ["mosquitto-config", "--out", str(out), *args])
+        assert result.exit_code == 0, result.output
+        lines = set((out / "mosquitto.conf").read_text().splitlines())
+        return " ".join(result.output.split()), lines
+
+    printed, lines = render()
+    assert {"max_queued_messages 720000", f"max_queued_bytes {720_000 * 256}"} <= lines
+    assert "~450 MiB" in printed
+    assert "1800 s behind" in printed
+    printed, lines = render("--outage", "2h", "--rate", "1000", "--message-bytes", "194")
+    assert {"max_queued_messages 7200000", f"max_queued_bytes {7_200_000 * 194}"} <= lines
+    assert "7,200,000 messages / 1,332 MiB of payload" in printed
+    assert "Mosquitto memory when full: ~4,079 MiB" in printed
+    # the settings set the defaults; an explicit limit wins over the sizing
+    monkeypatch.setenv("FIELDLINE_BROKER__MOSQUITTO_OUTAGE_S", "60")
+    get_settings.cache_clear()
+    printed, lines = render("--max-queued-bytes", "5000")
+    assert {"max_queued_messages 12000", "max_queued_bytes 5000"} <= lines
+    assert "as given" in printed
+    refused = CliRunner().invoke(
+        broker_app, ["mosquitto-config", "--out", str(out), "--outage", "soon"]
+    )
+    assert refused.exit_code != 0
+    assert "not a duration" in refused.output

@@ -1,4 +1,4 @@
-"""Pure pieces of the ingest worker: gap counting, batching and in-order acknowledgements."""
+"""Pure pieces of the ingest worker: batching and in-order acknowledgements."""
 
 from __future__ import annotations
 
@@ -8,40 +8,15 @@ import time
 from datetime import UTC, datetime
 from typing import Any
 
-import pytest
-
 from broker import wire
 from ingest_worker.decode import BAD_TOPIC, UNEXPECTED_TOPIC, decode_message
 from ingest_worker.metrics import IngestMetrics
 from ingest_worker.mqtt import MQTT311, Delivery, Subscriber
 from ingest_worker.pipeline import Pipeline
-from ingest_worker.writer import _DeviceState, count_gaps, is_transient
+from ingest_worker.writer import is_transient
 from schemas.limits import Limits
 
 NOW = datetime(2026, 11, 24, tzinfo=UTC)
-
-
-def state(*sequences: tuple[int | None, int, int], boots: tuple[int, ...] = ()) -> _DeviceState:
-    return _DeviceState(NOW, NOW, boots=list(boots), sequences=list(sequences))
-
-
-@pytest.mark.parametrize(
-    ("stored", "batch", "expected"),
-    [
-        ((None, None), state((1, 1, 1), (1, 2, 2), (1, 5, 5)), (1, 5, 2)),  # 3, 4 missing
-        ((1, 5), state((1, 9, 9)), (1, 9, 3)),  # 6, 7, 8 missing
-        ((1, 9), state((1, 3, 3), (1, 9, 9)), (1, 9, 0)),  # redelivered: nothing
-        ((1, 9), state((2, 1, 1), (2, 2, 2)), (2, 2, 0)),  # a restart: counting starts afresh
-        ((2, 2), state((1, 5, 5)), (2, 2, 0)),  # a straggler from an older boot
-        ((1, 9), state((None, 12, 20)), (1, 20, 2)),  # no boot sent: same boot; a backlog
-        ((1, 9), state(boots=(3,)), (3, None, 0)),  # a status birth with a new boot
-        ((1, 9), state((1, 10, 10), boots=(1,)), (1, 10, 0)),  # same boot announced again
-    ],
-)
-def test_gap_counting(
-    stored: tuple[int | None, int | None], batch: _DeviceState, expected: tuple[Any, ...]
-) -> None:
-    assert count_gaps(*stored, batch) == expected
 
 
 def test_transient_errors() -> None:
