@@ -20,8 +20,10 @@ $(STAMP): pyproject.toml deploy/setup/install-system.sh deploy/setup/build-times
 system:
 	bash deploy/setup/install-system.sh
 
+# two worker processes, each test file whole on one (module fixtures are shared within a file):
+# most of the suite waits on real servers, so two processes on two cores halve its time
 test: setup
-	$(BIN)/pytest
+	$(BIN)/pytest -n 2 --dist loadfile
 
 unit: setup
 	$(BIN)/pytest tests/unit

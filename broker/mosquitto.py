@@ -285,7 +285,7 @@ def write_mosquitto_files(
     """Write the config, the ACL and the TLS files into out_dir, readable by `run_as` only."""
     opts = options or MosquittoOptions()
     try:
-        server = pki.bundle(server_bundle_name)
+        server = pki.server_bundle(server_bundle_name)
         principals = principals_from_registry(pki)
     except CertsError as exc:
         raise BrokerError(

@@ -473,7 +473,7 @@ def write_nats_files(
     """Render the cluster into out_dir (configs 0600: they hold the route password)."""
     opts = options or NatsOptions()
     try:
-        server = pki.bundle(opts.server_bundle_name)
+        server = pki.server_bundle(opts.server_bundle_name)
         principals = principals_from_registry(pki)
         pins = live_client_pins(pki)
         names = user_names(pki)

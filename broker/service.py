@@ -33,7 +33,7 @@ def tls_files(pki_dir: Path, server_cert: str) -> TlsFiles:
     """The CA, server certificate and key, and CRL a broker serves (CertsError if absent)."""
     pki = Pki(pki_dir)
     pki.ca_certificate()
-    server = pki.bundle(server_cert)
+    server = pki.server_bundle(server_cert)
     return TlsFiles(
         ca_file=pki.ca_cert_path,
         cert_file=server.cert,

@@ -584,6 +584,17 @@ class Pki:
             "`fieldline certs list` shows what was issued"
         )
 
+    def server_bundle(self, name: str) -> Bundle:
+        """The current bundle of a `fieldline certs server` certificate: a client certificate
+        of that name is refused, so a broker or web server never serves a client's key."""
+        bundle = self.bundle(name)
+        if bundle.identity.role is not Role.SERVER:
+            raise UnknownIdentityError(
+                f"{name!r} is a {bundle.identity.role.value} certificate, not a server one: "
+                f"issue one with `fieldline certs server {name} --host ...`"
+            )
+        return bundle
+
     def bundles(self, identity_ids: Sequence[str]) -> dict[str, Bundle]:
         """The current bundles of the ids that have one (a fleet: one registry read)."""
         wanted = set(identity_ids)

@@ -385,6 +385,19 @@ class WebSettings(_Section):
     statement_timeout_s: float = Field(
         default=15.0, gt=0, description="longest a query of the API may run (then 503)"
     )
+    read_timeout_s: float = Field(
+        default=10.0,
+        gt=0,
+        description="time a client has to send a request's headers (from connecting, or after "
+        "the previous answer: then the connection is closed) and, after them, its whole body "
+        "(then 408); slow clients cannot hold connections open",
+    )
+    max_event_body_bytes: int = Field(
+        default=8 * 1024,
+        ge=256,
+        description="an event body larger than this (as JSON text) is shown as "
+        '{"truncated": true, "bytes", "message"}, so a page of events stays small',
+    )
 
 
 class StorageSettings(_Section):

@@ -43,6 +43,9 @@ async def list_devices(db: Db, tenant: str, search: str | None = None) -> list[d
     """Every device of a tenant (whose id contains `search`): status, last seen, first seen,
     firmware, boot and its metric names."""
     s = schema(tenant)
+    if search and ("\x00" in search or not search.isprintable()):
+        # PostgreSQL text cannot hold NUL: a 400 here rather than a database error
+        raise BadInputError("search: give printable text, part of a device id")
     pattern = None if not search else "%" + _like_escape(search) + "%"
     async with tenant_tables(tenant):
         rows = await db.fetch(

@@ -10,6 +10,9 @@ from fleet.errors import BadInputError
 
 _DURATION = re.compile(r"^(\d+(?:\.\d+)?)(s|m|h|d)$")
 _UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+# longer durations, and times whose UTC falls outside years 1..9999, cannot be computed with
+# (OverflowError): refused as bad input rather than failing the request
+MAX_DURATION = timedelta(days=36_500)
 
 
 def parse_duration(text: str) -> timedelta:
@@ -17,14 +20,27 @@ def parse_duration(text: str) -> timedelta:
     match = _DURATION.match(text.strip())
     if not match or float(match.group(1)) <= 0:
         raise BadInputError(f"{text!r} is not a duration: use a number and s, m, h or d (15m)")
-    return timedelta(seconds=float(match.group(1)) * _UNITS[match.group(2)])
+    seconds = float(match.group(1)) * _UNITS[match.group(2)]
+    if seconds > MAX_DURATION.total_seconds():
+        raise BadInputError(
+            f"{text!r} is longer than {MAX_DURATION.days}d: give an ISO time instead"
+        )
+    return timedelta(seconds=seconds)
+
+
+def back_from(now: datetime, text: str) -> datetime:
+    """`now` minus the duration `text`; BadInputError if that is before year 1."""
+    try:
+        return now - parse_duration(text)
+    except OverflowError:
+        raise BadInputError(f"{text!r} back from now is before year 1") from None
 
 
 def parse_time(text: str, now: datetime, what: str = "time") -> datetime:
     """An ISO 8601 time (UTC if it has no offset) or a duration back from `now`."""
     text = text.strip()
     if _DURATION.match(text):
-        return now - parse_duration(text)
+        return back_from(now, text)
     try:
         when = datetime.fromisoformat(text)
     except ValueError:
@@ -32,7 +48,12 @@ def parse_time(text: str, now: datetime, what: str = "time") -> datetime:
             f"{what} {text!r} is neither an ISO 8601 time (2026-12-05T07:30:00+00:00) nor a "
             "duration back from now (15m, 24h, 7d)"
         ) from None
-    return when if when.tzinfo is not None else when.replace(tzinfo=UTC)
+    if when.tzinfo is None:
+        return when.replace(tzinfo=UTC)
+    try:
+        return when.astimezone(UTC)  # year 1 at +14:00 is year 0 in UTC: not a time
+    except OverflowError:
+        raise BadInputError(f"{what} {text!r} is outside years 1 to 9999 in UTC") from None
 
 
 def time_range(

@@ -3,16 +3,16 @@
 from __future__ import annotations
 
 import asyncio
-from datetime import UTC, datetime, timedelta
+from datetime import datetime, timedelta
 from importlib import metadata
 from typing import Any
 
 from fastapi import APIRouter, Depends, Query, Request
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic_core import PydanticSerializationError
 
 from fleet import commands, devices, events, platform, series
-from fleet.durations import bucket_seconds, parse_duration, time_range
-from fleet.errors import BadInputError
+from fleet.durations import bucket_seconds, time_range
 from schemas import topics
 from schemas.limits import MAX_TTL_S
 from schemas.messages import Command
@@ -44,11 +44,8 @@ def bounded(state: WebState, value: int, name: str, low: int, high: int, setting
 
 
 def _since(text: str) -> datetime:
-    try:
-        return datetime.now(UTC) - parse_duration(text)
-    except BadInputError:
-        # an ISO time is accepted too
-        return time_range(text, None)[0]
+    # a duration back from now or an ISO time, before now
+    return time_range(text, None)[0]
 
 
 def latest_json(values: dict[str, series.Latest]) -> dict[str, Any]:
@@ -172,8 +169,9 @@ async def device_events(
     bounded(state, limit, "limit", 1, state.settings.web.max_limit, "web.max_limit")
     db = await state.tenant(scope_tenant(token, tenant))
     await devices.device_state(db, tenant, device)
-    found = await events.events(db, tenant, _since(since), limit, device=device)
-    return {"events": found}
+    found = await events.events(db, tenant, _since(since), limit, device=device,
+                                max_body_bytes=state.settings.web.max_event_body_bytes)  # fmt: skip
+    return {"events": _counted(state, found)}
 
 
 @router.get("/tenants/{tenant}/alerts", summary="Events of severity warning and above")
@@ -187,7 +185,16 @@ async def alerts(
     state = state_of(request)
     bounded(state, limit, "limit", 1, state.settings.web.max_limit, "web.max_limit")
     db = await state.tenant(scope_tenant(token, tenant))
-    return {"events": await events.events(db, tenant, _since(since), limit, alerts_only=True)}
+    found = await events.events(db, tenant, _since(since), limit, alerts_only=True,
+                                max_body_bytes=state.settings.web.max_event_body_bytes)  # fmt: skip
+    return {"events": _counted(state, found)}
+
+
+def _counted(state: WebState, found: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    cut = events.truncated(found)
+    if cut:
+        state.metrics.truncated.labels("event_body").inc(cut)
+    return found
 
 
 @router.get("/tenants/{tenant}/devices/{device}/commands", summary="A device's commands")
@@ -237,6 +244,13 @@ async def send_command(
         where = ".".join(str(p) for p in first["loc"]) or "command"
         raise ApiError(400, f"{where}: {first['msg']}") from None
     try:
+        # a lone surrogate (\ud800) passes JSON parsing but is not text: nothing could store
+        # or send it (PostgreSQL's jsonb refuses it): a 400 here, not a 503 from the database
+        payload = command.model_dump_json().encode()
+    except PydanticSerializationError:
+        raise ApiError(400, "args: a string is not valid Unicode (a lone surrogate such as "
+                            "\\ud800): send UTF-8 text") from None  # fmt: skip
+    try:
         state.publisher.context(tenant)  # before anything is recorded
     except NoCertificateError as exc:
         state.metrics.commands.labels("no_certificate").inc()
@@ -245,7 +259,7 @@ async def send_command(
     device_now = await commands.record_command(db, tenant, device, command)
     topic = topics.command(tenant, device, command.name)
     try:
-        await state.publisher.publish(tenant, topic, command.model_dump_json().encode())
+        await state.publisher.publish(tenant, topic, payload)
     except (PublishError, NoCertificateError) as exc:
         state.metrics.commands.labels("broker_failed").inc()
         await commands.mark_unsent(db, tenant, str(command.id), str(exc))

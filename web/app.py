@@ -22,7 +22,7 @@ from ingest_worker.errors import StorageError
 from web import api, stream
 from web.auth import ApiError, authenticate, state_of
 from web.errors import WebError
-from web.middleware import BodyLimit, Headers
+from web.middleware import SECURITY_HEADERS, BodyLimit, Headers
 from web.publisher import NoCertificateError
 from web.state import DatabaseUnavailableError, WebState
 from web.tokens import TokenRole
@@ -136,6 +136,13 @@ def create_app(
     async def _db(_r: Request, exc: Exception) -> JSONResponse:
         return _error(503, f"the database failed the query ({type(exc).__name__}): try again")
 
+    @app.exception_handler(Exception)
+    async def _unexpected(_r: Request, _exc: Exception) -> JSONResponse:
+        # a bug: the traceback goes to the server's log (uvicorn), never to the client; this
+        # answer bypasses the middleware, so it carries the security headers itself
+        return _error(500, "the server failed this request (a bug: its log has the details); "
+                           "try again, or report it", dict(SECURITY_HEADERS))  # fmt: skip
+
     @app.get("/", include_in_schema=False)
     async def index() -> Response:
         page = STATIC / "index.html"
@@ -164,7 +171,8 @@ def create_app(
     app.mount("/docs/assets", StaticFiles(directory=str(swagger_ui_path)), name="swagger")
     app.mount("/static", StaticFiles(directory=str(STATIC), check_dir=False), name="static")
 
-    app.add_middleware(BodyLimit, limit=settings.web.max_body_bytes, metrics=state.metrics)
+    app.add_middleware(BodyLimit, limit=settings.web.max_body_bytes, metrics=state.metrics,
+                       timeout_s=settings.web.read_timeout_s)  # fmt: skip
     app.add_middleware(Headers, metrics=state.metrics)
     return app
 

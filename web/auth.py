@@ -73,8 +73,12 @@ def require(state: WebState, token: Token, role: TokenRole, what: str) -> None:
     if not token.role.at_least(role):
         state.metrics.refused.labels("forbidden").inc()
         raise ApiError(
-            403, f"{what} needs a {role.value} token; this one is a {token.role.value}'s"
+            403, f"{what} needs {_a(role.value)} token; this one is {_a(token.role.value)}'s"
         )
+
+
+def _a(word: str) -> str:
+    return ("an " if word[0] in "aeiou" else "a ") + word
 
 
 def scope_tenant(token: Token, tenant: str) -> str:

@@ -22,12 +22,17 @@ class WebMetrics:
         self.refused = Counter(
             "fieldline_web_refused_total",
             "Requests refused by a bound or by auth: rate_limited, body_too_large, "
-            "too_many_streams, points_limit, limit_limit, unauthorized, forbidden",
+            "too_many_streams, points_limit, limit_limit, unauthorized, forbidden, slow_request",
             ["reason"], registry=self.registry,
         )  # fmt: skip
         self.streams = Gauge(
             "fieldline_web_streams_open", "Live streams (server-sent events) open",
             registry=self.registry,
+        )  # fmt: skip
+        self.truncated = Counter(
+            "fieldline_web_truncated_total",
+            "Values cut short in answers, by what: event_body (web.max_event_body_bytes)",
+            ["what"], registry=self.registry,
         )  # fmt: skip
         self.commands = Counter(
             "fieldline_web_commands_total",

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import time
 from typing import Any
@@ -16,6 +17,11 @@ CSP = (
 )
 # Swagger UI sets inline styles from its stylesheet bundle; its scripts are still files
 DOCS_CSP = CSP.replace("style-src 'self'", "style-src 'self' 'unsafe-inline'")
+SECURITY_HEADERS = {
+    "content-security-policy": CSP,
+    "x-content-type-options": "nosniff",
+    "referrer-policy": "no-referrer",
+}
 
 
 class Headers:
@@ -38,11 +44,9 @@ class Headers:
             if message["type"] == "http.response.start":
                 status[0] = int(message["status"])
                 headers = list(message.get("headers", []))
-                headers += [
-                    (b"content-security-policy", csp.encode()),
-                    (b"x-content-type-options", b"nosniff"),
-                    (b"referrer-policy", b"no-referrer"),
-                ]
+                headers += [(k.encode(), v.encode()) for k, v in SECURITY_HEADERS.items()
+                            if k != "content-security-policy"]  # fmt: skip
+                headers.append((b"content-security-policy", csp.encode()))
                 message = {**message, "headers": headers}
             await send(message)
 
@@ -62,12 +66,15 @@ def _route_name(scope: Scope) -> str:
 
 
 class BodyLimit:
-    """Refuses a request body over `limit` bytes with 413, by Content-Length or as it comes."""
+    """Refuses a request body over `limit` bytes with 413, by Content-Length or as it comes,
+    and one that has not all arrived `timeout_s` after the headers with 408 (the body is read
+    before the token is checked: a client sending a byte a minute must not hold on)."""
 
-    def __init__(self, app: ASGIApp, limit: int, metrics: WebMetrics) -> None:
+    def __init__(self, app: ASGIApp, limit: int, metrics: WebMetrics, timeout_s: float) -> None:
         self.app = app
         self.limit = limit
         self.metrics = metrics
+        self.timeout_s = timeout_s
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http" or scope["method"] in ("GET", "HEAD", "OPTIONS"):
@@ -79,8 +86,14 @@ class BodyLimit:
                 return
         chunks: list[bytes] = []
         size = 0
+        deadline = asyncio.get_running_loop().time() + self.timeout_s
         while True:
-            message = await receive()
+            try:
+                async with asyncio.timeout_at(deadline):
+                    message = await receive()
+            except TimeoutError:
+                await self._too_slow(send)
+                return
             if message["type"] == "http.disconnect":
                 return
             body = message.get("body", b"")
@@ -105,11 +118,20 @@ class BodyLimit:
     async def _refuse(self, send: Send) -> None:
         self.metrics.refused.labels("body_too_large").inc()
         error = f"the request body is larger than {self.limit} bytes (web.max_body_bytes)"
-        body = json.dumps({"error": error + "; send less"}).encode()
-        headers = [
-            (b"content-type", b"application/json"),
-            (b"content-length", str(len(body)).encode()),
-            (b"connection", b"close"),
-        ]
-        await send({"type": "http.response.start", "status": 413, "headers": headers})
-        await send({"type": "http.response.body", "body": body})
+        await _answer(send, 413, error + "; send less")
+
+    async def _too_slow(self, send: Send) -> None:
+        self.metrics.refused.labels("slow_request").inc()
+        await _answer(send, 408, f"the request body did not arrive within {self.timeout_s:g} s "
+                                 "(web.read_timeout_s): send it at once")  # fmt: skip
+
+
+async def _answer(send: Send, status: int, error: str) -> None:
+    body = json.dumps({"error": error}).encode()
+    headers = [
+        (b"content-type", b"application/json"),
+        (b"content-length", str(len(body)).encode()),
+        (b"connection", b"close"),
+    ]
+    await send({"type": "http.response.start", "status": status, "headers": headers})
+    await send({"type": "http.response.body", "body": body})

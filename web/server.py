@@ -11,7 +11,7 @@ from pathlib import Path
 
 import uvicorn
 
-from certs import CertsError, Pki
+from certs import CertsError, Pki, Role
 from core.errors import FieldlineError
 from core.settings import Settings
 from ingest_worker.database import connect
@@ -19,6 +19,7 @@ from ingest_worker.errors import StorageError
 from ingest_worker.migrate import migrate_shared
 from web.app import create_app
 from web.errors import WebError
+from web.slow_clients import timed_h11
 
 log = logging.getLogger("fieldline.web")
 
@@ -39,11 +40,17 @@ def tls_files(settings: Settings, host: str) -> tuple[Path, Path] | None:
     if is_loopback(host) and settings.web.https == "auto":
         return None
     name = settings.web.server_cert
+    pki = Pki(settings.pki_dir)
     try:
-        bundle = Pki(settings.pki_dir).bundle(name)
-        cert, key = bundle.cert, bundle.key
+        # a server certificate only: a device or operator named like web.server_cert has a
+        # client certificate (and its key) under the same id, which must never be served
+        found = [r for r in pki.records()
+                 if r.id == name and r.role is Role.SERVER and r.revoked_at is None]  # fmt: skip
     except CertsError:
-        cert = key = settings.pki_dir / "server" / name / "missing"
+        found = []
+    cert = key = settings.pki_dir / "server" / name / "missing"
+    if found:
+        cert, key = (pki.root / found[-1].directory / f for f in ("cert.pem", "key.pem"))
     if not (cert.is_file() and key.is_file()):
         why = "listening beyond loopback" if not is_loopback(host) else "with web.https=always"
         hint = f"--ip {host}" if _is_ip(host) else f"--host {host}"
@@ -102,8 +109,12 @@ class WebServer:
         """Apply the shared migrations (the token table), then listen."""
         await self._migrate()
         cert, key = self.tls if self.tls else (None, None)
+        refused = self.app.state.web.metrics.refused
+        protocol = timed_h11(self.settings.web.read_timeout_s,
+                             lambda: refused.labels("slow_request").inc())  # fmt: skip
         config = uvicorn.Config(
             self.app, host=self.host, port=self.port, log_level="warning", access_log=False,
+            http=protocol,
             lifespan="on", ssl_certfile=str(cert) if cert else None,
             ssl_keyfile=str(key) if key else None, timeout_graceful_shutdown=5,
             server_header=False,

@@ -7,6 +7,7 @@ from __future__ import annotations
 import base64
 import json
 import math
+import socket
 import ssl
 import threading
 import time
@@ -114,6 +115,8 @@ def stack(pg_server: PgServer, tmp_path_factory: pytest.TempPathFactory) -> Iter
     seed_device(dsn, "acme", "dev-2", status="offline", metrics={"temp": "numeric"})
     seed_device(dsn, "globex", "dev-9", metrics={"temp": "numeric"}, values={"temp": [(NOW, 1)]})
     run_async(lambda: fetch(dsn, GLOBEX_SQL, GLOBEX_COMMAND))
+    for kind, body in (("flood", HUGE_EVENT), ("threshold", {"message": "hot", "value": 81.5})):
+        run_async(lambda k=kind, b=body: fetch(dsn, EVENT_SQL, NOW, k, json.dumps(b)))  # type: ignore[misc]
     broker = start_fieldline(pki, root / "broker")
     worker = start_worker(broker, dsn, root / "worker")
     web = start_web(dsn, broker, root / "web", tenants=("acme",), rate_per_s=5, rate_burst=30)
@@ -127,6 +130,13 @@ def stack(pg_server: PgServer, tmp_path_factory: pytest.TempPathFactory) -> Iter
 
 GLOBEX_COMMAND = str(uuid.uuid4())
 
+
+# a hostile device's event: a whole payload of data (the ingest worker takes up to 256 KiB)
+HUGE_EVENT = {"message": "m" * 1024, "data": {"pad": "x" * 200_000}}
+EVENT_SQL = (
+    'INSERT INTO "tenant_acme".events (time, device_id, kind, severity, body) '
+    "VALUES ($1, 'dev-1', $2, 'warning', $3::jsonb)"
+)
 
 GLOBEX_SQL = (
     'INSERT INTO "tenant_globex".commands (id, device_id, name, status) '
@@ -211,7 +221,9 @@ def test_roles(stack: Stack, viewer: str, admin: str) -> None:
         refused = c.post("/api/v1/tenants/acme/devices/dev-1/commands", json=body)
     assert refused.status_code == 403
     assert "operator" in error(refused)
-    assert stack.get("/api/v1/dead-letters", viewer).status_code == 403
+    refused = stack.get("/api/v1/dead-letters", viewer)
+    assert refused.status_code == 403
+    assert error(refused) == "reading dead letters needs an admin token; this one is a viewer's"
     payload = b"x" * 3000
     run_async(lambda: fetch(
         stack.dsn, "INSERT INTO fieldline.dead_letters (topic, payload, reason, error, tenant_id) "
@@ -233,6 +245,12 @@ def test_bad_input_is_a_4xx_that_says_what_was_wrong(stack: Stack, operator: str
         (f"{base}/metrics/pressure", {}, 404, "it has: door, note, temp"),
         (f"{base}/metrics/note", {}, 400, "text"),
         (f"{base}/events", {"limit": 5000}, 400, "limit"),
+        # found by the red team: these were 500s (OverflowError) or 503s (the database refused)
+        (f"{base}/metrics/temp", {"since": "99999999999d"}, 400, "longer than 36500d"),
+        (f"{base}/metrics/temp", {"since": "9" * 400 + "d"}, 400, "longer than 36500d"),
+        (f"{base}/metrics/temp", {"since": "0001-01-01T00:00:00+14:00"}, 400, "years 1 to 9999"),
+        (f"{base}/events", {"since": "1000000d"}, 400, "longer than 36500d"),
+        ("/api/v1/tenants/acme/devices", {"search": "dev\x00"}, 400, "search"),
         ("/api/v1/tenants/ACME!/devices", {}, 404, "tenant"),
         ("/api/v1/nothing-here", {}, 404, "route"),
     ]
@@ -261,6 +279,10 @@ def test_bad_input_is_a_4xx_that_says_what_was_wrong(stack: Stack, operator: str
         bad_ttl = c.post(url, json={"name": "reset", "ttl_s": 0})
         assert bad_ttl.status_code == 422
         assert "ttl_s" in error(bad_ttl)
+        surrogate = c.post(url, content=b'{"name": "reset", "args": {"a": "\\ud800"}}',
+                           headers={"content-type": "application/json"})  # fmt: skip
+        assert surrogate.status_code == 400, surrogate.text
+        assert "Unicode" in error(surrogate)
 
 
 SET_INTERVAL = {"name": "set-interval", "args": {"interval_s": 5}, "ttl_s": 30}
@@ -433,5 +455,51 @@ def test_https_beyond_loopback_needs_a_server_certificate(stack: Stack) -> None:
         assert httpx.get(f"{web.url}/api/v1/health", verify=context).status_code == 200
         with pytest.raises(httpx.HTTPError):
             httpx.get(web.url.replace("https", "http") + "/api/v1/health", timeout=5)
+    finally:
+        web.stop()
+
+
+# -- found by the red team ---------------------------------------------------------------------
+def test_a_huge_event_body_is_cut_before_it_travels(stack: Stack, viewer: str) -> None:
+    for path in ("/api/v1/tenants/acme/devices/dev-1/events", "/api/v1/tenants/acme/alerts"):
+        found = {e["kind"]: e for e in stack.get(path, viewer).json()["events"]}
+        cut = found["flood"]["body"]
+        assert cut == {"truncated": True, "bytes": cut["bytes"], "message": "m" * 1024}, path
+        assert cut["bytes"] > 200_000
+        assert found["threshold"]["body"] == {"message": "hot", "value": 81.5}  # small: whole
+    metrics = samples(httpx.get(f"{stack.web.url}/metrics", timeout=10).text)
+    assert metrics['fieldline_web_truncated_total{what="event_body"}'] >= 2
+
+
+def test_slow_clients_cannot_hold_a_connection(stack: Stack, viewer: str) -> None:
+    web = start_web(stack.dsn, None, stack.root / "web-slow", read_timeout_s=1, stream_ping_s=0.35)
+    port = int(web.url.rsplit(":", 1)[1])
+    try:
+        # headers that never end (slowloris), and a body that never ends, before any token
+        headers = socket.create_connection(("127.0.0.1", port), timeout=20)
+        headers.sendall(b"GET /api/v1/health HTTP/1.1\r\nHost: x\r\nX-Slow: 1")
+        body = socket.create_connection(("127.0.0.1", port), timeout=20)
+        body.sendall(b"POST /api/v1/tenants/acme/devices/dev-1/commands HTTP/1.1\r\nHost: x\r\n"
+                     b"Content-Type: application/json\r\nContent-Length: 100\r\n\r\n{")  # fmt: skip
+        with headers, body:
+            assert headers.recv(100) == b"", "the server kept a connection without headers"
+            answer = b""
+            while chunk := body.recv(4096):
+                answer += chunk
+        assert answer.startswith(b"HTTP/1.1 408"), answer
+        assert b"web.read_timeout_s" in answer
+        # a live stream is a long answer, not a slow request: it outlives the timeout
+        pings = 0
+        with (
+            httpx.Client(base_url=web.url, headers={"Authorization": f"Bearer {viewer}"}) as c,
+            c.stream("GET", "/api/v1/tenants/acme/stream", timeout=20) as stream,
+        ):
+            assert stream.status_code == 200
+            for line in stream.iter_lines():
+                pings += line == "event: ping"
+                if pings == 4:  # 1.4 s: longer than web.read_timeout_s
+                    break
+        metrics = samples(httpx.get(f"{web.url}/metrics", timeout=10).text)
+        assert metrics['fieldline_web_refused_total{reason="slow_request"}'] == 2
     finally:
         web.stop()

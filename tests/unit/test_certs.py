@@ -16,6 +16,10 @@ from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 from typer.testing import CliRunner
 
+from broker.errors import BrokerError
+from broker.mosquitto import write_mosquitto_files
+from broker.nats import write_nats_files
+from broker.service import options_from_settings
 from certs import Identity, KeyType, Pki, Role
 from certs.cli import app
 from certs.errors import (
@@ -26,6 +30,7 @@ from certs.errors import (
     PassphraseError,
     UnknownIdentityError,
 )
+from core.settings import load_settings
 
 
 @pytest.fixture
@@ -67,6 +72,23 @@ def test_server_certificate_has_dns_and_ip_names(pki: Pki) -> None:
     assert list(eku) == [ExtendedKeyUsageOID.SERVER_AUTH]
     with pytest.raises(CertsError, match="not an IP address"):
         pki.issue_server("b2", ips=["localhost"])
+
+
+def test_a_client_certificate_named_like_the_server_is_never_served(
+    pki: Pki, tmp_path: Path
+) -> None:
+    # a device called `broker` has a key the brokers must not serve as theirs
+    pki.issue("broker", tenant="acme", role=Role.DEVICE)
+    with pytest.raises(CertsError, match="device certificate, not a server one"):
+        pki.server_bundle("broker")
+    with pytest.raises(BrokerError, match="not a server one"):
+        options_from_settings(load_settings(home=tmp_path))
+    with pytest.raises(BrokerError, match="not a server one"):
+        write_mosquitto_files(pki, tmp_path / "mosquitto")
+    with pytest.raises(BrokerError, match="not a server one"):
+        write_nats_files(pki, tmp_path / "nats")
+    server = pki.issue_server("mqtt-1", hosts=["localhost"])
+    assert pki.server_bundle("mqtt-1") == server
 
 
 def test_rsa_keys(tmp_path: Path) -> None:

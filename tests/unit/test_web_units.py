@@ -3,17 +3,24 @@ the rate limiter, stream slots, loopback and the HTTPS rule."""
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
+from typing import Any
 
+import httpx
 import pytest
 
+from certs import Pki, Role
 from core.settings import Settings
 from fleet.durations import bucket_seconds, parse_duration, parse_time, time_range
 from fleet.errors import BadInputError
+from web.app import create_app
 from web.errors import WebError
 from web.limits import RateLimiter, StreamSlots
+from web.metrics import WebMetrics
+from web.middleware import BodyLimit
 from web.server import is_loopback, tls_files
 from web.tokens import TokenRole, new_secret, parse, token_hash
 
@@ -114,3 +121,79 @@ def test_plain_http_only_on_loopback(tmp_path: Path) -> None:
     always = Settings(home=tmp_path, web={"https": "always"})
     with pytest.raises(WebError, match=r"web\.https=always"):
         tls_files(always, "127.0.0.1")
+
+
+# -- found by the red team (docs/web.md, Limits) -----------------------------------------------
+def test_durations_and_times_beyond_the_calendar_are_bad_input_not_a_crash() -> None:
+    for text in ("99999999999d", "9" * 400 + "d", "36501d"):
+        with pytest.raises(BadInputError, match="longer than 36500d"):
+            parse_duration(text)
+    assert parse_duration("36500d") == timedelta(days=36_500)
+    with pytest.raises(BadInputError, match="outside years 1 to 9999"):
+        parse_time("0001-01-01T00:00:00+14:00", NOW, "since")
+    with pytest.raises(BadInputError, match=r"until .* outside years 1 to 9999"):
+        time_range("1h", "9999-12-31T23:59:59-14:00", NOW)
+    # an offset is kept as the same instant, in UTC
+    assert parse_time("2026-12-05T09:30:00+02:00", NOW).utcoffset() == timedelta(0)
+
+
+def test_the_https_certificate_is_a_server_one_never_a_client_of_the_same_name(
+    tmp_path: Path,
+) -> None:
+    settings = Settings(home=tmp_path)
+    pki = Pki(settings.pki_dir)
+    pki.init_ca(name="test CA")
+    pki.issue("web", tenant="acme", role=Role.DEVICE)  # a device that happens to be called web
+    with pytest.raises(WebError, match="no server certificate 'web'"):
+        tls_files(settings, "0.0.0.0")  # noqa: S104
+    server = pki.issue_server("web", hosts=["fleet.example.com"], force=True)
+    assert tls_files(settings, "0.0.0.0") == (server.cert, server.key)  # noqa: S104
+
+
+def test_an_unexpected_error_is_a_json_500_without_internals(tmp_path: Path) -> None:
+    app = create_app(Settings(home=tmp_path), dsn="postgresql://127.0.0.1:1/none")
+
+    @app.get("/boom")
+    async def boom() -> None:
+        raise RuntimeError("secret internals: SELECT * FROM fieldline.api_tokens")
+
+    async def get() -> httpx.Response:
+        transport = httpx.ASGITransport(app=app, raise_app_exceptions=False)
+        async with httpx.AsyncClient(transport=transport, base_url="http://t") as client:
+            return await client.get("/boom")
+
+    response = asyncio.run(get())
+    assert response.status_code == 500
+    assert set(response.json()) == {"error"}
+    assert "secret" not in response.text
+    assert "SELECT" not in response.text
+    assert response.headers["x-content-type-options"] == "nosniff"
+    assert "script-src 'self'" in response.headers["content-security-policy"]
+
+
+def test_a_body_that_does_not_arrive_in_time_is_a_408() -> None:
+    metrics = WebMetrics()
+    reached: list[bool] = []
+
+    async def app(_scope: Any, _receive: Any, _send: Any) -> None:
+        reached.append(True)
+
+    async def receive() -> dict[str, Any]:
+        await asyncio.sleep(3600)  # a client sending nothing more
+        raise AssertionError
+
+    sent: list[dict[str, Any]] = []
+
+    async def send(message: dict[str, Any]) -> None:
+        sent.append(message)
+
+    scope = {"type": "http", "method": "POST", "headers": [(b"content-length", b"10")]}
+    limit = BodyLimit(app, limit=1024, metrics=metrics, timeout_s=0.05)
+    asyncio.run(asyncio.wait_for(limit(scope, receive, send), 10))
+    assert not reached
+    assert sent[0]["status"] == 408
+    assert b"web.read_timeout_s" in sent[1]["body"]
+    refused = metrics.registry.get_sample_value(
+        "fieldline_web_refused_total", {"reason": "slow_request"}
+    )
+    assert refused == 1
