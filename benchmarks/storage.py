@@ -77,15 +77,14 @@ def arma_rows(metrics: int, samples: int, start: datetime) -> list[tuple[Any, ..
 
 
 def uci_rows(copies: int, samples: int, start: datetime) -> list[tuple[Any, ...]]:
-    """`copies` metrics replaying the UCI columns at 1/min, each from another offset."""
+    """`copies` metrics replaying the UCI columns at 1/min, each from another offset;
+    time-major, as a worker stores them (every sensor's minute, then the next minute)."""
     cols = uci_columns()
     rows: list[tuple[Any, ...]] = []
-    for m in range(copies):
-        col = cols[m % 4]
-        shift = (m // 4) * 7
-        rows.extend(
-            (start + t * STEP, m + 1, col[(shift + t) % len(col)], False) for t in range(samples)
-        )
+    for t in range(samples):
+        when = start + t * STEP
+        for m in range(copies):
+            rows.append((when, m + 1, cols[m % 4][((m // 4) * 7 + t) % len(cols[m % 4])], False))
     return rows
 
 
@@ -98,57 +97,74 @@ def _proc_cpu(pid: int) -> float:
 
 
 async def _size(conn: asyncpg.Connection, table: str) -> int:
-    return int(await conn.fetchval("SELECT hypertable_size($1::regclass)", table))
+    # a hypertable's chunks with their indexes and TOAST; numeric_packed is a plain table
+    size = await conn.fetchval("SELECT hypertable_size($1::regclass)", table)
+    if size is None:
+        size = await conn.fetchval("SELECT pg_total_relation_size($1::regclass)", table)
+    return int(size)
 
 
 async def _read_ms(
-    conn: asyncpg.Connection, sql: str, args: tuple[Any, ...], repeats: int
-) -> float:
-    times = []
-    for _ in range(repeats + 1):  # the first one warms the cache and the plan
-        started = time.perf_counter()
-        await conn.fetch(sql, *args)
-        times.append(time.perf_counter() - started)
-    return statistics.median(times[1:]) * 1000
+    conns: dict[str, asyncpg.Connection],
+    queries: dict[str, str],
+    args: tuple[Any, ...],
+    repeats: int,
+) -> dict[str, float]:
+    """Median ms of each query on each connection, all interleaved (the machine is shared:
+    a burst of load then slows every variant alike), after one warm-up run each."""
+    times: dict[str, list[float]] = {f"{q}_{c}": [] for q in queries for c in conns}
+    for round_ in range(repeats + 1):
+        for q, sql in queries.items():
+            for c, conn in conns.items():
+                started = time.perf_counter()
+                await conn.fetch(sql, *args)
+                if round_:
+                    times[f"{q}_{c}"].append(time.perf_counter() - started)
+    return {k: statistics.median(v) * 1000 for k, v in times.items()}
 
 
-async def run_tenant(
-    conn: asyncpg.Connection, tenant: str, rows: list[tuple[Any, ...]], end: datetime, repeats: int
-) -> dict[str, Any]:
-    """Load, measure, compact, measure; the figures."""
+async def _load(conn: asyncpg.Connection, tenant: str, rows: list[tuple[Any, ...]]) -> float:
     await add_tenant(conn, tenant)
-    schema = f"tenant_{tenant}"
     started = time.perf_counter()
     await conn.copy_records_to_table(
-        "numeric_values", schema_name=schema, records=rows,
+        "numeric_values", schema_name=f"tenant_{tenant}", records=rows,
         columns=["time", "metric_id", "value", "received"],
     )  # fmt: skip
     load_s = time.perf_counter() - started
-    print(f"  {tenant}: loaded {len(rows):,} rows in {load_s:.1f} s", flush=True)
-    await conn.execute(f"VACUUM ANALYZE {schema}.numeric_values")
+    await conn.execute(f"VACUUM ANALYZE tenant_{tenant}.numeric_values")
+    return load_s
+
+
+async def run_tenant(
+    conn: asyncpg.Connection,
+    planned: asyncpg.Connection,
+    tenant: str,
+    rows: list[tuple[Any, ...]],
+    end: datetime,
+    repeats: int,
+) -> dict[str, Any]:
+    """Load twice (one copy stays uncompacted), compact one, measure; the figures."""
+    load_s = await _load(conn, tenant, rows)
+    ref = f"tenant_{tenant}ref"
+    await _load(conn, f"{tenant}ref", rows)
+    schema = f"tenant_{tenant}"
+    print(f"  {tenant}: loaded {len(rows):,} rows in {load_s:.1f} s (and a copy)", flush=True)
     n = len(rows)
     out: dict[str, Any] = {"tenant": tenant, "samples": n, "load_rows_per_s": n / load_s}
     out["hot_bytes_per_sample"] = await _size(conn, f"{schema}.numeric_values") / n
-    direct = (
-        f"SELECT time, value FROM {schema}.numeric_values "  # noqa: S608
-        "WHERE metric_id = $1 AND time >= $2 AND time < $3 ORDER BY time"
-    )
-    series = f"SELECT time, value FROM {schema}.numeric_series($1, $2, $3) ORDER BY time"  # noqa: S608
+    queries = {
+        "table": f"SELECT time, value FROM {ref}.numeric_values "  # noqa: S608
+        "WHERE metric_id = $1 AND time >= $2 AND time < $3 ORDER BY time",
+        "series_hot": f"SELECT time, value FROM {ref}.numeric_series($1, $2, $3) ORDER BY time",  # noqa: S608
+        "series_packed": f"SELECT time, value FROM {schema}.numeric_series($1, $2, $3) "  # noqa: S608
+        "ORDER BY time",
+    }
     spans = {"1d": timedelta(days=1), "30d": timedelta(days=30)}
     # the metric read: 2 (humidity in arma, humidity in uci), a window ending 2 days ago (so
-    # all of it is compacted afterwards), the same window before and after
+    # all of it is compacted afterwards), not aligned to UTC days
     ranges = {
         k: (2, end - timedelta(days=2) - span, end - timedelta(days=2)) for k, span in spans.items()
     }
-    reads: dict[str, dict[str, float]] = {}
-    expect: dict[str, list[Any]] = {}
-    for k, args in ranges.items():
-        reads[k] = {
-            "table": await _read_ms(conn, direct, args, repeats),
-            "series_hot": await _read_ms(conn, series, args, repeats),
-        }
-        expect[k] = [tuple(r) for r in await conn.fetch(series, *args)]
-    print(f"  {tenant}: reads of the hot table timed", flush=True)
     backend = int(await conn.fetchval("SELECT pg_backend_pid()"))
     cpu0, bcpu0, wall0 = time.process_time(), _proc_cpu(backend), time.perf_counter()
     result = await compact_tenant(conn, tenant, timedelta(days=1), batch_rows=200_000)
@@ -172,11 +188,17 @@ async def run_tenant(
     hot_left = await _size(conn, f"{schema}.numeric_values")
     total_after = hot_left + await _size(conn, f"{schema}.numeric_packed")
     out["total_bytes_per_sample_after"] = total_after / n
+    reads: dict[str, dict[str, float]] = {}
+    # "planned": every read planned with its values, as psql and Grafana's queries are;
+    # "cached": asyncpg's prepared statements, generic plans after 5 runs (fleet.series)
+    conns = {"planned": planned, "cached": conn}
     for k, args in ranges.items():
-        reads[k]["series_packed"] = await _read_ms(conn, series, args, repeats)
-        got = [tuple(r) for r in await conn.fetch(series, *args)]
-        reads[k]["equal"] = float(got == expect[k])
+        reads[k] = await _read_ms(conns, queries, args, repeats)
+        expect = [tuple(r) for r in await conn.fetch(queries["table"], *args)]
+        got = [tuple(r) for r in await conn.fetch(queries["series_packed"], *args)]
+        reads[k]["equal"] = float(got == expect)
     out["reads_ms"] = reads
+    await conn.execute(f"DROP SCHEMA {ref} CASCADE")
     return out
 
 
@@ -198,14 +220,18 @@ def show(r: dict[str, Any]) -> None:
         f"{c['rows_per_s']:,.0f} rows/s; "
         f"CPU {c['client_cpu_s']:.2f} s client + {c['backend_cpu_s']:.2f} s PostgreSQL backend"
     )
-    print("  read one metric     table (hot)  numeric_series (hot)  numeric_series (packed)  ratio")
+    print(
+        "  read one metric       table (hot)  numeric_series (hot)  numeric_series (packed)"
+        "  packed/table"
+    )
     for k, v in r["reads_ms"].items():
-        ratio = v["series_packed"] / v["table"]
         same = "same rows" if v["equal"] else "ROWS DIFFER"
-        print(
-            f"  {k:>4}                {v['table']:8.2f} ms   {v['series_hot']:12.2f} ms   "
-            f"{v['series_packed']:15.2f} ms   {ratio:5.2f}x  ({same})"
-        )
+        for mode in ("planned", "cached"):
+            t, h, p = (v[f"{q}_{mode}"] for q in ("table", "series_hot", "series_packed"))
+            print(
+                f"  {k:>4} {mode:<8}     {t:8.2f} ms   {h:12.2f} ms   {p:15.2f} ms   "
+                f"{p / t:9.2f}x  ({same})"
+            )
 
 
 async def main_async(args: argparse.Namespace, scratch: Path) -> None:
@@ -213,6 +239,7 @@ async def main_async(args: argparse.Namespace, scratch: Path) -> None:
     await pg.start()
     try:
         conn = await asyncpg.connect(pg.dsn())
+        planned = await asyncpg.connect(pg.dsn(), statement_cache_size=0)
         try:
             version = await conn.fetchval("SHOW server_version")
             ts = await conn.fetchval(
@@ -229,11 +256,12 @@ async def main_async(args: argparse.Namespace, scratch: Path) -> None:
             began = time.perf_counter()
             rows = arma_rows(args.metrics, samples, start)
             print(f"ARMA data: {len(rows):,} rows made in {time.perf_counter() - began:.1f} s")
-            show(await run_tenant(conn, "arma", rows, end, args.repeats))
+            show(await run_tenant(conn, planned, "arma", rows, end, args.repeats))
             del rows
             rows = uci_rows(args.uci_copies, samples, start)
-            show(await run_tenant(conn, "uci", rows, end, args.repeats))
+            show(await run_tenant(conn, planned, "uci", rows, end, args.repeats))
         finally:
+            await planned.close()
             await conn.close()
     finally:
         await pg.stop()
@@ -246,7 +274,7 @@ def main() -> None:
     parser.add_argument("--metrics", type=int, default=20, help="ARMA metrics (default 20)")
     parser.add_argument("--days", type=int, default=31, help="days at 1 sample/min (31)")
     parser.add_argument("--uci-copies", type=int, default=16, help="UCI metrics (16)")
-    parser.add_argument("--repeats", type=int, default=5, help="reads timed per figure (5)")
+    parser.add_argument("--repeats", type=int, default=15, help="reads timed per figure (15)")
     args = parser.parse_args()
     scratch = Path(tempfile.mkdtemp(prefix="fl-bench-storage-"))
     scratch.chmod(0o711)  # the server runs as `postgres`

@@ -51,9 +51,10 @@ from schemas.packets import MAX_REMAINING_LENGTH, varint
 STORED_BYTES_PER_ROW = 110.7
 # Measured by benchmarks/storage.py (docs/benchmarks.md): the simulator's ARMA temperature and
 # humidity sensors at 1 sample/min, 20 metrics x 31 days, after compaction into
-# numeric_packed (heap, TOAST and index): 4.75 B/sample; the real UCI values: 2.59. Rounded
-# up. Compaction keeps the last 1-2 days hot (storage.compact_after_s), at the row price.
-PACKED_BYTES_PER_SAMPLE = 4.8
+# numeric_packed (heap, TOAST and index): 2.94 B/sample; the real UCI values, whose averaged
+# columns carry 13 digits: 4.39. The larger, rounded up. Compaction keeps the last 1-2 days
+# hot (storage.compact_after_s), at the row price.
+PACKED_BYTES_PER_SAMPLE = 4.4
 HOT_DAYS = 2
 
 SECONDS_PER_MONTH = 30.44 * 86400

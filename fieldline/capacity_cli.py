@@ -38,8 +38,8 @@ TLS(x)     = x + 29 bytes per record (AES-GCM, TLS 1.2: 5 header
 per month  = per second x 30.44 days; total = per month x months
 stored     = rows x {STORED_BYTES_PER_ROW} bytes (measured: heap and both
              indexes, uncompressed)
-compacted  = rows x {PACKED_BYTES_PER_SAMPLE} bytes (measured on the ARMA data
-             by benchmarks/storage.py) + the last {HOT_DAYS} days as rows
+compacted  = rows x {PACKED_BYTES_PER_SAMPLE} bytes (measured on the ARMA and UCI
+             data by benchmarks/storage.py) + the last {HOT_DAYS} days as rows
 workers    = ceil(1.5 x max(messages/s / worker-msgs-per-s,
                             rows/s / worker-rows-per-s))
 chunk      = 0.25 x RAM / stored bytes/s, rounded down to one of

@@ -1,12 +1,13 @@
-"""Compaction: hot numeric rows older than `storage.compact_after` become packed hours.
+"""Compaction: hot numeric rows older than `storage.compact_after` become packed rows.
 
 Each tenant's `numeric_values` rows are moved, one UTC day and range of metric ids (about
 `storage.compact_batch_rows` rows) per transaction, into `numeric_packed`: one row per
-metric and day (or hour, for fast metrics) holding delta-encoded times and values
-(migration tenant_0003_packed.sql says how). One statement deletes the hot rows, unpacks the
-packed rows of the same metrics and day (late data), merges both (a (metric, time) already
-packed keeps its packed value: the first stored wins, as with ON CONFLICT DO NOTHING), and
-writes the packed rows back. A reader's statement sees one
+metric and day (or hour, for fast metrics) holding a regular time axis (or time offsets)
+and values as small integers, element i of each array being sample i, so that reads decode
+without running sums (migration tenant_0003_packed.sql says how). One statement deletes
+the hot rows, unpacks the packed rows of the same metrics and day (late data), merges both
+(a (metric, time) already packed keeps its packed value: the first stored wins, as with ON
+CONFLICT DO NOTHING), and writes the packed rows back. A reader's statement sees one
 snapshot, so it sees the window either before or after the commit: never a gap or a double.
 A killed compactor leaves its transaction uncommitted, which PostgreSQL rolls back: the
 next run starts over from what is there, and running it twice changes nothing.
@@ -39,7 +40,7 @@ _INT4_MAX = 2147483647
 # candidate encodings of a value, tried smallest first: k / 10^d (a decimal the device sent)
 # or k * 0.1^d (a reading rounded by multiplying, as numpy's round(x / res) * res does)
 _STEPS = ((1.0, None), (10.0, 0.1), (100.0, 0.01), (1000.0, 0.001), (10000.0, 0.0001))
-# |k| below 2^30 keeps every delta of two of them within int4
+# |k| below 2^30: k fits int4 (and k - kb, kb = 0), and k / 10^4 stays exact
 _K_MAX = 1073741823
 
 
@@ -89,8 +90,8 @@ def _pack_sql(schema: str) -> str:
         SELECT DISTINCT ON (metric_id, time) metric_id, time, value, received
         FROM (
             SELECT o.metric_id, u.time, u.value, u.received, 0 AS pri FROM old o
-            CROSS JOIN LATERAL {schema}.numeric_unpack(o.t0, o.tick, o.dt, o.ts, o.scale,
-                                                       o.dk, o.v, o.received) u
+            CROSS JOIN LATERAL {schema}.numeric_unpack(o.t0, o.n, o.step, o.tick, o.toff,
+                o.ts, o.scale, o.kb, o.k2, o.k4, o.v, o.received) u
             UNION ALL
             SELECT metric_id, time, value, received, 1 FROM moved
         ) x
@@ -100,49 +101,61 @@ def _pack_sql(schema: str) -> str:
                        THEN {hour} ELSE $1 END AS bucket
         FROM merged
     ), timed AS (
-        SELECT *, CASE WHEN lag(bucket) OVER w = bucket
-                       THEN (extract(epoch FROM time - lag(time) OVER w) * 1000000)::bigint
-                       ELSE 0 END AS ddt
-        FROM bucketed WINDOW w AS (PARTITION BY metric_id ORDER BY time)
+        SELECT *, (extract(epoch FROM time - first_value(time) OVER w) * 1000000)::bigint
+                  AS off,
+                  (extract(epoch FROM time - lag(time) OVER w) * 1000000)::bigint AS gap
+        FROM bucketed WINDOW w AS (PARTITION BY metric_id, bucket ORDER BY time)
     ), counted AS (
-        SELECT metric_id, bucket, max(ddt) AS maxdt,
-               CASE WHEN bool_and(ddt % 1000000 = 0) THEN 1000000
-                    WHEN bool_and(ddt % 1000 = 0) THEN 1000 ELSE 1 END AS tick,
+        SELECT metric_id, bucket, count(*) AS n, min(gap) AS mingap, max(gap) AS maxgap,
+               max(off) AS maxoff,
+               CASE WHEN bool_and(off % 1000000 = 0) THEN 1000000
+                    WHEN bool_and(off % 1000 = 0) THEN 1000 ELSE 1 END AS tick,
                {counts}
         FROM timed GROUP BY metric_id, bucket
     ), kinds AS (
-        SELECT metric_id, bucket, tick, maxdt / tick <= {_INT4_MAX} AS small,
+        SELECT metric_id, bucket, tick,
+               CASE WHEN n = 1 THEN 1 WHEN mingap = maxgap THEN maxgap END AS step,
+               maxoff / tick <= {_INT4_MAX} AS small,
                CASE WHEN {best} = 0 THEN NULL {pick_scale} END AS scale,
                CASE WHEN {best} = 0 THEN NULL {pick_mult} END AS mult
         FROM counted
     ), coded AS (
-        SELECT t.*, k.tick, k.small, k.scale,
+        SELECT t.*, k.tick, k.step, k.small, k.scale,
                CASE WHEN k.scale IS NULL THEN NULL
                     WHEN abs(t.value) < {_K_MAX}::float8 / k.mult
-                    THEN round(t.value * k.mult)::bigint ELSE 0 END AS kv
+                    THEN round(t.value * k.mult)::bigint END AS kv
         FROM timed t JOIN kinds k USING (metric_id, bucket)
-    ), deltas AS (
-        SELECT *,
-               (kv - coalesce(lag(kv) OVER (PARTITION BY metric_id, bucket ORDER BY time),
-                              0))::integer AS dk,
-               CASE WHEN scale IS NULL THEN value
-                    WHEN scale > 0 AND float8send(kv::float8 / scale) = float8send(value)
-                    THEN NULL
-                    WHEN scale < 0 AND float8send(kv::float8 * -scale) = float8send(value)
-                    THEN NULL
-                    ELSE value END AS vx
+    ), checked AS (
+        SELECT *, CASE WHEN kv IS NULL THEN false
+                       WHEN scale > 0 THEN float8send(kv::float8 / scale) = float8send(value)
+                       ELSE float8send(kv::float8 * -scale) = float8send(value) END AS exact
         FROM coded
+    ), ranged AS (
+        SELECT *, min(kv) FILTER (WHERE exact) OVER p AS kmin,
+                  max(kv) FILTER (WHERE exact) OVER p AS kmax
+        FROM checked WINDOW p AS (PARTITION BY metric_id, bucket)
+    ), based AS (
+        SELECT *, kmax - kmin <= 65535 AS short,
+               CASE WHEN kmax - kmin <= 65535 THEN kmin + 32768 ELSE 0 END AS kb
+        FROM ranged
     ), ins AS (
         INSERT INTO {schema}.numeric_packed
-            (metric_id, bucket, n, t0, t1, tick, dt, ts, scale, dk, v, received)
-        SELECT metric_id, bucket, count(*)::integer, min(time), max(time), tick,
-               array_agg((ddt / tick)::integer ORDER BY time) FILTER (WHERE small),
-               array_agg(time ORDER BY time) FILTER (WHERE NOT small),
-               scale,
-               array_agg(dk ORDER BY time) FILTER (WHERE scale IS NOT NULL),
-               CASE WHEN bool_or(vx IS NOT NULL) THEN array_agg(vx ORDER BY time) END,
+            (metric_id, bucket, n, t0, t1, step, tick, toff, ts, scale, kb, k2, k4, v,
+             received)
+        SELECT metric_id, bucket, count(*)::integer, min(time), max(time), step, tick,
+               array_agg((off / tick)::integer ORDER BY time)
+                   FILTER (WHERE step IS NULL AND small),
+               array_agg(time ORDER BY time) FILTER (WHERE step IS NULL AND NOT small),
+               scale, coalesce(kb, 0),
+               array_agg(CASE WHEN exact THEN kv - kb ELSE 0 END::smallint ORDER BY time)
+                   FILTER (WHERE short),
+               array_agg(CASE WHEN exact THEN kv - kb ELSE 0 END::integer ORDER BY time)
+                   FILTER (WHERE NOT short),
+               CASE WHEN NOT bool_and(exact)
+                    THEN array_agg(CASE WHEN exact THEN NULL ELSE value END ORDER BY time)
+               END,
                CASE WHEN bool_or(received) THEN array_agg(received ORDER BY time) END
-        FROM deltas GROUP BY metric_id, bucket, tick, small, scale
+        FROM based GROUP BY metric_id, bucket, step, tick, small, scale, kb, short
         RETURNING n
     )
     SELECT (SELECT count(*) FROM moved) AS moved, count(*) AS buckets,

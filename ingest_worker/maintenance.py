@@ -18,6 +18,8 @@ _VALUE_TABLES = {
     "text_values": "time",
     "events": "time",
 }
+# plain tables (few rows, read by index): rows are deleted whatever the mode
+_PLAIN_TABLES = {"numeric_packed"}
 
 
 async def mark_silent_devices(conn: asyncpg.Connection, offline_after_s: float) -> dict[str, int]:
@@ -66,7 +68,7 @@ async def apply_retention(conn: asyncpg.Connection, mode: RetentionMode) -> dict
         count = 0
         for table, column in _VALUE_TABLES.items():
             name = f"{schema}.{table}"
-            if mode is RetentionMode.DROP_CHUNKS:
+            if mode is RetentionMode.DROP_CHUNKS and table not in _PLAIN_TABLES:
                 rows = await conn.fetch(
                     "SELECT drop_chunks($1::regclass, "
                     "older_than => now() - make_interval(days => $2))",
@@ -74,7 +76,7 @@ async def apply_retention(conn: asyncpg.Connection, mode: RetentionMode) -> dict
                     tenant.retention_days,
                 )
                 count += len(rows)
-            elif mode is RetentionMode.POLICY:
+            elif mode is RetentionMode.POLICY and table not in _PLAIN_TABLES:
                 await conn.execute(
                     "SELECT add_retention_policy($1::regclass, make_interval(days => $2), "
                     "if_not_exists => true)",

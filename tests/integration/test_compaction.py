@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import math
 import os
+import random
 import signal
 import subprocess
 import sys
@@ -105,6 +106,9 @@ async def test_round_trip_bit_for_bit(conn: asyncpg.Connection, tenant: str) -> 
     for i in range(300):  # metric 3: the simulator's quantiser (k * 0.01), a 50-minute gap
         gap = timedelta(minutes=50) if i >= 150 else timedelta(0)
         rows.append((base + timedelta(minutes=i) + gap, 3, round(2000 + i % 17) * 0.01, False))
+    for i in range(400):  # metric 4: millisecond jitter, integers too far apart for int2
+        rows.append((base + timedelta(seconds=30 * i, milliseconds=(i * 37) % 1000), 4,
+                     float((i * 7919) % 200_000 - 100_000), False))  # fmt: skip
     await write(conn, tenant, rows)
     before = await read_all(conn, tenant)
     assert len(before) == len(rows)
@@ -121,11 +125,36 @@ async def test_round_trip_bit_for_bit(conn: asyncpg.Connection, tenant: str) -> 
     )  # -0.0 stays negative
     # the encodings chosen: decimals as integers, the quantiser's products too, with the
     # odd values kept as they are (an exception array)
-    scales = dict(
-        await conn.fetch(f"SELECT metric_id, scale FROM {_s(tenant)}.numeric_packed")  # noqa: S608
-    )
-    assert scales[2] == 100.0
-    assert scales[3] == -0.01
+    layout = {
+        r["metric_id"]: r
+        for r in await conn.fetch(
+            f"SELECT metric_id, scale, step, tick, toff IS NOT NULL AS toff, "  # noqa: S608
+            f"ts IS NOT NULL AS ts, k2 IS NOT NULL AS k2, k4 IS NOT NULL AS k4 "
+            f"FROM {_s(tenant)}.numeric_packed"
+        )
+    }
+    assert layout[2]["scale"] == 100.0
+    assert layout[3]["scale"] == -0.01
+    # times: a regular row has no per-sample times; offsets in seconds, in milliseconds;
+    # microsecond times spread over hours do not fit int4 offsets and are kept as they are
+    assert (layout[2]["step"], layout[2]["toff"], layout[2]["ts"]) == (10_000_000, False, False)
+    assert (layout[3]["step"], layout[3]["tick"], layout[3]["toff"]) == (None, 1_000_000, True)
+    assert (layout[4]["step"], layout[4]["tick"], layout[4]["toff"]) == (None, 1000, True)
+    assert (layout[1]["step"], layout[1]["ts"]) == (None, True)
+    assert [layout[m]["k2"] for m in (2, 3, 4)] == [True, True, False]
+    assert layout[4]["k4"]
+    # any window reads exactly its samples (a regular row is cut before it is decoded)
+    rng = random.Random(5)
+    times = sorted({r[0] for r in rows})
+    for _ in range(40):
+        a, b = sorted(rng.sample(times, 2))
+        a += rng.choice([timedelta(0), timedelta(microseconds=1), -timedelta(microseconds=1)])
+        window = await conn.fetch(
+            f"SELECT time, metric_id, float8send(value) AS v, received "  # noqa: S608
+            f"FROM {_s(tenant)}.numeric_series(NULL, $1, $2) ORDER BY 2, 1",
+            a, b,
+        )  # fmt: skip
+        assert [tuple(r) for r in window] == [r for r in before if a <= r[0] < b]
     # idempotent: nothing left to do, nothing changed
     again = await compact_tenant(conn, tenant, DAY)
     assert again.rows == 0
@@ -142,9 +171,18 @@ def asyncpg_float(raw: bytes) -> float:
 async def test_late_data_is_merged_once(conn: asyncpg.Connection, tenant: str) -> None:
     hour = _midnight(4) + timedelta(hours=10)
     rows = [(hour + timedelta(minutes=i), 7, 10.0 + i, False) for i in range(0, 60, 2)]
-    await write(conn, tenant, rows)
+    # a metric with millisecond times (offsets), merged with a late sample of its own
+    jitter = [(hour + timedelta(seconds=50 * i, milliseconds=(i * 37) % 1000), 8, i / 4, False)
+              for i in range(40)]  # fmt: skip
+    await write(conn, tenant, [*rows, *jitter])
     await compact_tenant(conn, tenant, DAY)
-    assert await counts(conn, tenant) == (0, 30)
+    assert await counts(conn, tenant) == (0, 70)
+    await write(conn, tenant, [(hour + timedelta(seconds=7, milliseconds=5), 8, 0.5, False)])
+    mixed = await read_all(conn, tenant)
+    await compact_tenant(conn, tenant, DAY)
+    assert await read_all(conn, tenant) == mixed
+    assert await counts(conn, tenant) == (0, 71)
+    await conn.execute(f"DELETE FROM {_s(tenant)}.numeric_packed WHERE metric_id = 8")  # noqa: S608
 
     late = (hour + timedelta(minutes=1, microseconds=3), 7, 99.5, True)  # new time
     copy = (hour + timedelta(minutes=4), 7, 555.0, False)  # a packed time, another value

@@ -89,7 +89,6 @@ def test_migrations_create_hypertables_and_time_bucket_works(timescale_dsn: str)
         assert await _hypertables(conn) == {
             "fieldline.dead_letters",
             "tenant_acme.numeric_values",
-            "tenant_acme.numeric_packed",
             "tenant_acme.text_values",
             "tenant_acme.events",
         }

@@ -22,7 +22,7 @@ def test_day_start_is_the_utc_midnight_before() -> None:
 def test_candidates_smallest_first_division_and_product() -> None:
     scales = [scale for _m, scale, _sql in _candidates()]
     assert scales == [1.0, 10.0, -0.1, 100.0, -0.01, 1000.0, -0.001, 10000.0, -0.0001]
-    assert _K_MAX < 2**30  # so a delta of two of them fits int4
+    assert _K_MAX < 2**30  # so k fits int4, with room to spare
 
 
 def test_decimals_come_back_bit_for_bit_from_integers() -> None:
