@@ -130,10 +130,11 @@ def test_up_runs_the_pipeline_and_stops_cleanly(tmp_path: Path, broker: str) -> 
         base = url.split()[3]
         token = (home / "web-token").read_text().strip()
         assert (home / "web-token").stat().st_mode & 0o777 == 0o600
-        request = urllib.request.Request(
+        assert base.startswith("http://127.0.0.1:"), base
+        request = urllib.request.Request(  # noqa: S310 - the loopback URL checked above
             f"{base}api/v1/tenants/demo/devices", headers={"Authorization": f"Bearer {token}"}
         )
-        with urllib.request.urlopen(request, timeout=10) as answer:  # noqa: S310 - loopback
+        with urllib.request.urlopen(request, timeout=10) as answer:  # noqa: S310
             listed_web = json.load(answer)["devices"]
         assert {d["id"] for d in listed_web} >= {d["id"] for d in sims}
         sent = cli("cmd", "send", "demo", "sim-0001", "reset", "--wait", "--timeout", "30")
