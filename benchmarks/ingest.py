@@ -4,6 +4,7 @@
     python -m benchmarks.ingest --messages 100000 --live-messages 50000
     python -m benchmarks.ingest --latency-only --latency-runs 5
     python -m benchmarks.ingest --compare-clients --rounds 4   # lean vs paho receive path
+    python -m benchmarks.ingest --ceiling --rounds 4  # vs a minimal idempotent worker (~6 min)
 
 Publisher (mosquitto_pub, a C client, 4 devices), Mosquitto with the rendered config,
 the worker and PostgreSQL + TimescaleDB all run on this machine. It measures:
@@ -64,6 +65,9 @@ def prepare_pki(home: Path) -> Pki:
         pki.issue("ingest-1", tenant="platform", role=Role.SERVICE)
         pki.issue("bench-paho", tenant="platform", role=Role.SERVICE)
         pki.issue_many([f"pub-{i}" for i in range(PUBLISHERS)], tenant=TENANT, role=Role.DEVICE)
+    if not (pki.root / "issued" / "bench-ref").exists():
+        # before Mosquitto's config is rendered: its ACL names every service identity
+        pki.issue("bench-ref", tenant="platform", role=Role.SERVICE)
     return pki
 
 
@@ -351,10 +355,16 @@ class Worker:
 
 
 def start_worker(
-    stack: Stack, client: str, tree: Path = REPO, extra: tuple[str, ...] = (), **settings: str
+    stack: Stack,
+    client: str,
+    tree: Path = REPO,
+    extra: tuple[str, ...] = (),
+    until: str = "fieldline_ingest_broker_connected",
+    **settings: str,
 ) -> Worker:
     """`fieldline ingest run` from `tree` (this checkout, or another one to compare with);
-    `extra` arguments and FIELDLINE_* `settings` (benchmarks.nats_ingest: --source nats)."""
+    `extra` arguments and FIELDLINE_* `settings` (benchmarks.nats_ingest: --source nats).
+    Returns once the metric `until` is above 0: connected, or having received a message."""
     port = free_port()
     env = {
         **os.environ,
@@ -377,7 +387,7 @@ def start_worker(
     deadline = time.monotonic() + 60
     while True:
         try:
-            if worker.metrics().get("fieldline_ingest_broker_connected") == 1.0:
+            if worker.metrics().get(until, 0.0) > 0:
                 break
         except OSError:
             pass
@@ -385,23 +395,40 @@ def start_worker(
             raise SystemExit(
                 "the worker did not start; see " + str(stack.home / f"worker-{client}.log")
             )
-        time.sleep(0.05)
+        time.sleep(0.005 if until != "fieldline_ingest_broker_connected" else 0.05)
     worker._sampler = threading.Thread(target=worker.sample, daemon=True)
     worker._sampler.start()
     return worker
 
 
 def worker_drain(
-    stack: Stack, client: str, rows: int, messages: int, tree: Path = REPO
+    stack: Stack,
+    client: str,
+    rows: int,
+    messages: int,
+    tree: Path = REPO,
+    *,
+    from_connect: bool = False,
+    settings: dict[str, str] | None = None,
 ) -> tuple[float, float, float]:
-    """Start a worker on a queued backlog; (msg/s, rows/s, peak RSS MiB) until all committed."""
+    """Start a worker on a queued backlog; (msg/s, rows/s, peak RSS MiB) until all committed,
+    timed from the process start, or (`from_connect`) from its first message received."""
     started = time.monotonic()
-    worker = start_worker(stack, client, tree)
+    if from_connect:
+        # from the first message received: with a resumed session the backlog flows before
+        # the SUBACK, so "connected" comes after up to Receive Maximum messages are in
+        worker = start_worker(
+            stack, client, tree, (), "fieldline_ingest_messages_received_total", **(settings or {})
+        )
+        started = time.monotonic()
+        profile(stack, worker.proc.pid, "worker")
+    else:
+        worker = start_worker(stack, client, tree, (), **(settings or {}))
     try:
         # a fresh process: its counter starts at 0, and may already have moved by the time
         # the worker reports itself connected (the backlog arrives with the CONNACK)
         while worker.rows() < rows:
-            time.sleep(0.05)
+            time.sleep(0.02 if from_connect else 0.05)
             if time.monotonic() - started > 900:
                 raise SystemExit(f"the worker wrote {worker.rows():,.0f} of {rows:,} rows")
         took = time.monotonic() - started
@@ -574,6 +601,153 @@ def compare_trees(stack: Stack, args: argparse.Namespace) -> dict[str, Any]:
     return {"runs": got, "medians": medians}
 
 
+# -- the idempotent ceiling, side by side -------------------------------------------------------
+def _reference(stack: Stack, messages: int, *extra: str) -> dict[str, Any]:
+    """benchmarks.ingest_reference in a process of its own, as the worker runs in one."""
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "benchmarks.ingest_reference", "--port", str(stack.port),
+         "--pki", str(stack.pki.root), "--cafile", str(stack.pki.ca_cert_path),
+         "--dsn", stack.dsn, "--messages", str(messages), *extra],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        env={**os.environ, "PYTHONPATH": str(REPO)},
+    )  # fmt: skip
+    if messages:
+        profile(stack, proc.pid, "reference")
+    out, err = proc.communicate(timeout=1000)
+    if proc.returncode:
+        raise SystemExit(f"the reference worker failed: {err.strip()[-2000:]}")
+    return dict(json.loads(out.strip().splitlines()[-1])) if messages else {}
+
+
+def profile(stack: Stack, pid: int, name: str) -> None:
+    """With BENCH_PROFILE=DIR: py-spy samples the process (idle threads too, which is where
+    it waits) until it exits, into DIR/<name>-<n>.txt (collapsed stacks; flamegraph.pl or
+    speedscope read them)."""
+    where = os.environ.get("BENCH_PROFILE")
+    if not where:
+        return
+    Path(where).mkdir(parents=True, exist_ok=True)
+    n = len(list(Path(where).glob(f"{name}-*.txt"))) + 1
+    spy = shutil.which("py-spy", path=str(Path(sys.executable).parent)) or "py-spy"
+    subprocess.Popen(
+        [spy, "record", "--pid", str(pid), "--idle", "--threads", "--rate", "200",
+         "--format", "raw", "-o", str(Path(where) / f"{name}-{n}.txt")],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )  # fmt: skip
+
+
+def reference_drain(stack: Stack, messages: int, client: str) -> tuple[float, float]:
+    """The reference on a queued backlog: (msg/s, rows/s) from its CONNACK to its last commit."""
+    got = _reference(stack, messages, "--client", client)
+    took = got["finished_at"] - got["connected_at"]
+    return got["messages"] / took, got["rows"] / took
+
+
+def load() -> str:
+    """The machine's load average (1 min), to quote with figures from a shared machine."""
+    return f"{os.getloadavg()[0]:.2f}"
+
+
+def ceiling(stack: Stack, args: argparse.Namespace) -> dict[str, Any]:
+    """`fieldline ingest run` and the minimal idempotent worker (benchmarks.ingest_reference)
+    drain the same backlog (the broker queues every message for every session), in an order
+    that rotates by round, --rounds times; then the same for the 100-sample backlog, next to
+    the insert alone. With --compare-tree, that checkout's worker drains it too (it shares
+    the worker's session, so it gets a backlog of its own, published again). The reference
+    is timed from its CONNACK, a worker from its first message received (both within
+    milliseconds of the backlog starting to flow) to the last commit."""
+    extra = {k: v for k, v in (kv.split("=", 1) for kv in args.worker_setting)}
+    trees = {"worker": REPO}
+    if args.compare_tree is not None:
+        trees["baseline"] = args.compare_tree.resolve()
+    who_all = [*trees, "reference"]
+    n, m = args.messages, args.backlog_messages
+    start_worker(stack, "lean", **extra).stop()  # both sessions first, so both get the backlog
+    _reference(stack, 0, "--prepare-only")
+    single: dict[str, list[float]] = {k: [] for k in who_all}
+    backlog: dict[str, list[float]] = {k: [] for k in [*who_all, "insert"]}
+
+    def drain(who: str, tag_rows: int, messages: int, samples: int) -> float:
+        if who == "reference":
+            return reference_drain(stack, messages, args.reference_client)[1]
+        return worker_drain(
+            stack, "lean", tag_rows, messages, trees[who], from_connect=True, settings=extra
+        )[1]
+
+    def phase(messages: int, samples: int, order: list[str]) -> dict[str, float]:
+        rates: dict[str, float] = {}
+        published_for_worker = False
+        publish(stack, stack.next_tag(), messages, samples=samples)
+        for who in order:
+            if who in trees and published_for_worker:
+                # the worker's session drained the first copy: another for this tree (the
+                # reference's session still holds the first, so it gets one extra to skip)
+                publish(stack, stack.next_tag(), messages, samples=samples)
+            rows = messages * (METRICS if samples == 1 else samples)
+            rates[who] = drain(who, rows, messages, samples)
+            published_for_worker |= who in trees
+        if len(trees) > 1:
+            _reference(stack, 0, "--prepare-only")  # the copies published for other trees
+        return rates
+
+    for round_ in range(args.rounds):
+        order = who_all[round_ % len(who_all) :] + who_all[: round_ % len(who_all)]
+        if round_ % 2:
+            order.reverse()
+        load_before = load()
+        rates = phase(n, 1, order)
+        for k, v in rates.items():
+            single[k].append(v)
+        print(
+            f"round {round_ + 1} (order {', '.join(order)}), {n:,} messages x {METRICS} "
+            "metrics: " + ", ".join(f"{k} {v:,.0f} rows/s" for k, v in rates.items())
+            + f"; worker/reference {rates['worker'] / rates['reference']:.2f}"
+            + (
+                f", baseline/reference {rates['baseline'] / rates['reference']:.2f}"
+                if "baseline" in rates else ""
+            )
+            + f" (load {load_before} -> {load()})",
+            flush=True,
+        )  # fmt: skip
+        if not m:
+            continue
+        load_before = load()
+        rates = phase(m, 100, order)
+        rates["insert"] = asyncio.run(
+            insert_ceiling(stack.dsn, args.insert_rows, args.batch_rows, 2)
+        )
+        for k, v in rates.items():
+            backlog[k].append(v)
+        print(
+            f"round {round_ + 1}, {m:,} messages x 100 samples: "
+            + ", ".join(f"{k} {v:,.0f} rows/s" for k, v in rates.items())
+            + f"; worker/insert {rates['worker'] / rates['insert']:.0%}"
+            + f" (load {load_before} -> {load()})",
+            flush=True,
+        )
+    for name, ratios in (
+        ("worker", [w / r for w, r in zip(single["worker"], single["reference"], strict=True)]),
+        *(
+            [("baseline", [b / r for b, r in zip(single["baseline"], single["reference"],
+                                                  strict=True)])]
+            if "baseline" in trees else []
+        ),
+    ):  # fmt: skip
+        print(
+            f"\n{name} / idempotent ceiling, single messages: rounds "
+            f"{', '.join(f'{r:.2f}' for r in ratios)}; median {_median(ratios):.2f}, "
+            f"min {min(ratios):.2f} (target >= 0.80 in every round)"
+        )
+    if backlog["insert"]:
+        ratios = [w / i for w, i in zip(backlog["worker"], backlog["insert"], strict=True)]
+        print(
+            f"worker / insert alone, 100-sample backlog: rounds "
+            f"{', '.join(f'{r:.0%}' for r in ratios)}; median {_median(ratios):.0%} "
+            "(target >= 70%)"
+        )
+    return {"single": single, "backlog": backlog}
+
+
 CLIENT_KEYS = (("single", "msg/s"), ("live", "msg/s"), ("backlog", "rows/s"))
 
 
@@ -657,7 +831,37 @@ def main() -> None:
         "--messages, --live-messages and --backlog-messages, --rounds times; nothing else",
     )
     parser.add_argument(
-        "--rounds", type=int, default=4, help="rounds of --compare-tree or --compare-clients"
+        "--ceiling",
+        action="store_true",
+        help="the worker and a minimal idempotent worker (benchmarks.ingest_reference) drain "
+        "the same --messages and --backlog-messages backlogs alternately, --rounds times, "
+        "with the insert alone next to the 100-sample backlog; nothing else",
+    )
+    parser.add_argument(
+        "--reference-client",
+        choices=("paho", "lean"),
+        default="lean",
+        help="the reference's MQTT client under --ceiling: the worker's own (the ceiling of "
+        "the database path), or paho-mqtt (slower than the worker here: docs/benchmarks.md)",
+    )
+    parser.add_argument(
+        "--worker-setting",
+        action="append",
+        default=[],
+        metavar="FIELDLINE_X=v",
+        help="an environment setting for the worker under --ceiling (repeatable)",
+    )
+    parser.add_argument(
+        "--insert-rows", type=int, default=2_000_000, help="rows of the insert alone (b)"
+    )
+    parser.add_argument(
+        "--batch-rows", type=int, default=20_000, help="rows per batch of the insert alone (b)"
+    )
+    parser.add_argument(
+        "--rounds",
+        type=int,
+        default=4,
+        help="rounds of --compare-tree, --compare-clients or --ceiling",
     )
     args = parser.parse_args()
     # `kill` stops the run like Ctrl-C: through the finally blocks, so nothing is left running
@@ -666,6 +870,9 @@ def main() -> None:
     stack = start_stack(args.home)
     results: dict[str, Any] = {"machine": f"{os.cpu_count()} cores", "messages": args.messages}
     try:
+        if args.ceiling:
+            results["ceiling"] = ceiling(stack, args)
+            return
         if args.compare_tree is not None:
             results["compare"] = compare_trees(stack, args)
             return
@@ -706,7 +913,7 @@ def main() -> None:
         results["c_backlog"] = cb
         print(f"(c) worker (lean) drain of {m:,} 100-sample messages: {cb[0]:,.0f} msg/s, "
               f"{cb[1]:,.0f} rows/s, RSS {cb[2]:.0f} MiB", flush=True)  # fmt: skip
-        b = asyncio.run(insert_ceiling(stack.dsn, 2_000_000, 20_000, 2))
+        b = asyncio.run(insert_ceiling(stack.dsn, args.insert_rows, args.batch_rows, 2))
         results["b_insert"] = b
         print(
             f"(b) idempotent insert alone (batches of 20,000, 2 connections): {b:,.0f} rows/s",

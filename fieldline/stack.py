@@ -343,6 +343,10 @@ class LocalStack:
             ]
         except (asyncpg.UndefinedTableError, NotFoundError):
             pass  # the tenant's schema comes with its first message
+        except asyncpg.PostgresError as exc:
+            # the live view is a window on the pipeline, never a reason to stop it: the view
+            # stays as it was until the next refresh
+            log.warning("event=view_refresh_failed error=%r", str(exc))
         finally:
             await conn.close()
         return v

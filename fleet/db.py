@@ -44,7 +44,12 @@ async def tenant_tables(tenant: str) -> AsyncIterator[None]:
     """Turn a missing tenant schema into NotFoundError (the tenant has sent nothing yet)."""
     try:
         yield
-    except asyncpg.UndefinedTableError as exc:
+    # a tenant without a schema: its tables, the schema itself, or its read functions
+    except (
+        asyncpg.UndefinedTableError,
+        asyncpg.InvalidSchemaNameError,
+        asyncpg.UndefinedFunctionError,
+    ) as exc:
         raise NotFoundError(
             f"tenant {tenant!r} has no data yet (no schema): check the name, or that an ingest "
             "worker has received something from it"

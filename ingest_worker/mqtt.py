@@ -55,6 +55,9 @@ DEAD: Literal["dead"] = "dead"
 
 # the largest packet the worker must be able to send once connected: a PUBACK
 _PUBACK_BYTES = 4
+# packets delivered per turn of the event loop before the writers get theirs (~10 ms of
+# decoding single messages on this project's 2-core benchmark machine)
+PACKETS_PER_TURN = 128
 
 
 class MqttError(Exception):
@@ -240,6 +243,8 @@ class Subscriber(asyncio.Protocol):
         )
         self._loop = asyncio.get_running_loop()
         self._buffer = bytearray()
+        self._parse_scheduled = False
+        self._yielding = False  # reading paused by _parse, not by the pipeline
         self._connack: asyncio.Future[Connack] = self._loop.create_future()
         self._subacks: dict[int, asyncio.Future[list[int]]] = {}
         self._acks: list[bytes] = []
@@ -268,11 +273,32 @@ class Subscriber(asyncio.Protocol):
 
     def data_received(self, data: bytes) -> None:
         self.last_rx = time.monotonic()
+        self._buffer += data
+        if not self._parse_scheduled:
+            self._parse()
+
+    def _parse(self) -> None:
+        """Deliver the buffer's complete packets, at most PACKETS_PER_TURN of them per turn
+        of the event loop: a 256 KiB read of a backlog holds ~1,000 messages, 70-100 ms of
+        decoding, during which no writer's statement could be sent or its result taken
+        (docs/benchmarks.md). Reading pauses until the buffer is through."""
+        self._parse_scheduled = False
+        if self.closed.done():
+            self._buffer.clear()  # not acknowledged: the broker sends them again
+            return
         buf = self._buffer
-        buf += data
         pos, n = 0, len(buf)
+        budget = PACKETS_PER_TURN
         try:
             while n - pos >= 2:
+                if not budget:
+                    self._parse_scheduled = True
+                    self._loop.call_soon(self._parse)
+                    if self.transport is not None and not self._yielding:
+                        self._yielding = True
+                        self.transport.pause_reading()
+                    break
+                budget -= 1
                 length, shift, i = 0, 0, pos + 1
                 while True:
                     if i >= n:
@@ -293,6 +319,10 @@ class Subscriber(asyncio.Protocol):
         except (MqttError, IndexError, UnicodeDecodeError, struct.error) as exc:
             self._fail(exc)
         del buf[:pos]
+        if self._yielding and not self._parse_scheduled:
+            self._yielding = False
+            if self.transport is not None and not self.paused and not self.transport.is_closing():
+                self.transport.resume_reading()
 
     def _fail_waiters(self, error: BaseException) -> None:
         if not self._connack.done():
@@ -459,7 +489,7 @@ class Subscriber(asyncio.Protocol):
     def resume(self) -> None:
         self.paused = False
         self.last_rx = time.monotonic()  # silence while paused was ours, not the broker's
-        if self.transport is not None and not self.transport.is_closing():
+        if self.transport is not None and not self.transport.is_closing() and not self._yielding:
             self.transport.resume_reading()
 
     async def close(self) -> None:

@@ -41,7 +41,15 @@ from ingest_worker.pipeline import Pipeline
 from ingest_worker.receive import BrokerTarget, LeanReceiver, PahoReceiver
 from ingest_worker.registry import Registry
 from ingest_worker.sequence import SeqWindow
-from ingest_worker.writer import Narrowing, Written, classify, sqlstate, write_narrowed
+from ingest_worker.writer import (
+    Failure,
+    Narrowing,
+    Written,
+    classify,
+    sqlstate,
+    write_devices,
+    write_narrowed,
+)
 from schemas.limits import Limits
 from schemas.topics import Kind, service_filters, shared
 
@@ -161,6 +169,10 @@ class IngestWorker:
             admission=config.admission,
             sequence=config.sequence,
         )
+        # parts of batches whose rows are committed, waiting for their device rows (one task
+        # writes those for all writers, several batches at once) before they are acknowledged
+        self._device_work: list[tuple[str, str, list[Decoded], Written, float]] = []
+        self._device_wake = asyncio.Event()
         self._tasks: list[asyncio.Task[Any]] = []
         self._receiving: asyncio.Task[None] | None = None
         self._http: Any = None
@@ -191,6 +203,7 @@ class IngestWorker:
         self.metrics.up.set(1)
         loop = asyncio.get_running_loop()
         self._tasks = [loop.create_task(self._writer(n)) for n in range(self.config.writers)]
+        self._tasks.append(loop.create_task(self._device_writer()))
         self._tasks.append(loop.create_task(self._maintain()))
         self._tasks.append(loop.create_task(self._compactor()))
         self._receiving = loop.create_task(self.receiver.run(self.pipeline.accept))
@@ -274,10 +287,19 @@ class IngestWorker:
         (or a dead letter unwritable): retried for as long as it takes with what is left,
         nothing acknowledged meanwhile, the connection replaced. Anything else is the batch's
         own: `write_narrowed` isolates the messages at fault into dead letters."""
+
+        def committed(part: list[Decoded], written: Written, seconds: float) -> None:
+            if tenant is None:
+                self._committed(part, written, seconds)  # dead letters only: no device rows
+            else:
+                self._device_work.append((dsn, tenant, part, written, seconds))
+                self._device_wake.set()
+
         policy = Narrowing(
             tries=self.config.transient_tries,
-            committed=self._committed,
+            committed=committed,
             failed=lambda exc, n, retry: self._failed(tenant, exc, n, retry),
+            devices=False,
         )
         backoff = Backoff(0.1, 5.0)
         left = items
@@ -304,6 +326,75 @@ class IngestWorker:
                 conn = None
                 await asyncio.sleep(delay)
         return conn
+
+    async def _device_writer(self) -> None:
+        """Device rows (last seen, presence, seq) of committed batches, off the writers' path:
+        everything waiting is written per tenant in one short transaction, then acknowledged.
+        A writer's batch then costs the database what the bare idempotent insert does, and
+        two writers never wait for each other's device row locks (docs/benchmarks.md)."""
+        conns: dict[str, asyncpg.Connection] = {}
+        try:
+            while True:
+                await self._device_wake.wait()
+                self._device_wake.clear()
+                work, self._device_work = self._device_work, []
+                groups: dict[tuple[str, str], list[tuple[list[Decoded], Written, float]]] = {}
+                for dsn, tenant, items, written, seconds in work:
+                    groups.setdefault((dsn, tenant), []).append((items, written, seconds))
+                for (dsn, tenant), parts in groups.items():
+                    items = [i for part, _w, _s in parts for i in part]
+                    devices = await self._write_devices(conns, dsn, tenant, items)
+                    for n, (part, written, seconds) in enumerate(parts):
+                        if n == 0:  # the device rows' counts go with the first part
+                            written.gaps, written.gaps_forced = devices.gaps, devices.gaps_forced
+                            written.transitions = devices.transitions
+                            written.events += devices.events
+                        self._committed(part, written, seconds)
+        finally:
+            for conn in conns.values():
+                with contextlib.suppress(Exception):
+                    await conn.close()
+
+    async def _write_devices(
+        self, conns: dict[str, asyncpg.Connection], dsn: str, tenant: str, items: list[Decoded]
+    ) -> Written:
+        """Until committed: the database unreachable, or failing transiently, is retried with
+        nothing acknowledged. A failure of its own `ingest.transient_tries` times over gives
+        the device rows of these messages up (their rows are stored): logged and counted."""
+        backoff = Backoff(0.1, 5.0)
+        tries = 0
+        while True:
+            conn = conns.get(dsn)
+            try:
+                if conn is None or conn.is_closed():
+                    conn = conns[dsn] = await self._connect_writer(dsn)
+                return await write_devices(conn, self.registry, tenant, items)
+            except (StorageError, asyncpg.PostgresError, OSError, TimeoutError,
+                    asyncpg.InterfaceError) as exc:  # fmt: skip
+                failure = classify(exc)
+                self.registry.forget_tenant(tenant)
+                if failure is not Failure.UNREACHABLE:
+                    self.metrics.batch_failures.labels(failure.value, sqlstate(exc)).inc()
+                    tries += 1
+                    if tries >= self.config.transient_tries and failure is Failure.PERMANENT:
+                        log.error(
+                            "event=device_rows_failed tenant=%s messages=%d sqlstate=%s "
+                            "error=%r detail='rows stored; last seen and seq not updated'",
+                            tenant, len(items), sqlstate(exc), str(exc)[:200],
+                        )  # fmt: skip
+                        return Written()
+                else:
+                    failed = conns.pop(dsn, None)
+                    if failed is not None:
+                        with contextlib.suppress(Exception):
+                            await failed.close()
+                self.metrics.retries.inc()
+                delay = backoff.next()
+                log.warning(
+                    "event=device_rows_retry tenant=%s messages=%d error=%r retry_in=%.1fs",
+                    tenant, len(items), str(exc)[:200], delay,
+                )  # fmt: skip
+                await asyncio.sleep(delay)
 
     def _failed(self, tenant: str | None, exc: BaseException, messages: int, retry: bool) -> None:
         """A try of a batch failed for a reason of its own (not the connection)."""

@@ -121,3 +121,31 @@ async def test_a_real_skip_counts_exactly_once_after_the_window(writers: Writers
     await writers.write(0, messages("dev-2", [1, 2], boot=2))
     await writers.write(1, messages("dev-2", [33]))
     assert (writers.gaps, await device_row(writers, "dev-2")) == (3, (2, 2, 3, True))
+
+
+def answer(command: str, status: str, received_at: float) -> Decoded:
+    """A device's answer to a command, received by the worker at `received_at`."""
+    payload = json.dumps({"id": command, "status": status}).encode()
+    return decode_message(None, "fl/acme/dev-9/cmd-res", payload, received_at, DEFAULT_LIMITS)
+
+
+async def test_the_first_received_answer_is_the_result_whatever_commits_first(
+    writers: Writers,
+) -> None:
+    # the run's `ok`, then the device refusing a replay: the two answers fall in two batches,
+    # and the second batch's writer commits first
+    command = "00000000-0000-4000-8000-000000000042"
+    now = time.time()
+    await writers.write(1, [answer(command, "rejected", now + 0.5)])
+    await writers.write(0, [answer(command, "ok", now)])
+    row = await writers.conns[0].fetchrow(
+        "SELECT status, answered_at FROM tenant_acme.commands WHERE id = $1::uuid", command
+    )
+    assert row is not None
+    assert row["status"] == "ok"
+    # and a later answer committed after it changes nothing
+    await writers.write(1, [answer(command, "error", now + 1.0)])
+    status = await writers.conns[0].fetchval(
+        "SELECT status FROM tenant_acme.commands WHERE id = $1::uuid", command
+    )
+    assert status == "ok"

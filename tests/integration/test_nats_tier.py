@@ -22,6 +22,7 @@ from tests.clients import Paho, raw
 from tests.fixtures.brokers import BrokerUnderTest
 from tests.fixtures.nats import NatsCluster, NatsNode, run_async
 from tests.mqtt_raw import RawClient
+from tests.waits import until
 
 pytestmark = pytest.mark.integration
 
@@ -218,15 +219,28 @@ def test_service_consumes_the_stream_with_its_own_certificate(nats_cluster: Nats
             # a denied request gets no answer: nats-py times out, the server says why
             with pytest.raises(nats.errors.TimeoutError):
                 await nc.jetstream(timeout=1).delete_stream("FIELDLINE")
-            assert any("stream.delete.fieldline" in e for e in errors), errors
+            # the server's -ERR reaches error_cb as a task of its own: wait for it
+            await until(
+                lambda: any("stream.delete.fieldline" in e for e in errors),
+                5,
+                "the delete's permissions violation",
+            )
             with pytest.raises(nats.errors.TimeoutError):
                 await nc.jetstream(timeout=1).consumer_info("FIELDLINE", "other")
-            assert any("consumer.info.fieldline.other" in e for e in errors), errors
+            await until(
+                lambda: any("consumer.info.fieldline.other" in e for e in errors),
+                5,
+                "the consumer info's permissions violation",
+            )
             # a plain SUB on the QoS 1 delivery subjects would read every MQTT session's
             # deliveries, device commands included
             await nc.subscribe("$MQTT.sub.>")
             await nc.flush(timeout=2)
-            assert any("subscription" in e and "$mqtt.sub.>" in e for e in errors), errors
+            await until(
+                lambda: any("subscription" in e and "$mqtt.sub.>" in e for e in errors),
+                5,
+                "the subscription's permissions violation",
+            )
             return [m.subject for m in msgs]
         finally:
             await nc.close()

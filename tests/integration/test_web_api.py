@@ -25,6 +25,9 @@ import pytest
 from paho.mqtt.enums import CallbackAPIVersion, MQTTProtocolVersion
 
 from core.settings import Settings
+from fleet.db import on
+from fleet.errors import NotFoundError
+from fleet.series import recent_rows
 from tests.fixtures.brokers import BrokerUnderTest, start_fieldline
 from tests.fixtures.ingest import WorkerProcess, fetch, start_worker
 from tests.fixtures.pki import TestPki, build_test_pki
@@ -210,6 +213,14 @@ def test_a_tenant_sees_only_its_own(stack: Stack, viewer: str, admin: str) -> No
         stack.get(f"/api/v1/tenants/globex/commands/{GLOBEX_COMMAND}", admin).json()["status"]
         == "ok"
     )
+    # a tenant that has sent nothing has no schema: a 404 saying so, for the API and for the
+    # read functions (`fieldline up`'s live view once died on the function's missing schema)
+    for path in ("/api/v1/tenants/initech/devices", "/api/v1/tenants/initech/alerts"):
+        response = stack.get(path, admin)
+        assert response.status_code == 404, (path, response.text)
+        assert "has no data yet" in error(response)
+    with pytest.raises(NotFoundError, match="has no data yet"):
+        run_async(lambda: on(stack.dsn, lambda c: recent_rows(c, "initech", 60)))
     detail = stack.get("/api/v1/tenants/acme/devices/dev-1", viewer).json()
     kinds = {m["name"]: (m["kind"], m["unit"]) for m in detail["metric_info"]}
     assert kinds == {"door": ("bool", None), "note": ("text", None), "temp": ("numeric", "degC")}
