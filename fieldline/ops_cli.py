@@ -165,6 +165,7 @@ class _Operator:
     def close(self) -> None:
         self.client.disconnect()
         self.client.loop_stop()
+        self.client.reinitialise()  # closes loop_start()'s socket pair now (paho-mqtt#627)
 
 
 @cmd_app.command("send")

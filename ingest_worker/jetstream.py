@@ -446,6 +446,7 @@ def _mqtt_connect_once(
     finally:
         client.disconnect()
         client.loop_stop()
+        client.reinitialise()  # closes loop_start()'s socket pair now (paho-mqtt#627)
 
 
 class JetStreamReceiver:

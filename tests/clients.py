@@ -138,8 +138,15 @@ class Paho:
         return self.until_marker(payload, timeout)
 
     def close(self) -> None:
+        """Disconnect, stop the network thread and close every socket the client opened."""
         self.client.disconnect()
         self.client.loop_stop()
+        # paho-mqtt 2.2's loop_stop() leaves loop_start()'s wake-up socket pair open until the
+        # Client is collected (eclipse-paho/paho.mqtt.python#627); our callbacks make a cycle,
+        # and the cyclic collector may finalize those sockets before Client.__del__ closes
+        # them: a ResourceWarning (an error here) in whichever test runs the next full
+        # collection. reinitialise() is paho's public call that closes them now.
+        self.client.reinitialise()
 
 
 def raw(broker: BrokerUnderTest, bundle: Bundle | None) -> RawClient:

@@ -94,3 +94,6 @@ class CommandPublisher:
         finally:
             client.disconnect()
             client.loop_stop()
+            # loop_stop() leaves loop_start()'s wake-up socket pair open until the client is
+            # collected (paho-mqtt#627): one client per command would hold 2 descriptors each
+            client.reinitialise()

@@ -109,6 +109,7 @@ def test_bad_certificates_are_refused_and_learn_nothing(broker: BrokerUnderTest,
         # whatever the client library managed to send, nothing arrived anywhere
         attacker.client.publish("fl/acme/dev-1/telemetry", b"forged", qos=0)
         attacker.client.loop_stop()
+        attacker.client.reinitialise()  # closes its socket pair now (paho#627)
         ops = _connected(Paho(broker, pki.operator))
         ops.publish("fl/acme/dev-1/cmd/reset", b"{}")
         ops.close()

@@ -132,6 +132,7 @@ class _Client:
     def close(self) -> None:
         self.client.disconnect()
         self.client.loop_stop()
+        self.client.reinitialise()  # closes its socket pair now (paho#627)
 
 
 def test_device_bundle_connects_and_its_message_arrives(
@@ -174,4 +175,5 @@ def test_bad_certificates_never_get_in(
     finally:
         watcher.close()
         attacker.client.loop_stop()
+        attacker.client.reinitialise()  # closes its socket pair now (paho#627)
     assert "OpenSSL Error" in mosquitto.log_tail(50) or "protocol error" in mosquitto.log_tail(50)

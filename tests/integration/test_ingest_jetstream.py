@@ -106,6 +106,7 @@ class Device:
     def stop(self) -> None:
         self.client.disconnect()
         self.client.loop_stop()
+        self.client.reinitialise()  # closes its socket pair now (paho#627)
 
 
 def telemetry(ts: int, i: int) -> bytes:
@@ -455,6 +456,7 @@ async def test_an_orphaned_consumer_of_fl_is_told_and_mqtt_subscriptions_are_not
     finally:
         subscriber.disconnect()
         subscriber.loop_stop()
+        subscriber.reinitialise()  # closes its socket pair now (paho#627)
         fresh_stream(cluster, ack_wait_s=None)
 
 

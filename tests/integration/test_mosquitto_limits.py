@@ -137,6 +137,7 @@ def test_mqtt5_client_without_keepalive_is_given_max_keepalive(
     finally:
         client.disconnect()
         client.loop_stop()
+        client.reinitialise()  # closes its socket pair now (paho#627)
 
 
 # -- memory ----------------------------------------------------------------------------------

@@ -97,6 +97,7 @@ class Device:
     def close(self) -> None:
         self.client.disconnect()
         self.client.loop_stop()
+        self.client.reinitialise()  # closes its socket pair now (paho#627)
 
 
 @pytest.fixture(scope="module")
