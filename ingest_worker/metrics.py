@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from bisect import bisect_left
+from collections.abc import Iterator, Sequence
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
 from prometheus_client.registry import Collector
+from prometheus_client.utils import floatToGoString
 
 
 class IngestMetrics:
@@ -59,13 +61,14 @@ class IngestMetrics:
             buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5),
             registry=r,
         )
-        self.lag_seconds = Histogram(
+        # The two per-message histograms: plain counts (see PlainHistogram).
+        self.lag_seconds = PlainHistogram(
             "fieldline_ingest_lag_seconds",
             "From a message's receipt by the worker to the commit of its rows.",
             buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10),
             registry=r,
         )
-        self.publish_lag_seconds = Histogram(
+        self.publish_lag_seconds = PlainHistogram(
             "fieldline_ingest_publish_to_commit_seconds",
             "From the device's `ts` to the commit (includes clock skew and device buffering).",
             buckets=(
@@ -211,6 +214,39 @@ class IngestMetrics:
             registry=r,
         )
         self.up = Gauge("fieldline_ingest_up", "1 while the worker runs.", registry=r)
+
+
+class PlainHistogram(Collector):
+    """A histogram observed once per message: bucket counts in a plain list, read at scrape
+    time. prometheus_client's Histogram takes a lock for the sum and one for the bucket on
+    every observe; the worker observes from its event loop thread only."""
+
+    def __init__(
+        self,
+        name: str,
+        documentation: str,
+        *,
+        buckets: Sequence[float],
+        registry: CollectorRegistry,
+    ) -> None:
+        self.name, self.documentation = name, documentation
+        self._bounds = tuple(sorted(float(b) for b in buckets))
+        self._counts = [0] * (len(self._bounds) + 1)  # the last one is +Inf
+        self._sum = 0.0
+        registry.register(self)
+
+    def observe(self, amount: float) -> None:
+        """Count one value, into the first bucket whose bound is >= it (`le`)."""
+        self._counts[bisect_left(self._bounds, amount)] += 1
+        self._sum += amount
+
+    def collect(self) -> Iterator[HistogramMetricFamily]:
+        counts, total = list(self._counts), self._sum
+        buckets, cumulative = [], 0
+        for bound, n in zip((*self._bounds, float("inf")), counts, strict=True):
+            cumulative += n
+            buckets.append((floatToGoString(bound), float(cumulative)))  # type: ignore[no-untyped-call]
+        yield HistogramMetricFamily(self.name, self.documentation, buckets=buckets, sum_value=total)
 
 
 class _Live(Collector):

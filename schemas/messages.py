@@ -32,7 +32,7 @@ from pydantic import (
     WithJsonSchema,
     model_validator,
 )
-from pydantic_core import PydanticCustomError
+from pydantic_core import PydanticCustomError, from_json
 
 from schemas.errors import InvalidIdError, PayloadError
 from schemas.limits import (
@@ -75,6 +75,7 @@ __all__ = [
     "decode_status",
     "decode_telemetry",
     "encode",
+    "fast_telemetry",
     "metric_problem",
     "reading",
     "readings",
@@ -1069,6 +1070,126 @@ def _decode(model: type[_M], payload: Payload, limits: Limits, now: datetime | N
         return model.model_validate_json(payload, context=_Context(limits, now))
     except ValidationError as exc:
         raise _payload_error(exc, model, payload) from None
+
+
+# --- the telemetry fast path -----------------------------------------------------------
+# pydantic's own JSON parser (`from_json`, so numbers, strings and duplicate keys come out
+# as `model_validate_json` sees them) and hand checks of the same rules, for the common
+# payload only, without building a model per backlog sample. It answers
+# "valid, here are the samples" or "not sure" (None), never "invalid", so every refusal,
+# reason and message still comes from `decode_telemetry`. tests/unit/test_fast_telemetry.py
+# checks with generated payloads that its answers equal `decode_telemetry`'s.
+
+_TOP_KEYS = frozenset({"ts", "seq", "boot", "metrics", "samples"})
+_SAMPLE_KEYS = frozenset({"ts", "seq", "metrics"})
+
+FastSample: TypeAlias = tuple[datetime | None, int | None, dict[str, MetricValue]]
+
+
+def _fast_ts(value: object, bounds: tuple[int, int | None]) -> datetime | None:
+    t = type(value)
+    if t is int or t is float:
+        number: float = value  # type: ignore[assignment]
+        earliest, latest = bounds
+        if earliest <= number <= _MAX_MS and (latest is None or number <= latest):
+            if t is int:
+                return _EPOCH + timedelta(0, number // 1000, number % 1000 * 1000)
+            return _EPOCH + timedelta(milliseconds=number)
+    return None
+
+
+def _fast_metrics(value: object, limits: Limits) -> bool:
+    """Whether `value` is a metrics object `_validate_metrics` accepts (Quantity in place)."""
+    if type(value) is not dict or not value or len(value) > limits.max_metrics:
+        return False
+    metrics: dict[str, Any] = value
+    known = _known_names
+    for name, v in metrics.items():
+        if name not in known:
+            if _METRIC_NAME_RE.fullmatch(name) is None:
+                return False
+            if len(known) < _KNOWN_NAMES_MAX:
+                known.add(name)
+        t = type(v)
+        if t is float:
+            if -MAX_MAGNITUDE < v < MAX_MAGNITUDE:
+                continue
+        elif t is bool:
+            continue
+        elif t is int:
+            if -MAX_INT <= v <= MAX_INT:
+                continue
+        elif t is str:
+            if len(v) <= MAX_TEXT_LENGTH and "\x00" not in v:
+                continue
+        elif t is dict:
+            q = _quantity(v)
+            if type(q) is Quantity:
+                metrics[name] = q
+                continue
+        return False
+    return True
+
+
+def _counter(value: object) -> bool:
+    return type(value) is int and 0 <= value <= MAX_INT
+
+
+def fast_telemetry(
+    payload: bytes, *, limits: Limits = DEFAULT_LIMITS, now: datetime | None = None
+) -> tuple[int | None, list[FastSample]] | None:
+    """`(boot, [(ts, seq, metrics), ...])` of a plain valid telemetry payload, equal to what
+    `decode_telemetry` gives; None when it is not sure (then call `decode_telemetry`)."""
+    try:
+        if (
+            type(payload) is not bytes
+            or not 0 < len(payload) <= limits.max_payload_bytes
+            or (now is not None and now.tzinfo is None)
+        ):
+            return None
+        doc = from_json(payload, allow_inf_nan=False)
+        if type(doc) is not dict or not doc.keys() <= _TOP_KEYS:
+            return None
+        boot = doc.get("boot")
+        if boot is not None and not _counter(boot):
+            return None
+        bounds = _Context(limits, now).bounds()
+        samples = doc.get("samples")
+        if samples is None:
+            metrics = doc.get("metrics")
+            ts = doc.get("ts")
+            seq = doc.get("seq")
+            if (
+                not _fast_metrics(metrics, limits)
+                or (seq is not None and not _counter(seq))
+                or (ts is not None and (ts := _fast_ts(ts, bounds)) is None)
+            ):
+                return None
+            return boot, [(ts, seq, metrics)]  # type: ignore[list-item]
+        if (
+            type(samples) is not list
+            or not samples
+            or len(samples) > min(limits.max_samples, DEFAULT_LIMITS.max_samples)
+            or doc.get("metrics") is not None
+            or doc.get("ts") is not None
+            or doc.get("seq") is not None
+        ):
+            return None
+        out: list[FastSample] = []
+        for sample in samples:
+            if type(sample) is not dict or not sample.keys() <= _SAMPLE_KEYS:
+                return None
+            metrics = sample.get("metrics")
+            seq = sample.get("seq")
+            ts = _fast_ts(sample.get("ts"), bounds)
+            if ts is None or not _fast_metrics(metrics, limits):
+                return None
+            if seq is not None and not _counter(seq):
+                return None
+            out.append((ts, seq, metrics))  # type: ignore[arg-type]
+        return boot, out
+    except Exception:  # anything unusual: the full path decides, with its own message
+        return None
 
 
 def decode_telemetry(
