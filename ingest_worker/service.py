@@ -131,6 +131,14 @@ def subscriptions(share_group: str | None) -> tuple[str, ...]:
     return tuple(shared(share_group, f) for f in filters) if share_group else filters
 
 
+async def _drop_connection(conns: dict[str, asyncpg.Connection], dsn: str) -> None:
+    """Forget a failed connection and close it quietly: the next use opens a new one."""
+    failed = conns.pop(dsn, None)
+    if failed is not None:
+        with contextlib.suppress(Exception):
+            await failed.close()
+
+
 class IngestWorker:
     """One worker process: a broker session, `writers` database connections, the schedules."""
 
@@ -384,10 +392,7 @@ class IngestWorker:
                         )  # fmt: skip
                         return Written()
                 else:
-                    failed = conns.pop(dsn, None)
-                    if failed is not None:
-                        with contextlib.suppress(Exception):
-                            await failed.close()
+                    await _drop_connection(conns, dsn)
                 self.metrics.retries.inc()
                 delay = backoff.next()
                 log.warning(
@@ -458,10 +463,7 @@ class IngestWorker:
                     ) as exc:
                         log.warning("event=compaction_failed error=%r", str(exc)[:200])
                         self.metrics.compaction_runs.labels("failed").inc()
-                        failed = conns.pop(dsn, None)
-                        if failed is not None:
-                            with contextlib.suppress(Exception):
-                                await failed.close()
+                        await _drop_connection(conns, dsn)
                 await asyncio.sleep(self.config.compact_every_s)
         finally:
             for conn in conns.values():
@@ -512,10 +514,7 @@ class IngestWorker:
                     ) as exc:
                         log.warning("event=maintenance_failed error=%r", str(exc)[:200])
                         self.metrics.retention_runs.labels("failed").inc()
-                        failed = conns.pop(dsn, None)
-                        if failed is not None:
-                            with contextlib.suppress(Exception):
-                                await failed.close()
+                        await _drop_connection(conns, dsn)
         finally:
             for conn in conns.values():
                 with contextlib.suppress(Exception):
