@@ -131,6 +131,11 @@ def subscriptions(share_group: str | None) -> tuple[str, ...]:
     return tuple(shared(share_group, f) for f in filters) if share_group else filters
 
 
+# what a maintenance or compaction pass may meet from one database: logged, counted, and the
+# connection replaced; the next pass tries again
+_MAINTENANCE_ERRORS = (StorageError, asyncpg.PostgresError, OSError, asyncpg.InterfaceError)
+
+
 async def _drop_connection(conns: dict[str, asyncpg.Connection], dsn: str) -> None:
     """Forget a failed connection and close it quietly: the next use opens a new one."""
     failed = conns.pop(dsn, None)
@@ -455,12 +460,7 @@ class IngestWorker:
                         if conn is None or conn.is_closed():
                             conn = conns[dsn] = await self._connect_db(dsn)
                         await self._compact(conn)
-                    except (
-                        StorageError,
-                        asyncpg.PostgresError,
-                        OSError,
-                        asyncpg.InterfaceError,
-                    ) as exc:
+                    except _MAINTENANCE_ERRORS as exc:
                         log.warning("event=compaction_failed error=%r", str(exc)[:200])
                         self.metrics.compaction_runs.labels("failed").inc()
                         await _drop_connection(conns, dsn)
@@ -506,12 +506,7 @@ class IngestWorker:
                         if retention_due:
                             await apply_retention(conn, self._retention)
                             self.metrics.retention_runs.labels("ok").inc()
-                    except (
-                        StorageError,
-                        asyncpg.PostgresError,
-                        OSError,
-                        asyncpg.InterfaceError,
-                    ) as exc:
+                    except _MAINTENANCE_ERRORS as exc:
                         log.warning("event=maintenance_failed error=%r", str(exc)[:200])
                         self.metrics.retention_runs.labels("failed").inc()
                         await _drop_connection(conns, dsn)

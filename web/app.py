@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
@@ -50,6 +50,26 @@ def _error(status: int, message: str, headers: dict[str, str] | None = None) -> 
     return JSONResponse({"error": message}, status_code=status, headers=headers)
 
 
+# the most specific class decides (Starlette looks handlers up along the exception's MRO)
+_STATUS_OF: dict[type[Exception], int] = {
+    NotFoundError: 404,
+    BadInputError: 400,
+    NoCertificateError: 503,
+    DatabaseUnavailableError: 503,
+    WebError: 503,
+    StorageError: 503,
+}
+
+
+def _plain(status: int) -> Callable[[Request, Exception], Awaitable[JSONResponse]]:
+    """A handler answering `status` with the exception's own message."""
+
+    async def handler(_r: Request, exc: Exception) -> JSONResponse:
+        return _error(status, str(exc))
+
+    return handler
+
+
 def _validation_message(exc: RequestValidationError) -> str:
     errors = exc.errors()
     if not errors:
@@ -87,17 +107,13 @@ def create_app(
     app.include_router(api.router)
     app.include_router(stream.router)
 
+    # our own errors whose message already says what was wrong: one status each
+    for error, status in _STATUS_OF.items():
+        app.add_exception_handler(error, _plain(status))
+
     @app.exception_handler(ApiError)
     async def _api_error(_r: Request, exc: ApiError) -> JSONResponse:
         return _error(exc.status, exc.message, exc.headers)
-
-    @app.exception_handler(NotFoundError)
-    async def _not_found(_r: Request, exc: NotFoundError) -> JSONResponse:
-        return _error(404, str(exc))
-
-    @app.exception_handler(BadInputError)
-    async def _bad_input(_r: Request, exc: BadInputError) -> JSONResponse:
-        return _error(400, str(exc))
 
     @app.exception_handler(RequestValidationError)
     async def _invalid(_r: Request, exc: RequestValidationError) -> JSONResponse:
@@ -109,22 +125,6 @@ def create_app(
         if exc.status_code == 404:
             message = "no such route: see /docs for the API"
         return _error(exc.status_code, message, getattr(exc, "headers", None))
-
-    @app.exception_handler(NoCertificateError)
-    async def _no_cert(_r: Request, exc: NoCertificateError) -> JSONResponse:
-        return _error(503, str(exc))
-
-    @app.exception_handler(DatabaseUnavailableError)
-    async def _no_db(_r: Request, exc: DatabaseUnavailableError) -> JSONResponse:
-        return _error(503, str(exc))
-
-    @app.exception_handler(WebError)
-    async def _web(_r: Request, exc: WebError) -> JSONResponse:
-        return _error(503, str(exc))
-
-    @app.exception_handler(StorageError)
-    async def _storage(_r: Request, exc: StorageError) -> JSONResponse:
-        return _error(503, str(exc))
 
     @app.exception_handler(asyncpg.QueryCanceledError)
     async def _slow(_r: Request, _exc: Exception) -> JSONResponse:
