@@ -245,6 +245,7 @@ class Subscriber(asyncio.Protocol):
         self._buffer = bytearray()
         self._parse_scheduled = False
         self._yielding = False  # reading paused by _parse, not by the pipeline
+        self._disconnected = False  # DISCONNECT written: nothing more is sent or delivered
         self._connack: asyncio.Future[Connack] = self._loop.create_future()
         self._subacks: dict[int, asyncio.Future[list[int]]] = {}
         self._acks: list[bytes] = []
@@ -283,7 +284,7 @@ class Subscriber(asyncio.Protocol):
         decoding, during which no writer's statement could be sent or its result taken
         (docs/benchmarks.md). Reading pauses until the buffer is through."""
         self._parse_scheduled = False
-        if self.closed.done():
+        if self.closed.done() or self._disconnected:
             self._buffer.clear()  # not acknowledged: the broker sends them again
             return
         buf = self._buffer
@@ -492,19 +493,38 @@ class Subscriber(asyncio.Protocol):
         if self.transport is not None and not self.transport.is_closing() and not self._yielding:
             self.transport.resume_reading()
 
-    async def close(self) -> None:
-        """Flush pending acks, send DISCONNECT (the session stays: clean_start was False)."""
+    async def close(self, timeout: float = 5.0) -> None:
+        """Flush pending acks, send DISCONNECT (the session stays: clean_start was False), and
+        let the broker close first, so the acks are read before the connection ends.
+
+        Closing our end first loses them whenever the broker is still sending: a socket closed
+        with unread bytes (reading was paused, the rest of a backlog is arriving) is reset by
+        the kernel, and the reset discards what the broker had not yet read, acks included, so
+        the broker sent everything again (test_ingest_close.py). The broker closes once it has
+        read the DISCONNECT, after every ack before it; what it sends meanwhile is read and
+        dropped (not acknowledged: it comes again). Past `timeout` we close anyway.
+        """
         if self.transport is None or self.transport.is_closing():
             return
         self._flush_acks()
         self._write(b"\xe0\x00")
-        self.transport.close()
+        self._disconnected = True
+        self._buffer.clear()
+        self._yielding = False
+        self.transport.resume_reading()  # to see the broker's close behind its last sends
         try:
-            await asyncio.wait_for(asyncio.shield(self.closed), 5)
+            await asyncio.wait_for(asyncio.shield(self.closed), timeout)
+            return
+        except TimeoutError:
+            self.transport.close()
+        try:
+            await asyncio.wait_for(asyncio.shield(self.closed), timeout)
         except TimeoutError:
             self.transport.abort()
 
     def _write(self, data: bytes) -> None:
+        if self._disconnected:
+            return  # nothing may follow a DISCONNECT (MQTT 3.14.4)
         if self.transport is not None and not self.transport.is_closing():
             self.transport.write(data)
             self._last_sent = time.monotonic()
