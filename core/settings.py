@@ -361,6 +361,13 @@ class WebSettings(_Section):
     rate_burst: int = Field(
         default=100, ge=1, description="requests a token may make at once before rate_per_s"
     )
+    auth_failures_per_min: int = Field(
+        default=30,
+        ge=1,
+        description="failed token checks one client address may make per minute (as a burst, "
+        "then refilled); beyond it every request from that address is a 429 until the bucket "
+        "refills, valid tokens included, and no token is looked up",
+    )
     max_points: int = Field(
         default=5000, ge=2, description="largest `points` of a metric series (400 beyond)"
     )

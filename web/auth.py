@@ -55,7 +55,24 @@ async def caller(
 ) -> Token:
     """The authenticated, rate-limited token of this request."""
     state = state_of(request)
-    token = await authenticate(state, credentials.credentials if credentials else None)
+    # failed checks are bounded per client address, so a flood of made-up tokens costs one
+    # bucket lookup each instead of a database query (a secret cannot be guessed anyway)
+    address = request.client.host if request.client else "-"
+    if not state.auth_failures.holds(address):
+        state.metrics.refused.labels("auth_failures").inc()
+        wait = state.auth_failures.retry_after(address)
+        raise ApiError(
+            429,
+            f"too many failed token checks from {address} (web.auth_failures_per_min "
+            f"{state.settings.web.auth_failures_per_min}): retry in {wait:.0f} s "
+            "with a valid token",
+            {"Retry-After": str(max(1, round(wait)))},
+        )
+    try:
+        token = await authenticate(state, credentials.credentials if credentials else None)
+    except ApiError:
+        state.auth_failures.allow(address)
+        raise
     if not state.rate.allow(token.id):
         state.metrics.refused.labels("rate_limited").inc()
         wait = state.rate.retry_after(token.id)

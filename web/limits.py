@@ -42,12 +42,20 @@ class RateLimiter:
         bucket.level -= 1.0
         return True
 
+    def holds(self, key: str) -> bool:
+        """Whether the key's bucket holds a request now (nothing is taken)."""
+        bucket = self._buckets.get(key)
+        if bucket is None:
+            return True
+        return bucket.level + (self.clock() - bucket.at) * self.rate >= 1.0
+
     def retry_after(self, key: str) -> float:
         """Seconds until the key's bucket holds a request again."""
         bucket = self._buckets.get(key)
         if bucket is None:
             return 0.0
-        return max(0.0, (1.0 - bucket.level) / self.rate)
+        level = bucket.level + (self.clock() - bucket.at) * self.rate
+        return max(0.0, (1.0 - level) / self.rate)
 
     def _forget_full(self, now: float) -> None:
         for key, bucket in list(self._buckets.items()):

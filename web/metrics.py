@@ -22,7 +22,8 @@ class WebMetrics:
         self.refused = Counter(
             "fieldline_web_refused_total",
             "Requests refused by a bound or by auth: rate_limited, body_too_large, "
-            "too_many_streams, points_limit, limit_limit, unauthorized, forbidden, slow_request",
+            "too_many_streams, points_limit, limit_limit, unauthorized, auth_failures, forbidden, "
+            "slow_request",
             ["reason"], registry=self.registry,
         )  # fmt: skip
         self.streams = Gauge(

@@ -32,6 +32,8 @@ class WebState:
         self.metrics_open = metrics_open
         self.metrics = WebMetrics()
         self.rate = RateLimiter(settings.web.rate_per_s, settings.web.rate_burst)
+        per_min = settings.web.auth_failures_per_min
+        self.auth_failures = RateLimiter(per_min / 60.0, per_min)  # keyed by client address
         self.streams = StreamSlots(settings.web.max_streams_per_token)
         self.publisher = CommandPublisher(settings)
         self.stopping = asyncio.Event()

@@ -426,6 +426,31 @@ def test_a_token_past_its_rate_gets_429(stack: Stack) -> None:
     assert metrics['fieldline_web_refused_total{reason="rate_limited"}'] >= 1
 
 
+def test_failed_token_checks_are_bounded_per_address(stack: Stack, viewer: str) -> None:
+    web = start_web(stack.dsn, None, stack.root / "web-guess", auth_failures_per_min=3)
+    try:
+        made_up = viewer[:-4] + ("AAAA" if not viewer.endswith("AAAA") else "BBBB")
+        headers = {"Authorization": f"Bearer {made_up}"}
+        codes = [
+            httpx.get(f"{web.url}/api/v1/whoami", headers=headers, timeout=10).status_code
+            for _ in range(5)
+        ]
+        assert codes == [401, 401, 401, 429, 429]
+        # the address is out of checks: a valid token waits too, and health stays open
+        valid = {"Authorization": f"Bearer {viewer}"}
+        blocked = httpx.get(f"{web.url}/api/v1/whoami", headers=valid, timeout=10)
+        assert blocked.status_code == 429
+        assert "auth_failures_per_min" in error(blocked)
+        assert int(blocked.headers["retry-after"]) >= 1
+        assert httpx.get(f"{web.url}/api/v1/health", timeout=10).status_code == 200
+        metrics = samples(httpx.get(f"{web.url}/metrics", timeout=10).text)
+        assert metrics['fieldline_web_refused_total{reason="auth_failures"}'] == 3
+    finally:
+        web.stop()
+    # each server keeps its own count: the shared one still answers this address
+    assert stack.get("/api/v1/whoami", viewer).status_code == 200
+
+
 def test_live_streams_are_bounded_per_token(stack: Stack) -> None:
     token = create_token(stack.dsn, "acme", "viewer", "streamer")
     with ExitStack() as held, stack.client(token) as c:

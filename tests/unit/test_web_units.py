@@ -95,6 +95,22 @@ def test_the_rate_limiter_is_a_token_bucket_per_key() -> None:
     assert [limiter.allow("a") for _ in range(4)] == [True, True, True, False]  # capped at burst
 
 
+def test_holds_looks_without_taking_and_retry_after_counts_the_refill() -> None:
+    clock = [0.0]
+    limiter = RateLimiter(rate_per_s=0.5, burst=2, clock=lambda: clock[0])
+    assert limiter.holds("a")  # an unknown key starts full
+    assert [limiter.allow("a") for _ in range(3)] == [True, True, False]
+    assert not limiter.holds("a")
+    clock[0] = 1.0
+    assert limiter.retry_after("a") == pytest.approx(1.0)  # half refilled already
+    assert not limiter.holds("a")
+    clock[0] = 2.0
+    assert limiter.holds("a")
+    assert limiter.holds("a")  # looking takes nothing
+    assert limiter.allow("a")
+    assert not limiter.holds("a")
+
+
 def test_stream_slots_are_bounded_per_key_and_given_back() -> None:
     slots = StreamSlots(per_key=2)
     assert slots.acquire("a")
