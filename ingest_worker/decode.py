@@ -50,6 +50,9 @@ class Decoded:
     # telemetry: (time, stamped with the receive time because the device sent no ts, metrics)
     # with the metrics as validated: name -> bool | int | float | str | Quantity
     samples: list[tuple[datetime, bool, dict[str, MetricValue]]] = field(default_factory=list)
+    # the epoch microseconds of each sample's time, when the fast path had them at hand (the
+    # writer then needs no datetime arithmetic per row); None: the writer reads `samples`
+    micros: list[int] | None = None
     nrows: int = 1
     # the earliest device timestamp it carries (samples, an event's or a status's ts)
     oldest: datetime | None = None
@@ -75,6 +78,7 @@ class Decoded:
         # PostgreSQL text holds no NUL; the message may quote the offending input
         self.dead_reason, self.dead_error = reason, error.replace("\x00", "\\u0000")
         self.samples = []
+        self.micros = None
         self.nrows = 1
         self.status = self.event = self.result = None
 
@@ -100,10 +104,13 @@ def decode_message(
         if parsed.kind is Kind.TELEMETRY:
             # The common payload without a model per sample; anything else (and every
             # refusal) through full validation, which words the dead letter.
-            fast = fast_telemetry(payload, limits=limits, now=now)
+            micros: list[int] = []
+            fast = fast_telemetry(payload, limits=limits, now=now, micros=micros)
             samples: Iterable[tuple[datetime | None, int | None, dict[str, MetricValue]]]
             if fast is not None:
                 item.boot, samples = fast
+                if len(micros) == len(fast[1]):
+                    item.micros = micros
             else:
                 telemetry = decode_telemetry(payload, limits=limits, now=now)
                 item.boot = telemetry.boot

@@ -19,6 +19,7 @@ import copy
 import dataclasses
 import json
 import logging
+import struct
 import time
 import weakref
 from collections.abc import Callable, Iterator, Sequence
@@ -393,8 +394,12 @@ _KIND_OF: dict[type, MetricKind] = {
     str: MetricKind.TEXT,
 }
 _TEXT = MetricKind.TEXT
+_NUMERIC = MetricKind.NUMERIC
 _NO_REFS: dict[str, MetricRef] = {}
 Row = tuple[datetime, int, Any, bool]
+# a reading waiting for its metric id: message, time, PostgreSQL time, received, name, value,
+# unit, kind
+Pending = tuple[Decoded, datetime, int, bool, str, Any, "str | None", MetricKind]
 
 
 def _scalar(value: Any) -> tuple[float | str, MetricKind]:
@@ -405,6 +410,36 @@ def _scalar(value: Any) -> tuple[float | str, MetricKind]:
     return float(value), kind
 
 
+# Numeric values are sent as PostgreSQL's binary COPY rows built here: asyncpg's
+# `copy_records_to_table` encodes a datetime per row (and takes a datetime per row to build),
+# which cost more than the rest of the row. A timestamptz is int64 microseconds since
+# 2000-01-01 UTC; a double and a boolean are written as asyncpg writes them.
+_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+_US = timedelta(microseconds=1)
+_PG_EPOCH_US = 946_684_800_000_000  # 2000-01-01 UTC in epoch microseconds
+# asyncpg writes 9999-12-31 23:59:59.999999 and 0001-01-01 as infinity and -infinity
+_PG_INFINITY = {252_455_615_999_999_999: 2**63 - 1, -63_082_281_600_000_000: -(2**63)}
+_NUMERIC_ROW = struct.Struct(">hiqiiidi?")  # 4 fields: time, metric_id, value, received
+_COPY_HEADER = b"PGCOPY\n\xff\r\n\x00" + bytes(8)  # signature, flags, no extension
+_COPY_TRAILER = b"\xff\xff"
+
+
+def pg_time(micros: int) -> int:
+    """The binary timestamptz of epoch microseconds, as asyncpg encodes the same instant."""
+    pg = micros - _PG_EPOCH_US
+    return _PG_INFINITY.get(pg, pg)
+
+
+def epoch_micros(when: datetime) -> int:
+    """Epoch microseconds of an aware datetime, exactly."""
+    return (when - _EPOCH) // _US
+
+
+def numeric_copy(rows: Sequence[bytes]) -> bytes:
+    """A binary COPY stream of `numeric_values` rows (time, metric_id, value, received)."""
+    return b"".join((_COPY_HEADER, *rows, _COPY_TRAILER))
+
+
 async def _readings(
     conn: asyncpg.Connection,
     registry: Registry,
@@ -412,38 +447,70 @@ async def _readings(
     tenant: str,
     items: Sequence[Decoded],
     out: Written,
-) -> tuple[list[Row], list[Row]]:
-    """Rows for numeric_values and text_values, with metric ids (created on first sight).
+) -> tuple[list[bytes], list[Row]]:
+    """Rows for numeric_values (binary COPY rows) and text_values, with metric ids (created
+    on first sight).
 
     One pass over the readings; metrics seen for the first time, or with a new unit or kind,
     wait for one round trip that creates or updates them. A message that sends a metric with
-    another kind than it has (a number where text was) becomes a dead letter.
+    another kind than it has (a number where text was) becomes a dead letter. The id of a
+    numeric metric is looked up once per device and name in a batch, not once per row.
     """
-    numeric: list[Row] = []
+    numeric: list[bytes] = []
+    add = numeric.append
+    pack = _NUMERIC_ROW.pack
     text: list[Row] = []
-    pending: list[tuple[Decoded, datetime, bool, str, Any, str | None, MetricKind]] = []
+    pending: list[Pending] = []
     known, fresh = registry.metrics, out.metrics
+    # per device: its refs, and the ids of its numeric metrics met in this batch
+    by_device: dict[str, tuple[dict[str, MetricRef], dict[str, int]]] = {}
     for item in _live(items):
-        key = (tenant, item.device or "")
-        refs = known.get(key, _NO_REFS)
-        if fresh and key in fresh:  # created earlier in this (uncommitted) transaction
-            refs = {**refs, **fresh[key]}
-        for when, stamped, metrics in item.samples:
+        device = item.device or ""
+        got = by_device.get(device)
+        if got is None:
+            key = (tenant, device)
+            refs = known.get(key, _NO_REFS)
+            if fresh and key in fresh:  # created earlier in this (uncommitted) transaction
+                refs = {**refs, **fresh[key]}
+            got = by_device[device] = (refs, {})
+        refs, numbers = got
+        samples = item.samples
+        micros = item.micros
+        if micros is None or len(micros) != len(samples):
+            micros = [epoch_micros(when) for when, _stamped, _metrics in samples]
+        for (when, stamped, metrics), us in zip(samples, micros, strict=True):
+            pg = us - _PG_EPOCH_US
+            if pg in _PG_INFINITY:
+                pg = _PG_INFINITY[pg]
             for name, v in metrics.items():
+                t = type(v)
+                if t is float or t is int:  # a plain number: NUMERIC, no unit to compare
+                    mid = numbers.get(name)
+                    if mid is None:
+                        ref = refs.get(name)
+                        if ref is not None and ref.kind is _NUMERIC:
+                            mid = numbers[name] = ref.id
+                    if mid is not None:
+                        # an int is packed as float(v) is: the same correctly rounded double
+                        add(pack(4, 8, pg, 4, mid, 8, v, 1, stamped))
+                        continue
                 unit = None
                 if type(v) is Quantity:
                     unit, v = v.u, v.v
                 value, kind = _scalar(v)
                 ref = refs.get(name)
                 if ref is not None and ref.kind is kind and (unit is None or unit == ref.unit):
-                    (text if kind is _TEXT else numeric).append((when, ref.id, value, stamped))
+                    if kind is _TEXT:
+                        text.append((when, ref.id, value, stamped))
+                    else:
+                        add(pack(4, 8, pg, 4, ref.id, 8, value, 1, stamped))
                 else:
-                    pending.append((item, when, stamped, name, value, unit, kind))
+                    pending.append((item, when, pg, stamped, name, value, unit, kind))
     if not pending:
         return numeric, text
     resolved, refused = await _resolve(conn, registry, schema, tenant, pending, out)
     killed = False
-    for item, when, stamped, name, value, _unit, kind in pending:
+    for item, when, pg, stamped, name, value, _unit, kind in pending:
         if item.dead:
             continue
         ref = resolved.get((item.device or "", name))
@@ -460,7 +527,10 @@ async def _readings(
             )
             killed = True
             continue
-        (text if kind is _TEXT else numeric).append((when, ref.id, value, stamped))
+        if kind is _TEXT:
+            text.append((when, ref.id, value, stamped))
+        else:
+            add(pack(4, 8, pg, 4, ref.id, 8, value, 1, stamped))
     if killed:
         # rows of the messages just refused may already be in the lists: start again without
         # them (all their metrics are known now, so this pass needs no round trip)
@@ -473,7 +543,7 @@ async def _resolve(
     registry: Registry,
     schema: str,
     tenant: str,
-    pending: list[tuple[Decoded, datetime, bool, str, Any, str | None, MetricKind]],
+    pending: list[Pending],
     out: Written,
 ) -> tuple[dict[tuple[str, str], MetricRef], dict[tuple[str, str], tuple[str, str]]]:
     """Refs of the metrics these readings need, created within each device's metric budget.
@@ -482,7 +552,7 @@ async def _resolve(
     dead-letter reason and message for the messages that carry them.
     """
     wanted: dict[tuple[str, str], tuple[str | None, MetricKind]] = {}
-    for item, _when, _stamped, name, _value, unit, kind in pending:
+    for item, _when, _pg, _stamped, name, _value, unit, kind in pending:
         key = (item.device or "", name)
         if key not in wanted or unit is not None:
             wanted[key] = (unit, kind)
@@ -788,8 +858,14 @@ _staged: weakref.WeakKeyDictionary[asyncpg.Connection, set[str]] = weakref.WeakK
 
 
 async def _stage(
-    conn: asyncpg.Connection, table: str, schema: str, rows: list[tuple[Any, ...]], out: Written
+    conn: asyncpg.Connection,
+    table: str,
+    schema: str,
+    rows: list[Row] | list[bytes],
+    out: Written,
 ) -> None:
+    """Rows into the session's staging table by COPY (numeric ones as binary COPY rows from
+    `_readings`), then into the hypertable; conflicting values are reported in `out`."""
     stage, value_type = _STAGE[table]
     made = _staged.setdefault(conn, set())
     if stage not in made:  # once per connection: temporary tables live as long as it
@@ -798,7 +874,12 @@ async def _stage(
             f"value {value_type}, received boolean) ON COMMIT DELETE ROWS"
         )
         made.add(stage)
-    await conn.copy_records_to_table(stage, records=rows, columns=_COLUMNS)
+    if rows and type(rows[0]) is bytes:
+        # a memoryview: asyncpg takes bytes for a file name
+        data = memoryview(numeric_copy(rows))
+        await conn.copy_to_table(stage, source=data, columns=_COLUMNS, format="binary")
+    else:
+        await conn.copy_records_to_table(stage, records=rows, columns=_COLUMNS)
     status = await conn.execute(
         f"INSERT INTO {schema}.{table} (time, metric_id, value, received) "
         f"SELECT time, metric_id, value, received FROM {stage} ON CONFLICT DO NOTHING"
@@ -828,7 +909,7 @@ async def _conflicts(
 
 
 async def _values(
-    conn: asyncpg.Connection, schema: str, numeric: list[Row], text: list[Row], out: Written
+    conn: asyncpg.Connection, schema: str, numeric: list[bytes], text: list[Row], out: Written
 ) -> None:
     if numeric:
         await _stage(conn, "numeric_values", schema, numeric, out)
