@@ -6,8 +6,9 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
-# tokens idle long enough to have a full bucket are forgotten past this many keys
-_MAX_KEYS = 10_000
+# keys (tokens, client addresses) kept at most: past it those idle long enough to have a
+# full bucket are forgotten, then the oldest
+MAX_KEYS = 10_000
 
 
 @dataclass
@@ -32,8 +33,12 @@ class RateLimiter:
         now = self.clock()
         bucket = self._buckets.get(key)
         if bucket is None:
-            if len(self._buckets) >= _MAX_KEYS:
+            if len(self._buckets) >= MAX_KEYS:
                 self._forget_full(now)
+            while len(self._buckets) >= MAX_KEYS:
+                # still full (many keys, none idle): the oldest key starts over with a full
+                # bucket, which errs towards admitting; memory stays bounded either way
+                del self._buckets[next(iter(self._buckets))]
             bucket = self._buckets[key] = _Bucket(self.burst, now)
         bucket.level = min(self.burst, bucket.level + (now - bucket.at) * self.rate)
         bucket.at = now
@@ -56,6 +61,9 @@ class RateLimiter:
             return 0.0
         level = bucket.level + (self.clock() - bucket.at) * self.rate
         return max(0.0, (1.0 - level) / self.rate)
+
+    def __len__(self) -> int:
+        return len(self._buckets)
 
     def _forget_full(self, now: float) -> None:
         for key, bucket in list(self._buckets.items()):

@@ -18,7 +18,7 @@ from fleet.durations import bucket_seconds, parse_duration, parse_time, time_ran
 from fleet.errors import BadInputError
 from web.app import create_app
 from web.errors import WebError
-from web.limits import RateLimiter, StreamSlots
+from web.limits import MAX_KEYS, RateLimiter, StreamSlots
 from web.metrics import WebMetrics
 from web.middleware import BodyLimit
 from web.server import is_loopback, tls_files
@@ -109,6 +109,16 @@ def test_holds_looks_without_taking_and_retry_after_counts_the_refill() -> None:
     assert limiter.holds("a")  # looking takes nothing
     assert limiter.allow("a")
     assert not limiter.holds("a")
+
+
+def test_the_limiter_keeps_at_most_max_keys_even_when_none_is_idle() -> None:
+    clock = [0.0]
+    limiter = RateLimiter(rate_per_s=0.001, burst=1, clock=lambda: clock[0])
+    for n in range(MAX_KEYS + 50):  # one failure per address, none refilled
+        assert limiter.allow(f"10.0.{n // 256}.{n % 256}")
+    assert not limiter.holds(f"10.0.{(MAX_KEYS + 49) // 256}.{(MAX_KEYS + 49) % 256}")
+    assert limiter.holds("10.0.0.0")  # the oldest was forgotten: it starts over
+    assert len(limiter) == MAX_KEYS
 
 
 def test_stream_slots_are_bounded_per_key_and_given_back() -> None:
