@@ -96,8 +96,26 @@ class NatsOptions:
     # the one durable consumer the service user may create, read and ack (settings
     # ingest.nats_consumer, read when the options are made)
     ingest_consumer: str = field(default_factory=lambda: get_settings().ingest.nats_consumer)
+    # each node's JetStream stores (settings nats.max_store_bytes, nats.max_memory_store_bytes)
+    # and the FIELDLINE stream's max_bytes they must hold (nats.stream_max_bytes)
+    max_store_bytes: int = field(default_factory=lambda: get_settings().nats.max_store_bytes)
+    max_memory_store_bytes: int = field(
+        default_factory=lambda: get_settings().nats.max_memory_store_bytes
+    )
+    stream_max_bytes: int = field(default_factory=lambda: get_settings().nats.stream_max_bytes)
 
     def __post_init__(self) -> None:
+        # JetStream reserves a stream's max_bytes on every node holding a replica (one replica
+        # per node) and refuses to create a stream that does not fit; what is left over is all
+        # $MQTT_msgs, the devices' unacknowledged QoS 1 messages, may use
+        if self.max_store_bytes <= self.stream_max_bytes:
+            raise BrokerError(
+                f"nats.max_store_bytes {self.max_store_bytes} must exceed nats.stream_max_bytes "
+                f"{self.stream_max_bytes}: each node keeps a FIELDLINE replica of that size "
+                "(JetStream refuses the stream otherwise) and $MQTT_msgs needs the rest"
+            )
+        if self.max_store_bytes < 1 or self.max_memory_store_bytes < 1:
+            raise BrokerError("nats.max_store_bytes and nats.max_memory_store_bytes must be > 0")
         if not _CONSUMER_NAME.match(self.ingest_consumer):
             raise BrokerError(
                 f"ingest consumer {self.ingest_consumer!r}: 1-64 of A-Z a-z 0-9 _ - "
@@ -392,7 +410,13 @@ def render_node(
         "port": options.port(options.client_port, k),
         "max_payload": options.max_payload,
         "tls": _tls(files, verify_and_map=True, pinned_certs=pinned),
-        "jetstream": {"store_dir": files.store_dir(k)},
+        # bounded: a worker outage or one flooding device fills $MQTT_msgs up to here, then
+        # devices get no PUBACK, instead of the node's disk filling (docs/broker.md)
+        "jetstream": {
+            "store_dir": files.store_dir(k),
+            "max_file_store": options.max_store_bytes,
+            "max_memory_store": options.max_memory_store_bytes,
+        },
         "mqtt": {
             "host": host,
             "port": options.port(options.mqtt_port, k),

@@ -328,6 +328,22 @@ class NatsSettings(_Section):
         description="the stream drops a repeated Nats-Msg-Id within this window (NATS "
         "publishers only: MQTT publishes carry none)",
     )
+    max_store_bytes: int = Field(
+        default=2 * 1024**3,
+        ge=2 * 1024 * 1024,
+        description="JetStream file store of each node (max_file_store): FIELDLINE's "
+        "stream_max_bytes plus $MQTT_msgs, which keeps every QoS 1 message until the worker "
+        "acks it; 2 GiB = 1 GiB for FIELDLINE + 1 GiB, ~4x a 1 h worker outage at 200 "
+        "msg/s of 256 B (~350 B stored each); past it devices get no PUBACK and nats-server "
+        "2.9 refuses MQTT until raised and restarted (docs/broker.md)",
+    )
+    max_memory_store_bytes: int = Field(
+        default=256 * 1024 * 1024,
+        ge=1024 * 1024,
+        description="JetStream memory store of each node (max_memory_store; nats-server's "
+        "default is 75% of RAM): fieldline keeps nothing there, an admin-made memory "
+        "stream is refused past it",
+    )
 
 
 class WebSettings(_Section):

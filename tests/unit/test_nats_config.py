@@ -25,6 +25,7 @@ from broker.nats import (
 )
 from broker.policy import Policy, Principal
 from certs import Bundle, Pki, Role, serial_uri
+from core.settings import BrokerSettings, NatsSettings
 from schemas.topics import validate_id
 
 DEVICE = Principal("d1", "acme", Role.DEVICE)
@@ -266,3 +267,36 @@ def test_with_no_live_client_certificate_the_pin_is_one_nobody_has(tmp_path: Pat
     # nats-server reads an empty pinned_certs as "no pinning at all"
     text = render_cluster([], NatsOptions(nodes=1), nats_files(tmp_path, 1), "pw", pins=())
     assert f'pinned_certs: ["{NO_PIN}"]' in next(iter(text.values()))
+
+
+def test_every_node_bounds_its_jetstream_stores(tmp_path: Path) -> None:
+    options = NatsOptions(
+        nodes=3, max_store_bytes=5 * 2**30, max_memory_store_bytes=2**28, stream_max_bytes=2**30
+    )
+    texts = render_cluster([DEVICE], options, nats_files(tmp_path, 3), "pw")
+    for k, text in enumerate(texts.values(), start=1):
+        jetstream = text.split("jetstream: {")[1].split("}")[0]
+        assert f'store_dir: "{tmp_path}/node-{k}"' in jetstream
+        assert f"max_file_store: {5 * 2**30}" in jetstream
+        assert f"max_memory_store: {2**28}" in jetstream
+
+
+def test_the_default_store_holds_fieldline_and_an_hour_of_worker_outage() -> None:
+    nats, broker = NatsSettings(), BrokerSettings()
+    outage = broker.mosquitto_outage_s * broker.mosquitto_queue_rate
+    # ~93 B of subject, header and record per message in $MQTT_msgs (measured, see
+    # tests/integration/test_nats_store_bound.py), 2x headroom
+    needed = nats.stream_max_bytes + 2 * outage * (broker.mosquitto_message_bytes + 93)
+    assert nats.max_store_bytes >= needed
+    options = NatsOptions()
+    assert options.max_store_bytes == nats.max_store_bytes
+    assert options.max_memory_store_bytes == nats.max_memory_store_bytes
+
+
+@pytest.mark.parametrize("store", [2**30, 2**30 - 1, 2**20])
+def test_a_store_not_larger_than_the_fieldline_stream_is_one_clear_error(store: int) -> None:
+    # JetStream reserves FIELDLINE's max_bytes on every node holding a replica and refuses
+    # to create it when it does not fit; at equal size $MQTT_msgs would have no room at all
+    with pytest.raises(BrokerError, match=r"nats\.max_store_bytes .* nats\.stream_max_bytes"):
+        NatsOptions(nodes=3, max_store_bytes=store, stream_max_bytes=2**30)
+    NatsOptions(nodes=3, max_store_bytes=2**30 + 1, stream_max_bytes=2**30)
