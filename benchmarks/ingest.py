@@ -692,7 +692,9 @@ def ceiling(stack: Stack, args: argparse.Namespace) -> dict[str, Any]:
 
     for round_ in range(args.rounds):
         order = who_all[round_ % len(who_all) :] + who_all[: round_ % len(who_all)]
-        if round_ % 2:
+        if round_ % 2 and len(who_all) > 2:
+            # three or more: every one also runs after each other one; with two the rotation
+            # alone alternates them (reversing it too would put the worker first every round)
             order.reverse()
         load_before = load()
         rates = phase(n, 1, order)
