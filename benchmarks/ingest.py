@@ -35,6 +35,7 @@ import tempfile
 import threading
 import time
 import urllib.request
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -156,16 +157,25 @@ def lines(tag: int, device: int, n: int, samples: int, first: int = 0) -> bytes:
 PER_PROCESS = 60_000
 
 
-def publish(stack: Stack, tag: int, total: int, samples: int = 1) -> float:
-    """mosquitto_pub -l from 4 devices at full speed; returns seconds taken."""
+# (tag, device, n, samples, first) -> n payloads, one per line
+Lines = Callable[[int, int, int, int, int], bytes]
+
+
+def publish(
+    stack: Stack, tag: int, total: int, samples: int = 1, make_lines: Lines = lines
+) -> float:
+    """mosquitto_pub -l from 4 devices at full speed (payloads from `make_lines`); returns
+    seconds taken."""
     per = total // PUBLISHERS
     started = time.monotonic()
     for first in range(0, per, PER_PROCESS):
-        _publish_round(stack, tag, first, min(PER_PROCESS, per - first), samples)
+        _publish_round(stack, tag, first, min(PER_PROCESS, per - first), samples, make_lines)
     return time.monotonic() - started
 
 
-def _publish_round(stack: Stack, tag: int, first: int, n: int, samples: int) -> None:
+def _publish_round(
+    stack: Stack, tag: int, first: int, n: int, samples: int, make_lines: Lines
+) -> None:
     procs = []
     for d in range(PUBLISHERS):
         ident = f"pub-{d}"
@@ -177,7 +187,7 @@ def _publish_round(stack: Stack, tag: int, first: int, n: int, samples: int) -> 
              "-q", "1", "-M", "1000", "-l"],
             stdin=subprocess.PIPE, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
         )  # fmt: skip
-        procs.append((proc, lines(tag, d, n, samples, first)))
+        procs.append((proc, make_lines(tag, d, n, samples, first)))
     writers = [threading.Thread(target=_feed, args=p) for p in procs]
     for w in writers:
         w.start()

@@ -30,10 +30,7 @@ import asyncio
 import json
 import os
 import signal
-import subprocess
 import sys
-import threading
-import time
 from pathlib import Path
 from typing import Any
 
@@ -42,10 +39,8 @@ import asyncpg
 from benchmarks.ingest import (
     BASE_MS,
     METRICS,
-    PER_PROCESS,
     PUBLISHERS,
     REPO,
-    TENANT,
     Stack,
     _median,
     _reference,
@@ -53,6 +48,9 @@ from benchmarks.ingest import (
     prepare_pki,
     start_stack,
     stop_stack,
+)
+from benchmarks.ingest import (
+    publish as ingest_publish,
 )
 from certs import Role
 
@@ -96,40 +94,12 @@ def lines(tag: int, device: int, n: int, samples: int, first: int = 0, rekey: in
 
 
 def publish(stack: Stack, tag: int, total: int, samples: int, rekey: int = 0) -> float:
-    """mosquitto_pub -l from 4 devices at full speed, `total` messages; seconds taken."""
-    per = total // PUBLISHERS
-    started = time.monotonic()
-    for first in range(0, per, PER_PROCESS):
-        procs = []
-        for d in range(PUBLISHERS):
-            ident = f"pub-{d}"
-            bundle = stack.pki.root / "issued" / ident
-            proc = subprocess.Popen(
-                ["mosquitto_pub", "-h", "127.0.0.1", "-p", str(stack.port), "-i", ident,
-                 "--cafile", str(stack.pki.ca_cert_path), "--cert", str(bundle / "cert.pem"),
-                 "--key", str(bundle / "key.pem"), "-t", f"fl/{TENANT}/{ident}/telemetry",
-                 "-q", "1", "-M", "1000", "-l"],
-                stdin=subprocess.PIPE, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-            )  # fmt: skip
-            data = lines(tag, d, min(PER_PROCESS, per - first), samples, first, rekey)
-            procs.append((proc, data))
-        feeders = [threading.Thread(target=_feed, args=p) for p in procs]
-        for f in feeders:
-            f.start()
-        for f in feeders:
-            f.join()
-        for proc, _data in procs:
-            proc.wait(600)
-            if proc.returncode:
-                err = proc.stderr.read().decode() if proc.stderr else ""
-                raise SystemExit(f"mosquitto_pub failed: {err}")
-    return time.monotonic() - started
+    """benchmarks.ingest's publishers with these payloads; seconds taken."""
 
+    def make(tag: int, device: int, n: int, samples: int, first: int) -> bytes:
+        return lines(tag, device, n, samples, first, rekey)
 
-def _feed(proc: subprocess.Popen[bytes], data: bytes) -> None:
-    assert proc.stdin is not None
-    proc.stdin.write(data)
-    proc.stdin.close()
+    return ingest_publish(stack, tag, total, samples, make_lines=make)
 
 
 # -- the references ----------------------------------------------------------------------------
