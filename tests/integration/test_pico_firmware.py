@@ -608,9 +608,11 @@ def test_lost_links_will_queued_commands_and_backoff(rig: Rig) -> None:
     pauses = [
         next(r.t for r in records[i:] if r.kind == "tcp-connect") - records[i].t for i in failed[:4]
     ]
-    # scheduling on a loaded machine delays a wake-up, it never brings one forward
+    # scheduling on a loaded machine delays a wake-up, it never brings one forward: the lower
+    # bound is exact; the upper one only catches a grossly longer wait, because under load
+    # (a CI run beside other work, 2026-12-05) wake-ups came up to 1.1 s late
     for pause, delay in zip(pauses, chosen[1:], strict=False):
-        assert delay - 0.01 < pause < delay + 0.5, (pauses, chosen)
+        assert delay - 0.01 < pause < delay + 1.5, (pauses, chosen)
     broker.restart()
     op.close()
     rig.operator = op = Operator(broker)  # the old subscription went with the broker
