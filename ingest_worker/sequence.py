@@ -112,8 +112,25 @@ def advance(
         low = max(first, seq + 1)
         if last < low:
             continue  # a redelivery, or a straggler already counted as lost
-        ahead |= ((1 << (last - low + 1)) - 1) << (low - seq - 1)
-        seq, ahead = _fold(seq, ahead)
+        over = last - seq - window.span
+        if over > 0:
+            # a jump past the bitmap's bound: the oldest numbers below the new ones close
+            # first, counted without building a bitmap as wide as the jump (a device's seq
+            # leaping by 2**40 must cost what a small leap costs, not 128 GiB)
+            n = min(over, low - seq - 1)
+            if n > 0:
+                lost = n - (ahead & ((1 << min(n, ahead.bit_length())) - 1)).bit_count()
+                seq, ahead = _fold(seq + n, ahead >> n)
+                gaps += lost
+                forced += lost
+                low = max(low, seq + 1)
+                if last < low:
+                    continue
+        if low == seq + 1:
+            # contiguous with the mark: moved over, not built (a backlog may span any range)
+            seq, ahead = _fold(last, ahead >> (last - seq))
+        else:
+            seq, ahead = _fold(seq, ahead | ((1 << (last - low + 1)) - 1) << (low - seq - 1))
         over = ahead.bit_length() - window.span
         if over > 0:  # the bitmap's bound: the oldest holes are lost whatever their age
             seq, ahead, lost = _close(seq, ahead, over)

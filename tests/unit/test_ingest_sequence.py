@@ -128,3 +128,73 @@ def test_any_commit_order_of_the_same_numbers_counts_the_same(
     track, more = run(track, [[]], at=LATER + timedelta(seconds=61))
     assert lost + more == max(seqs) - len(seqs)
     assert (track.seq, track.ahead, track.hole_at) == (max(seqs), 0, None)
+
+
+def _reference(
+    track: SeqTrack, sequences: list[tuple[int | None, int, int]], span: int
+) -> tuple[int | None, int, int]:
+    """The specification, for small numbers only: every committed number in a set, the
+    oldest numbers given up whenever more than `span` lie past the mark; (seq, ahead, lost)."""
+    seq, done, lost = track.seq, set(), 0
+    for _boot, first, last in sequences:
+        if seq is None:
+            seq = first - 1
+        done |= {n for n in range(first, last + 1) if n > seq}
+        while seq + 1 in done:
+            seq += 1
+            done.discard(seq)
+        while done and max(done) - seq > span:
+            seq += 1
+            if seq in done:
+                done.discard(seq)
+            else:
+                lost += 1
+            while seq + 1 in done:
+                seq += 1
+                done.discard(seq)
+    assert seq is not None
+    return seq, sum(1 << (n - seq - 1) for n in done), lost
+
+
+@settings(max_examples=400, deadline=None)
+@given(
+    span=st.integers(1, 12),
+    start=st.integers(0, 5),
+    ranges=st.lists(
+        st.tuples(st.integers(0, 60), st.integers(0, 40)).map(lambda r: (1, r[0], r[0] + r[1])),
+        min_size=1,
+        max_size=12,
+    ),
+)
+def test_jumps_past_the_span_count_as_the_specification_does(
+    span: int, start: int, ranges: list[tuple[int | None, int, int]]
+) -> None:
+    window = SeqWindow(wait=timedelta(hours=1), span=span)
+    track, lost, forced = advance(SeqTrack(1, start), [], ranges, T0, window)
+    assert (track.seq, track.ahead, lost) == _reference(SeqTrack(1, start), ranges, span)
+    assert forced == lost
+    assert track.ahead.bit_length() <= span
+
+
+def test_a_huge_seq_jump_costs_no_more_than_a_small_one() -> None:
+    """A hostile device leaping 2**40 numbers: counted exactly, with a bitmap no wider than
+    the span (the first version built one as wide as the jump: 3.7 s for 2**30, MemoryError
+    past ~2**35, and every later message of the device refused)."""
+    import tracemalloc
+
+    window = SeqWindow(wait=timedelta(seconds=60), span=65_536)
+    tracemalloc.start()
+    try:
+        track, lost, forced = advance(SeqTrack(1, 5), [], msgs(2**40), T0, window)
+        _size, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert peak < 1024 * 1024, peak
+    assert (lost, forced, track.highest) == (2**40 - 5 - 65_536, 2**40 - 5 - 65_536, 2**40)
+    track, later = run(track, [[]], at=LATER)
+    assert lost + later == 2**40 - 6  # every number from 6 to 2**40 - 1
+    # a backlog spanning the same leap is all committed: nothing lost, nothing built
+    track, lost, _forced = advance(SeqTrack(1, 5), [], [(1, 6, 2**40)], T0, window)
+    assert (lost, track.seq, track.ahead) == (0, 2**40, 0)
+    track, lost, _forced = advance(SeqTrack(1, 5), [], [(1, 100, 2**40)], T0, window)
+    assert (lost, track.seq, track.ahead) == (94, 2**40, 0)
