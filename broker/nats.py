@@ -661,7 +661,7 @@ async def ensure_stream_when_ready(
 ) -> StreamChange:
     """`ensure_stream` once the cluster has elected a JetStream leader (nodes just started):
     retried until timeout, then one BrokerError with the last reason."""
-    import nats
+    from core.natsconn import connect
 
     deadline = asyncio.get_running_loop().time() + timeout
     last = "no answer"
@@ -674,7 +674,7 @@ async def ensure_stream_when_ready(
 
     while asyncio.get_running_loop().time() < deadline:
         try:
-            nc = await nats.connect(
+            nc = await connect(
                 servers=list(urls),
                 tls=context,
                 connect_timeout=2,

@@ -119,10 +119,10 @@ def nats_ensure(
     ingest = settings.ingest.model_copy(update=overrides)
 
     async def go() -> str:
-        import nats
+        from core.natsconn import connect
 
         target = nats_target(settings.model_copy(update={"ingest": ingest}))
-        nc = await nats.connect(
+        nc = await connect(
             servers=list(target.urls), tls=target.context, name=f"{target.name}-ensure",
             connect_timeout=int(target.connect_timeout), allow_reconnect=False,
         )  # fmt: skip

@@ -32,7 +32,6 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
-import nats
 import nats.errors
 import nats.js.errors
 from nats.aio.client import Client
@@ -40,6 +39,7 @@ from nats.aio.msg import Msg
 from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
 from nats.js.client import JetStreamContext
 
+from core import natsconn
 from core.retry import Backoff
 from core.settings import IngestSettings, NatsSettings
 from ingest_worker.metrics import IngestMetrics
@@ -491,7 +491,7 @@ class JetStreamReceiver:
             if not self._stopping.is_set():
                 log.warning("event=nats_error error=%r", str(exc) or type(exc).__name__)
 
-        nc = await nats.connect(
+        nc = await natsconn.connect(
             servers=list(t.urls),
             tls=t.context,
             name=t.name,

@@ -18,6 +18,7 @@ import nats.errors
 import pytest
 
 from certs import Bundle, Role, serial_uri
+from core.natsconn import connect
 from tests.clients import Paho, raw
 from tests.fixtures.brokers import BrokerUnderTest
 from tests.fixtures.nats import NatsCluster, NatsNode, run_async
@@ -358,10 +359,8 @@ def _keep(bundle: Bundle, where: Path) -> Bundle:
 async def _nats_on(cluster: NatsCluster, k: int, bundle: Bundle) -> bool:
     """True if `bundle` logs in on node k's NATS port (flushed: nats-py's connect may return
     before it reads the close of a refused handshake)."""
-    import nats
-
     try:
-        nc = await nats.connect(
+        nc = await connect(
             servers=[cluster.client_urls[k - 1]], tls=cluster.tls_context(bundle),
             tls_hostname="localhost", connect_timeout=2, allow_reconnect=False,
             error_cb=_ignore,
