@@ -10,6 +10,7 @@ until the store is raised and the nodes restarted, after which everything is del
 from __future__ import annotations
 
 import dataclasses
+import gc
 import json
 import os
 import threading
@@ -36,7 +37,7 @@ STORE = 8 * MIB  # each node's max_file_store
 STREAM_MAX = 1 * MIB  # FIELDLINE's max_bytes, reserved on each node
 PAYLOAD = 1024  # bytes of each message: ~7,000 fill the store
 INFLIGHT = 100
-STALL_S = 4.0  # no PUBACK for this long with messages in flight: the store refuses
+STALL_S = 8.0  # no PUBACK for this long with messages in flight: the store refuses
 CAP = 3 * STORE // PAYLOAD  # a broker that PUBACKs past its bound stops the loop here
 # Besides the stream data JetStream counts against max_file_store (<= STORE), a node's
 # store_dir holds what it does not count: the raft log of each replicated stream, where every
@@ -127,7 +128,7 @@ def store_dir_bytes(path: Path) -> int:
     return total
 
 
-def drain(cluster: NatsCluster, expected: int, timeout: float = 60.0) -> list[int]:
+def drain(cluster: NatsCluster, expected: int, timeout: float = 120.0) -> list[int]:
     """Every seq the ingest consumer delivers (as the worker: the service's certificate),
     acknowledged, until `expected` came or nothing more for 3 s."""
     import nats.errors
@@ -166,6 +167,11 @@ def stream_state(cluster: NatsCluster, name: str) -> tuple[int, int]:
     return run_async(go)
 
 
+# paho-mqtt 2 leaks the TLS socket of a reconnect whose handshake fails (its network thread
+# retries while every node restarts: "Connection failed, retrying"), and the collector then
+# warns in whatever runs; those sockets are this test's, so they are collected here, with
+# that one warning silenced for this test only
+@pytest.mark.filterwarnings("ignore:unclosed <ssl.SSLSocket:ResourceWarning")
 def test_a_flooding_device_fills_the_store_to_its_bound_and_loses_nothing_acked(
     small_cluster: NatsCluster, test_pki: TestPki
 ) -> None:
@@ -202,8 +208,10 @@ def test_a_flooding_device_fills_the_store_to_its_bound_and_loses_nothing_acked(
 
         # the way back (docs/broker.md): a bigger store, rendered, every node restarted
         bigger = dataclasses.replace(small_cluster.options, max_store_bytes=4 * STORE)
-        small_cluster.restart_all(bigger)
-        small_cluster.wait_for_leaders(timeout=30)
+        # generous deadlines (conditions, not timings): under a full CI run the elections
+        # after the restart took minutes where they take seconds alone
+        small_cluster.restart_all(bigger, timeout=60)
+        small_cluster.wait_for_leaders(timeout=90)
         got = drain(small_cluster, len(acked))
         lost = acked - set(got)
         print(f"consumer received {len(got)} ({len(set(got))} distinct), lost {len(lost)}")
@@ -212,7 +220,7 @@ def test_a_flooding_device_fills_the_store_to_its_bound_and_loses_nothing_acked(
         assert operator.connect(), "MQTT still refused after the store was raised"
         operator.close()
         # the device connects again and sends what it held: now PUBACKed and delivered
-        deadline = time.monotonic() + 30
+        deadline = time.monotonic() + 90
         while len(set(device.acked)) < sent and time.monotonic() < deadline:
             time.sleep(0.05)
         assert len(set(device.acked)) == sent, f"{len(set(device.acked))} of {sent} PUBACKed"
@@ -220,3 +228,4 @@ def test_a_flooding_device_fills_the_store_to_its_bound_and_loses_nothing_acked(
         assert set(got) | set(rest) == set(range(sent))
     finally:
         device.stop()
+        gc.collect()
