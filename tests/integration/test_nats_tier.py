@@ -170,6 +170,17 @@ def _refused(node: NatsNode, bundle: Bundle | None, tries: int = 3) -> bool:
     raise AssertionError(f"node {node.k} answered none of {tries} probes in time")
 
 
+def _accepted(node: NatsNode, bundle: Bundle, tries: int = 3) -> bool:
+    """True when `bundle` gets in within `tries` probes: a node's first MQTT client makes it
+    create its MQTT streams, and nats-server 2.9 may refuse that client when the JetStream
+    lookup behind it times out (4 s), a refusal that is not about the certificate."""
+    for _ in range(tries):
+        if not _refused(node, bundle):
+            return True
+        time.sleep(1.0)
+    return False
+
+
 @pytest.mark.parametrize("who", ["no certificate", "another CA", "expired", "revoked"])
 def test_bad_certificates_are_refused(nats_cluster: NatsCluster, who: str) -> None:
     pki = nats_cluster.pki
@@ -423,6 +434,6 @@ def test_a_revoked_certificate_of_a_reissued_id_is_refused_on_mqtt(
     new = pki.issue("dev-rot", tenant="acme", role=Role.DEVICE, force=True)
     nats_cluster.reload()
     for node in nats_cluster.nodes:
-        assert not _refused(node, new), f"the new certificate refused on node {node.k}"
+        assert _accepted(node, new), f"the new certificate refused on node {node.k}"
     for node in nats_cluster.nodes:
         assert _refused(node, old), f"the revoked certificate let in on node {node.k}"
