@@ -40,7 +40,7 @@ class RateLimiter:
                 # bucket, which errs towards admitting; memory stays bounded either way
                 del self._buckets[next(iter(self._buckets))]
             bucket = self._buckets[key] = _Bucket(self.burst, now)
-        bucket.level = min(self.burst, bucket.level + (now - bucket.at) * self.rate)
+        bucket.level = min(self.burst, self._level(bucket, now))
         bucket.at = now
         if bucket.level < 1.0:
             return False
@@ -52,22 +52,25 @@ class RateLimiter:
         bucket = self._buckets.get(key)
         if bucket is None:
             return True
-        return bucket.level + (self.clock() - bucket.at) * self.rate >= 1.0
+        return self._level(bucket, self.clock()) >= 1.0
 
     def retry_after(self, key: str) -> float:
         """Seconds until the key's bucket holds a request again."""
         bucket = self._buckets.get(key)
         if bucket is None:
             return 0.0
-        level = bucket.level + (self.clock() - bucket.at) * self.rate
-        return max(0.0, (1.0 - level) / self.rate)
+        return max(0.0, (1.0 - self._level(bucket, self.clock())) / self.rate)
+
+    def _level(self, bucket: _Bucket, now: float) -> float:
+        """The bucket's level refilled up to `now` (not capped at the burst)."""
+        return bucket.level + (now - bucket.at) * self.rate
 
     def __len__(self) -> int:
         return len(self._buckets)
 
     def _forget_full(self, now: float) -> None:
         for key, bucket in list(self._buckets.items()):
-            if bucket.level + (now - bucket.at) * self.rate >= self.burst:
+            if self._level(bucket, now) >= self.burst:
                 del self._buckets[key]
 
 
