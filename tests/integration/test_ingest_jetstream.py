@@ -565,6 +565,8 @@ async def test_kill_9_a_node_and_a_worker_mid_run_rows_equal_pubacks(
         # (the consumer's num_redelivered counts only those still unacknowledged)
         redelivered = sum(w.metrics()["fieldline_ingest_redelivered_total"] for w in workers)
         print(f"crash test: {redelivered} messages delivered again (worker 1 held them)")
+        if lost:
+            await _explain_loss(cluster, workers, victims, want, got, tmp_path)
         assert lost == 0
         assert got == want
         assert redelivered > 0, "worker 1 was killed holding messages: they came again"
@@ -583,3 +585,61 @@ async def _rows_at_least(dsn: str, n: int) -> bool:
 
 async def _true(value: bool) -> bool:
     return value
+
+
+async def _explain_loss(
+    cluster: NatsCluster,
+    workers: list[WorkerProcess],
+    victims: list[Device],
+    want: dict[str, set[int]],
+    got: dict[str, set[int]],
+    tmp_path: Path,
+) -> None:
+    """Print where the lost messages are: still in the stream (so the consumer skipped them)
+    or not (so nats-server lost what it PUBACKed), and what the workers logged about it."""
+    missing = {d: sorted(want[d] - got.get(d, set())) for d in want if want[d] - got.get(d, set())}
+    names = {d.id for d in victims}
+    for device, ts in missing.items():
+        print(f"lost: {device} ({'victim' if device in names else 'other node'}) ts {ts}")
+
+    async def scan() -> tuple[dict[str, set[int]], Any, Any]:
+        nc = await cluster.connect(connect_timeout=2)
+        try:
+            js = nc.jetstream(timeout=10)
+            info = await js.stream_info(STREAM)
+            consumer = await js.consumer_info(STREAM, "ingest")
+            found: dict[str, set[int]] = {}
+            sub = await js.subscribe(FILTER, stream=STREAM, ordered_consumer=True)
+            try:
+                while True:
+                    try:
+                        msg = await sub.next_msg(timeout=2)
+                    except TimeoutError:
+                        break
+                    device = msg.subject.split(".")[-2]
+                    seq = msg.metadata.sequence.stream
+                    ts = json.loads(msg.data)["ts"]
+                    if ts in missing.get(device, []):
+                        print(f"in the stream: {device} ts {ts} at stream sequence {seq}")
+                    found.setdefault(device, set()).add(ts)
+            finally:
+                await sub.unsubscribe()
+            return found, info, consumer
+        finally:
+            await nc.close()
+
+    try:
+        found, info, consumer = await asyncio.to_thread(run_async, scan)
+        print(f"stream state: {info.state}")
+        print(
+            f"consumer: delivered {consumer.delivered} ack_floor {consumer.ack_floor} "
+            f"pending {consumer.num_pending} ack_pending {consumer.num_ack_pending}"
+        )
+        absent = sum(1 for d, ts in missing.items() for t in ts if t not in found.get(d, set()))
+        print(f"lost and not in the stream: {absent}")
+    except Exception as exc:  # a diagnostic must not hide the assertion
+        print(f"could not scan the stream: {exc!r}")
+    for worker in workers:
+        for line in worker.log_text().splitlines():
+            if "stranded" in line or "consumer" in line or "ERROR" in line:
+                print(f"worker log: {line[:300]}")
