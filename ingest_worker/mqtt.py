@@ -56,8 +56,11 @@ DEAD: Literal["dead"] = "dead"
 # the largest packet the worker must be able to send once connected: a PUBACK
 _PUBACK_BYTES = 4
 # packets delivered per turn of the event loop before the writers get theirs (~10 ms of
-# decoding single messages on this project's 2-core benchmark machine)
+# decoding single messages on this project's 2-core benchmark machine) ...
 PACKETS_PER_TURN = 128
+# ... and bytes: decoding costs by the byte, and 128 backlog messages of 100 samples are
+# ~30 ms (~4 ms in 64 KiB); a slice always delivers at least one packet
+BYTES_PER_TURN = 64 * 1024
 
 
 class MqttError(Exception):
@@ -279,10 +282,10 @@ class Subscriber(asyncio.Protocol):
             self._parse()
 
     def _parse(self) -> None:
-        """Deliver the buffer's complete packets, at most PACKETS_PER_TURN of them per turn
-        of the event loop: a 256 KiB read of a backlog holds ~1,000 messages, 70-100 ms of
-        decoding, during which no writer's statement could be sent or its result taken
-        (docs/benchmarks.md). Reading pauses until the buffer is through."""
+        """Deliver the buffer's complete packets, at most PACKETS_PER_TURN of them or
+        BYTES_PER_TURN per turn of the event loop: a 256 KiB read of a backlog holds ~1,000
+        messages, 70-100 ms of decoding, during which no writer's statement could be sent or
+        its result taken (docs/benchmarks.md). Reading pauses until the buffer is through."""
         self._parse_scheduled = False
         if self.closed.done() or self._disconnected:
             self._buffer.clear()  # not acknowledged: the broker sends them again
@@ -290,9 +293,10 @@ class Subscriber(asyncio.Protocol):
         buf = self._buffer
         pos, n = 0, len(buf)
         budget = PACKETS_PER_TURN
+        stop_at = pos + BYTES_PER_TURN  # the slice ends at the first packet past this
         try:
             while n - pos >= 2:
-                if not budget:
+                if not budget or pos >= stop_at:
                     self._parse_scheduled = True
                     self._loop.call_soon(self._parse)
                     if self.transport is not None and not self._yielding:
