@@ -222,6 +222,11 @@ def compact(
         )
         for r in totals.results:
             note = " (another compactor holds this tenant: skipped)" if r.skipped else ""
+            if r.conflicts:
+                note += (
+                    f"; {r.conflicts:,} late reading(s) with another value than the packed one"
+                    " kept, recorded as conflicting_value dead letters"
+                )
             console.print(
                 f"{r.tenant}: {r.rows:,} rows packed into {r.buckets:,} rows in "
                 f"{r.windows:,} transactions, {r.seconds:.1f} s{note}",

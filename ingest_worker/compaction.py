@@ -7,8 +7,10 @@ and values as small integers, element i of each array being sample i, so that re
 without running sums (migration tenant_0003_packed.sql says how). One statement deletes
 the hot rows, unpacks the packed rows of the same metrics and day (late data), merges both
 (a (metric, time) already packed keeps its packed value: the first stored wins, as with ON
-CONFLICT DO NOTHING), and writes the packed rows back. A reader's statement sees one
-snapshot, so it sees the window either before or after the commit: never a gap or a double.
+CONFLICT DO NOTHING; a late reading with another value is told as a `conflicting_value` dead
+letter per device, as the writer tells those of hot rows), and writes the packed rows back.
+A reader's statement sees one snapshot, so it sees the window either before or after the
+commit: never a gap or a double.
 A killed compactor leaves its transaction uncommitted, which PostgreSQL rolls back: the
 next run starts over from what is there, and running it twice changes nothing.
 Readers go through `{schema}.numeric_series(metric, since, until)`.
@@ -24,6 +26,7 @@ from typing import Any
 
 import asyncpg
 
+from ingest_worker.admission import CONFLICTING_VALUE
 from ingest_worker.migrate import Tenant, list_tenants, quote_ident, tenant_schema
 
 log = logging.getLogger("ingest")
@@ -86,16 +89,38 @@ def _pack_sql(schema: str) -> str:
         WHERE p.metric_id >= $3 AND p.metric_id < $4 AND p.bucket >= $1 AND p.bucket < $2
           AND p.metric_id IN (SELECT metric_id FROM moved)
         RETURNING p.*
+    ), unpacked AS (
+        SELECT o.metric_id, u.time, u.value, u.received FROM old o
+        CROSS JOIN LATERAL {schema}.numeric_unpack(o.t0, o.n, o.step, o.tick, o.toff,
+            o.ts, o.scale, o.kb, o.k2, o.k4, o.v, o.received) u
     ), merged AS (
         SELECT DISTINCT ON (metric_id, time) metric_id, time, value, received
         FROM (
-            SELECT o.metric_id, u.time, u.value, u.received, 0 AS pri FROM old o
-            CROSS JOIN LATERAL {schema}.numeric_unpack(o.t0, o.n, o.step, o.tick, o.toff,
-                o.ts, o.scale, o.kb, o.k2, o.k4, o.v, o.received) u
+            SELECT metric_id, time, value, received, 0 AS pri FROM unpacked
             UNION ALL
             SELECT metric_id, time, value, received, 1 FROM moved
         ) x
         ORDER BY metric_id, time, pri
+    ), clashes AS (
+        -- late readings for packed (metric, time) with another value: the writer could not
+        -- see them (it does not look into packed rows), so they are told here, per device,
+        -- as the writer tells those of hot rows
+        SELECT m.device_id, count(*) AS n,
+               min(format('%s at %s: stored %s, sent %s', coalesce(m.name, h.metric_id::text),
+                          h.time, p.value, h.value)) AS example
+        FROM moved h JOIN unpacked p USING (metric_id, time)
+        LEFT JOIN {schema}.metrics m ON m.id = h.metric_id
+        WHERE p.value IS DISTINCT FROM h.value
+        GROUP BY m.device_id
+    ), told AS (
+        INSERT INTO fieldline.dead_letters (time, topic, reason, error, tenant_id, device_id)
+        SELECT now(), format('fl/%s/%s/telemetry', $5::text, coalesce(device_id, '-')),
+               '{CONFLICTING_VALUE}',
+               format('%s reading(s) sent for timestamps already stored with another value '
+                      '(the stored value is kept; found when compacting), e.g. %s', n, example),
+               $5::text, device_id
+        FROM clashes
+        RETURNING 1
     ), bucketed AS (
         SELECT *, CASE WHEN count(*) OVER (PARTITION BY metric_id) > {HOURLY_ABOVE}
                        THEN {hour} ELSE $1 END AS bucket
@@ -159,7 +184,9 @@ def _pack_sql(schema: str) -> str:
         RETURNING n
     )
     SELECT (SELECT count(*) FROM moved) AS moved, count(*) AS buckets,
-           coalesce(sum(n), 0) AS samples
+           coalesce(sum(n), 0) AS samples,
+           (SELECT coalesce(sum(n), 0) FROM clashes) AS conflicts,
+           (SELECT count(*) FROM told) AS told
     FROM ins
     """  # noqa: S608
 
@@ -175,6 +202,9 @@ class CompactionResult:
     seconds: float = 0.0
     done: bool = True  # False: stopped by the budget with older rows left
     skipped: bool = False  # another compactor holds the tenant's lock
+    # late readings for packed (metric, time) with another value (the packed one is kept),
+    # told as `conflicting_value` dead letters, one per device and transaction
+    conflicts: int = 0
 
 
 @dataclass
@@ -237,10 +267,11 @@ async def compact_tenant(
                     return result
                 # the statement sorts its rows three times: in memory, not in temp files
                 await conn.execute("SET LOCAL work_mem = '64MB'")
-                row = await conn.fetchrow(sql, lo, hi, metric, upto)
+                row = await conn.fetchrow(sql, lo, hi, metric, upto, tenant)
             assert row is not None
             moved = int(row["moved"])
             result.rows += moved
+            result.conflicts += int(row["conflicts"])
             result.buckets += int(row["buckets"])
             result.windows += 1
             if moved:
@@ -251,8 +282,10 @@ async def compact_tenant(
     result.seconds = time.monotonic() - started
     if result.rows:
         log.info(
-            "event=compacted tenant=%s rows=%d buckets=%d transactions=%d seconds=%.2f",
+            "event=compacted tenant=%s rows=%d buckets=%d transactions=%d seconds=%.2f "
+            "conflicting=%d",
             tenant, result.rows, result.buckets, result.windows, result.seconds,
+            result.conflicts,
         )  # fmt: skip
     return result
 

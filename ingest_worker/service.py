@@ -482,6 +482,7 @@ class IngestWorker:
         self.metrics.compaction_seconds.observe(time.monotonic() - started)
         self.metrics.compacted_rows.inc(totals.rows)
         self.metrics.compacted_buckets.inc(sum(r.buckets for r in totals.results))
+        self.metrics.conflicts.inc(sum(r.conflicts for r in totals.results))
         done = all(r.done for r in totals.results)
         self.metrics.compaction_runs.labels("ok" if done else "partial").inc()
 

@@ -170,6 +170,12 @@ def asyncpg_float(raw: bytes) -> float:
 
 async def test_late_data_is_merged_once(conn: asyncpg.Connection, tenant: str) -> None:
     hour = _midnight(4) + timedelta(hours=10)
+    # metric 7 is dev-1's "temp" (the others have no metrics row: compaction needs none)
+    await conn.execute(f"INSERT INTO {_s(tenant)}.devices (id) VALUES ('dev-1')")  # noqa: S608
+    await conn.execute(
+        f"INSERT INTO {_s(tenant)}.metrics (id, device_id, name, kind) "  # noqa: S608
+        "OVERRIDING SYSTEM VALUE VALUES (7, 'dev-1', 'temp', 'numeric')"
+    )
     rows = [(hour + timedelta(minutes=i), 7, 10.0 + i, False) for i in range(0, 60, 2)]
     # a metric with millisecond times (offsets), merged with a late sample of its own
     jitter = [(hour + timedelta(seconds=50 * i, milliseconds=(i * 37) % 1000), 8, i / 4, False)
@@ -192,16 +198,36 @@ async def test_late_data_is_merged_once(conn: asyncpg.Connection, tenant: str) -
     # no double: the packed reading wins over a hot row with its (metric, time)
     assert len(seen) == 31
     assert {(r[0], asyncpg_float(r[2])) for r in seen} == {(r[0], r[2]) for r in [*rows, late]}
-    await compact_tenant(conn, tenant, DAY)
+    result = await compact_tenant(conn, tenant, DAY)
     assert await counts(conn, tenant) == (0, 31)
     merged = await read_all(conn, tenant)
     assert merged == seen
+    # the other value is not silent: one dead letter for the device (the redelivery of the
+    # same value is no conflict)
+    assert result.conflicts == 1
+    told = await conn.fetch(
+        "SELECT reason, device_id, topic, error FROM fieldline.dead_letters WHERE tenant_id = $1",
+        tenant,
+    )
+    assert [(r["reason"], r["device_id"], r["topic"]) for r in told] == [
+        ("conflicting_value", "dev-1", f"fl/{tenant}/dev-1/telemetry")
+    ]
+    assert "1 reading(s)" in told[0]["error"]
+    assert "temp at " in told[0]["error"]
+    assert "stored 14, sent 555" in told[0]["error"]
     # the same late message delivered once more: nothing changes, before or after compaction
     await write(conn, tenant, [late])
     assert await read_all(conn, tenant) == merged
-    await compact_tenant(conn, tenant, DAY)
+    again_result = await compact_tenant(conn, tenant, DAY)
     assert await read_all(conn, tenant) == merged
     assert await counts(conn, tenant) == (0, 31)
+    assert again_result.conflicts == 0
+    assert (
+        await conn.fetchval(
+            "SELECT count(*) FROM fieldline.dead_letters WHERE tenant_id = $1", tenant
+        )
+        == 1
+    )
 
 
 async def test_kill_9_in_the_middle(conn: asyncpg.Connection, tenant: str, dsn: str) -> None:
