@@ -66,6 +66,8 @@ FETCH_WAIT_S = 1.0
 MAX_PAYLOAD = 2 * 1024 * 1024
 
 _DEFAULTS = IngestSettings()
+# how often the worker asks how many bytes the consumed stream holds (one STREAM.INFO request)
+STORE_POLL_S = 10.0
 
 
 def cluster_urls(nats_settings: NatsSettings) -> list[str]:
@@ -125,6 +127,8 @@ class NatsTarget:
     fetch_batch: int = _DEFAULTS.nats_fetch_batch
     fetch_max_bytes: int = _DEFAULTS.nats_fetch_max_bytes
     connect_timeout: float = 10.0
+    # what the stream may hold on a node before something gives (`store_budget`); 0: unknown
+    store_budget_bytes: int = 0
 
     @property
     def filter_subject(self) -> str:
@@ -203,6 +207,16 @@ def stranded(
     if consumers != 1 or messages == 0 or first_seq > ack_floor:
         return None
     return Stranded(first_seq, min(ack_floor, last_seq), messages)
+
+
+def store_budget(stream: str, nats_settings: NatsSettings) -> int:
+    """The bytes `stream` may hold per node before something gives: for $MQTT_msgs, the node's
+    JetStream store (`nats.max_store_bytes`) less FIELDLINE's reservation
+    (`nats.stream_max_bytes`), past which nats-server refuses MQTT (docs/broker.md); for
+    FIELDLINE, its own `max_bytes`, past which its oldest messages are dropped."""
+    if stream == MQTT_STREAM:
+        return max(0, nats_settings.max_store_bytes - nats_settings.stream_max_bytes)
+    return nats_settings.stream_max_bytes
 
 
 def subjects_overlap(a: str, b: str) -> bool:
@@ -534,6 +548,8 @@ class JetStreamReceiver:
         """Pull and hand over until stopped; connect (again) with backoff when needed."""
         backoff = Backoff(0.2, 10.0)
         acker = asyncio.get_running_loop().create_task(self._acker())
+        watcher = asyncio.get_running_loop().create_task(self._watch_store())
+        self.metrics.nats_store_budget = self.target.store_budget_bytes
         try:
             while not self._stopping.is_set():
                 try:
@@ -568,9 +584,26 @@ class JetStreamReceiver:
                     with contextlib.suppress(Exception):
                         await nc.close()
         finally:
-            acker.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await acker
+            for task in (acker, watcher):
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
+
+    async def _watch_store(self) -> None:
+        """Every STORE_POLL_S, the bytes and messages the consumed stream holds (per replica),
+        for `fieldline_ingest_nats_stream_bytes` and its alert: a full store is an outage of
+        the tier (docs/broker.md), and nats-server 2.9 has no metrics endpoint of its own."""
+        while True:
+            nc = self.nc
+            if nc is not None and nc.is_connected:
+                try:
+                    info = await nc.jetstream(timeout=5).stream_info(self.target.stream)
+                except (TimeoutError, nats.errors.Error) as exc:
+                    log.debug("event=stream_info_failed error=%r", str(exc))
+                else:
+                    self.metrics.nats_stream_bytes = info.state.bytes
+                    self.metrics.nats_stream_messages = info.state.messages
+            await asyncio.sleep(STORE_POLL_S)
 
     async def _pull(self, sub: JetStreamContext.PullSubscription, on_message: OnMessage) -> None:
         """Pull while the connection lives; returns when it is closed or the worker stops."""

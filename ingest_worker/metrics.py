@@ -25,6 +25,9 @@ class IngestMetrics:
         self.last_commit = 0.0
         self.nats_ack_pending = 0  # pulled from JetStream, not yet acknowledged
         self.nats_backlog = 0  # in the consumer, not delivered yet (as of the last pull)
+        self.nats_stream_bytes = 0  # what the consumed stream holds (per replica), polled
+        self.nats_stream_messages = 0
+        self.nats_store_budget = 0  # what it may hold before something gives (0: not nats)
         r.register(_Live(self))
         self.rows = Counter(
             "fieldline_ingest_rows_written_total",
@@ -286,6 +289,25 @@ class _Live(Collector):
             "Messages in the JetStream consumer not delivered to any worker yet, as of this "
             "worker's last pull (what $MQTT_msgs holds for the workers; 0 with the mqtt source).",
             value=m.nats_backlog,
+        )
+        yield GaugeMetricFamily(
+            "fieldline_ingest_nats_stream_bytes",
+            "Bytes the consumed JetStream stream holds on each of its replicas, polled every "
+            "10 s (0 with the mqtt source).",
+            value=m.nats_stream_bytes,
+        )
+        yield GaugeMetricFamily(
+            "fieldline_ingest_nats_stream_messages",
+            "Messages the consumed JetStream stream holds, polled every 10 s.",
+            value=m.nats_stream_messages,
+        )
+        yield GaugeMetricFamily(
+            "fieldline_ingest_nats_stream_budget_bytes",
+            "What the consumed stream may hold on a node before something gives: for "
+            "$MQTT_msgs nats.max_store_bytes less nats.stream_max_bytes (then nats-server "
+            "refuses MQTT), for FIELDLINE nats.stream_max_bytes (then its oldest are dropped); "
+            "0 with the mqtt source.",
+            value=m.nats_store_budget,
         )
         yield GaugeMetricFamily(
             "fieldline_ingest_broker_connected",

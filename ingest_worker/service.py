@@ -33,7 +33,13 @@ from ingest_worker.compaction import compact_all
 from ingest_worker.database import connect
 from ingest_worker.decode import Decoded
 from ingest_worker.errors import StorageError
-from ingest_worker.jetstream import JetStreamReceiver, NatsTarget, cluster_mqtt, cluster_urls
+from ingest_worker.jetstream import (
+    JetStreamReceiver,
+    NatsTarget,
+    cluster_mqtt,
+    cluster_urls,
+    store_budget,
+)
 from ingest_worker.maintenance import apply_retention, mark_silent_devices
 from ingest_worker.metrics import IngestMetrics
 from ingest_worker.migrate import RetentionMode, detect_capabilities, migrate_all
@@ -551,6 +557,7 @@ def nats_target(settings: Settings, context: ssl.SSLContext | None = None) -> Na
         ack_wait_s=i.nats_ack_wait_s,
         fetch_batch=i.nats_fetch_batch,
         fetch_max_bytes=i.nats_fetch_max_bytes,
+        store_budget_bytes=store_budget(i.nats_stream, settings.nats),
     )
 
 

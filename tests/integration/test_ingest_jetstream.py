@@ -26,6 +26,7 @@ import pytest
 from paho.mqtt.enums import CallbackAPIVersion, MQTTProtocolVersion
 
 from certs import Bundle, Role
+from core.settings import NatsSettings
 from tests.fixtures.ingest import WorkerProcess, count, fetch, fetchval, start_worker, wait_for
 from tests.fixtures.nats import NatsCluster, run_async
 from tests.fixtures.pki import TestPki
@@ -212,6 +213,17 @@ async def consumer_info(cluster: NatsCluster, name: str = "ingest") -> Any:
         nc = await cluster.connect(connect_timeout=2)
         try:
             return await nc.jetstream(timeout=5).consumer_info(STREAM, name)
+        finally:
+            await nc.close()
+
+    return await asyncio.to_thread(run_async, go)
+
+
+async def stream_state(cluster: NatsCluster) -> Any:
+    async def go() -> Any:
+        nc = await cluster.connect(connect_timeout=2)
+        try:
+            return (await nc.jetstream(timeout=5).stream_info(STREAM)).state
         finally:
             await nc.close()
 
@@ -493,6 +505,17 @@ async def test_acknowledged_only_after_commit_database_outage(
         # past ack_wait JetStream delivers them again; still none acknowledged
         await wait_for(redelivered, 20, "a redelivery during the outage", every=0.5)
         assert (await consumer_info(cluster)).num_ack_pending > 0
+
+        # what the stream holds meanwhile is the worker's metric (its store alert's input)
+        async def size_told() -> bool:
+            told = worker.metrics()["fieldline_ingest_nats_stream_bytes"]
+            return told > 0 and told == (await stream_state(cluster)).bytes
+
+        await wait_for(size_told, 30, "the stream's size in the worker's metrics", every=1.0)
+        nats_defaults = NatsSettings()
+        assert worker.metrics()["fieldline_ingest_nats_stream_budget_bytes"] == (
+            nats_defaults.max_store_bytes - nats_defaults.stream_max_bytes
+        )
         await pg.start()
         want = {d.id: d.acked_ts() for d in devices}
         total = sum(len(s) for s in want.values())

@@ -376,3 +376,6 @@ def test_the_alerts_cover_what_the_issue_asked_for() -> None:
     assert alerting_on("fieldline_ingest_dead_letters_total")
     assert alerting_on("fieldline_broker_dropped_total")
     assert alerting_on("fieldline_edge_outbox_depth")
+    assert alerting_on(
+        "fieldline_ingest_nats_stream_bytes", "fieldline_ingest_nats_stream_budget_bytes"
+    )

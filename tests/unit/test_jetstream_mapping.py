@@ -13,6 +13,7 @@ from ingest_worker.jetstream import (
     is_service_topic,
     orphan_consumers,
     pull_size,
+    store_budget,
     stranded,
     subject_to_topic,
     subjects_overlap,
@@ -71,6 +72,18 @@ def test_the_consumer_is_filtered_to_fl_on_either_stream() -> None:
     assert default.consumer_config().filter_subject == "$MQTT.msgs.fl.>"
     native = NatsTarget(urls=("tls://x:1",), context=None, name="ingest-1", stream="FIELDLINE")
     assert native.consumer_config().filter_subject == "fl.>"
+
+
+def test_the_store_budget_of_each_stream() -> None:
+    nats = NatsSettings(max_store_bytes=3 * 2**30, stream_max_bytes=2**30)
+    # $MQTT_msgs gets what FIELDLINE's reservation leaves of the node's store
+    assert store_budget("$MQTT_msgs", nats) == 2 * 2**30
+    # FIELDLINE drops its oldest past its own bound
+    assert store_budget("FIELDLINE", nats) == 2**30
+    defaults = NatsSettings()
+    assert store_budget("$MQTT_msgs", defaults) == (
+        defaults.max_store_bytes - defaults.stream_max_bytes
+    )
 
 
 def test_messages_below_the_only_consumers_ack_floor_are_told_as_stranded() -> None:
