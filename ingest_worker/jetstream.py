@@ -188,12 +188,35 @@ class Stranded:
     last: int
     messages: int
 
+    @property
+    def below_floor(self) -> int:
+        """At most this many lie below the floor (the stream's count, bounded by the span)."""
+        return min(self.messages, self.last - self.first + 1)
+
     def __str__(self) -> str:
         return (
             f"{self.messages} message(s) of {MQTT_STREAM} at sequence {self.first}..{self.last} "
             "lie below the consumer's acknowledgement floor and will not be delivered "
             "(docs/broker.md: a consumer ahead of its stream)"
         )
+
+
+@dataclass
+class StrandedWatch:
+    """Stranded messages seen by successive polls: told only when found twice in a row at the
+    same first sequence (once, it may be a deletion still under way), warned once per place."""
+
+    seen: Stranded | None = None
+    told: int | None = None
+
+    def update(self, now: Stranded | None) -> tuple[Stranded | None, bool]:
+        """(what lasts, None if nothing does; True if it is new and worth a warning)."""
+        before, self.seen = self.seen, now
+        if now is None or before is None or now.first != before.first:
+            return None, False
+        warn = now.first != self.told
+        self.told = now.first
+        return now, warn
 
 
 def stranded(
@@ -593,16 +616,28 @@ class JetStreamReceiver:
         """Every STORE_POLL_S, the bytes and messages the consumed stream holds (per replica),
         for `fieldline_ingest_nats_stream_bytes` and its alert: a full store is an outage of
         the tier (docs/broker.md), and nats-server 2.9 has no metrics endpoint of its own."""
+        watch = StrandedWatch()
         while True:
             nc = self.nc
             if nc is not None and nc.is_connected:
                 try:
-                    info = await nc.jetstream(timeout=5).stream_info(self.target.stream)
+                    js = nc.jetstream(timeout=5)
+                    state = (await js.stream_info(self.target.stream)).state
+                    self.metrics.nats_stream_bytes = state.bytes
+                    self.metrics.nats_stream_messages = state.messages
+                    if self.target.stream == MQTT_STREAM:
+                        consumer = await js.consumer_info(self.target.stream, self.target.consumer)
+                        floor = consumer.ack_floor.stream_seq if consumer.ack_floor else 0
+                        now = stranded(
+                            state.first_seq, state.last_seq, state.messages,
+                            state.consumer_count, floor or 0,
+                        )  # fmt: skip
+                        lasting, warn = watch.update(now)
+                        self.metrics.nats_stranded = lasting.below_floor if lasting else 0
+                        if warn:
+                            log.warning("event=nats_stranded detail=%r", str(lasting))
                 except (TimeoutError, nats.errors.Error) as exc:
                     log.debug("event=stream_info_failed error=%r", str(exc))
-                else:
-                    self.metrics.nats_stream_bytes = info.state.bytes
-                    self.metrics.nats_stream_messages = info.state.messages
             await asyncio.sleep(STORE_POLL_S)
 
     async def _pull(self, sub: JetStreamContext.PullSubscription, on_message: OnMessage) -> None:

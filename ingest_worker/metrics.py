@@ -28,6 +28,7 @@ class IngestMetrics:
         self.nats_stream_bytes = 0  # what the consumed stream holds (per replica), polled
         self.nats_stream_messages = 0
         self.nats_store_budget = 0  # what it may hold before something gives (0: not nats)
+        self.nats_stranded = 0  # below the consumer's ack floor at two polls in a row
         r.register(_Live(self))
         self.rows = Counter(
             "fieldline_ingest_rows_written_total",
@@ -308,6 +309,14 @@ class _Live(Collector):
             "refuses MQTT), for FIELDLINE nats.stream_max_bytes (then its oldest are dropped); "
             "0 with the mqtt source.",
             value=m.nats_store_budget,
+        )
+        yield GaugeMetricFamily(
+            "fieldline_ingest_nats_stranded_messages",
+            "At most this many messages of $MQTT_msgs lie below the ingest consumer's "
+            "acknowledgement floor at two polls in a row: kept, and never to be delivered "
+            "(docs/broker.md, a consumer ahead of its stream); 0 when none, or when other "
+            "consumers share the stream.",
+            value=m.nats_stranded,
         )
         yield GaugeMetricFamily(
             "fieldline_ingest_broker_connected",

@@ -379,3 +379,4 @@ def test_the_alerts_cover_what_the_issue_asked_for() -> None:
     assert alerting_on(
         "fieldline_ingest_nats_stream_bytes", "fieldline_ingest_nats_stream_budget_bytes"
     )
+    assert alerting_on("fieldline_ingest_nats_stranded_messages")

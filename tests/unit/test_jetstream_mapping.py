@@ -8,6 +8,8 @@ from core.settings import IngestSettings, NatsSettings
 from ingest_worker.jetstream import (
     Ensured,
     NatsTarget,
+    Stranded,
+    StrandedWatch,
     cluster_mqtt,
     cluster_urls,
     is_service_topic,
@@ -172,3 +174,23 @@ def test_one_pull_is_bounded_by_bytes_at_the_servers_largest_message() -> None:
     assert pull_size(500, 10_000, 32 * mib, 1024) == 500  # small max_payload: the batch bounds
     assert pull_size(500, 7, 32 * mib, 1024) == 7  # max_ack_pending room bounds
     assert pull_size(500, 10_000, 64 * 1024, 8 * mib) == 1  # never 0
+
+
+def test_stranded_messages_are_told_when_they_last_and_warned_once() -> None:
+    watch = StrandedWatch()
+    at_5 = Stranded(first=5, last=40, messages=3)
+    assert watch.update(None) == (None, False)
+    assert watch.update(at_5) == (None, False)  # once: maybe a deletion under way
+    assert watch.update(Stranded(first=9, last=50, messages=2)) == (None, False)  # it moved
+    assert watch.update(Stranded(first=9, last=60, messages=2)) == (
+        Stranded(first=9, last=60, messages=2),
+        True,
+    )
+    lasting, warn = watch.update(Stranded(first=9, last=70, messages=2))
+    assert lasting is not None
+    assert lasting.below_floor == 2
+    assert not warn  # warned already
+    assert watch.update(None) == (None, False)  # gone
+    assert watch.update(at_5) == (None, False)
+    assert watch.update(at_5) == (at_5, True)  # a new place is warned again
+    assert Stranded(first=10, last=11, messages=50).below_floor == 2
