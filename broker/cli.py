@@ -24,7 +24,7 @@ from broker.nats import NatsOptions, write_nats_files
 from broker.service import BrokerService, options_from_settings, serve
 from certs import Pki
 from core.console import cli_console
-from core.logs import configure_logging
+from core.logs import configure_service_logging
 from core.settings import get_settings
 
 app = typer.Typer(
@@ -61,7 +61,7 @@ def run(
     (`broker.crl_refresh_s`): revoked clients are disconnected and refused from then on.
     """
     settings = get_settings()
-    configure_logging(settings.log_level)
+    configure_service_logging(settings)
     overrides = {
         key: value
         for key, value in (("bind", bind), ("port", port), ("metrics_port", metrics_port))

@@ -9,6 +9,8 @@ from prometheus_client import CollectorRegistry, Counter, Gauge
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
+from core.logs import LogSuppressedCollector
+
 if TYPE_CHECKING:
     from broker.budget import MemoryBudget
     from broker.store import BrokerStore
@@ -19,6 +21,7 @@ class BrokerMetrics:
 
     def __init__(self, registry: CollectorRegistry | None = None) -> None:
         self.registry = registry or CollectorRegistry()
+        self.registry.register(LogSuppressedCollector())
         r = self.registry
         self.connected = Gauge(
             "fieldline_broker_connected_clients", "Clients connected now.", registry=r

@@ -473,6 +473,21 @@ class Settings(BaseSettings):
         default=None, description="a PostgreSQL DSN; unset means the embedded cluster"
     )
     log_level: str = "INFO"
+    log_burst: int = Field(
+        default=100,
+        ge=1,
+        description="log lines of one kind (logger and message template) written at once "
+        "before log_lines_per_s applies; what is held back is counted "
+        "(fieldline_log_lines_suppressed_total) and told by the next line of that kind",
+    )
+    log_lines_per_s: float = Field(
+        default=1.0, gt=0, description="log lines of one kind written per second past log_burst"
+    )
+    log_line_chars: int = Field(
+        default=16384,
+        ge=256,
+        description="a log line (a traceback included) is cut past this many characters",
+    )
     tenant_databases: dict[str, str] = Field(
         default_factory=dict,
         description="tenants routed to a PostgreSQL of their own: {tenant: URL}",

@@ -21,6 +21,7 @@ from typing import Any
 from prometheus_client import CollectorRegistry, Counter, Gauge, start_http_server
 
 from certs import CertsError, client_context
+from core.logs import LogSuppressedCollector
 from device_runtime.boot import BootCounter
 from device_runtime.errors import CommandError, DeviceError, LinkError
 from device_runtime.handoff import Handoff
@@ -56,6 +57,7 @@ class AgentMetrics:
 
     def __init__(self) -> None:
         self.registry = CollectorRegistry()
+        self.registry.register(LogSuppressedCollector())
         r = self.registry
         self.outbox_depth = Gauge(
             "fieldline_edge_outbox_depth", "Messages in the outbox", registry=r

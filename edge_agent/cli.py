@@ -9,7 +9,7 @@ from pathlib import Path
 import typer
 
 from core.console import cli_console
-from core.logs import configure_logging
+from core.logs import configure_service_logging
 from core.settings import get_settings
 from device_runtime.intake import ReplayPolicy
 from edge_agent.agent import AgentOptions, EdgeAgent
@@ -40,7 +40,7 @@ def run(
     under FIELDLINE_HOME/edge/ID/.
     """
     settings = get_settings()
-    configure_logging(settings.log_level)
+    configure_service_logging(settings)
     spec = load_manifest(manifest)
     options = AgentOptions(
         home=settings.home,

@@ -12,7 +12,7 @@ from rich.table import Table
 
 from core.console import cli_console
 from core.errors import FieldlineError
-from core.logs import configure_logging
+from core.logs import configure_service_logging
 from core.settings import get_settings
 from fieldline.lock import StackLock
 from fieldline.stack import WATCHER_ID, LocalStack, StackOptions, View, watch_command
@@ -53,7 +53,7 @@ def up(
     if nodes is not None and broker != "nats":
         raise FieldlineError("--nodes is for --broker nats")
     settings = get_settings()
-    configure_logging("WARNING" if console.is_terminal else settings.log_level)
+    configure_service_logging(settings, "WARNING" if console.is_terminal else None)
     options = StackOptions(
         tenant=tenant, devices=devices, interval_s=interval, broker=broker,
         nodes=nodes or settings.nats.nodes,

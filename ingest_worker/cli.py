@@ -11,7 +11,7 @@ import urllib.request
 import typer
 
 from core.console import cli_console
-from core.logs import configure_logging
+from core.logs import configure_service_logging
 from core.pgcluster import database_url
 from core.settings import get_settings
 from ingest_worker.database import connect
@@ -69,7 +69,7 @@ def run(
     workers share, and acknowledges each message once its rows are committed.
     """
     settings = get_settings()
-    configure_logging(settings.log_level)
+    configure_service_logging(settings)
     if source is not None and source not in ("mqtt", "nats"):
         console.print(f"[red]--source {source}: use mqtt or nats[/red]", highlight=False)
         raise typer.Exit(2)

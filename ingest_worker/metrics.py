@@ -10,12 +10,15 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Histo
 from prometheus_client.registry import Collector
 from prometheus_client.utils import floatToGoString
 
+from core.logs import LogSuppressedCollector
+
 
 class IngestMetrics:
     """Messages in, rows written, batches, commit latency, queue depth, dead letters, lag."""
 
     def __init__(self, registry: CollectorRegistry | None = None) -> None:
         self.registry = registry or CollectorRegistry()
+        self.registry.register(LogSuppressedCollector())
         r = self.registry
         # per-message values are plain numbers read at scrape time (no lock per message)
         self.received = 0

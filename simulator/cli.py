@@ -15,7 +15,7 @@ from rich.table import Table
 from certs import Pki
 from certs.errors import CertsError
 from core.console import cli_console
-from core.logs import configure_logging
+from core.logs import configure_service_logging
 from core.settings import Settings, get_settings
 from device_runtime.intake import ReplayPolicy
 from simulator import arma
@@ -245,7 +245,7 @@ def device(
     --tenant T`). Stops on Ctrl-C, publishing its offline status.
     """
     host, port, settings = _target(host, port)
-    configure_logging(settings.log_level)
+    configure_service_logging(settings)
     config = FleetConfig(
         tenant=tenant, ids=(device_id,), kind=_kind(kind), sensors=sensors,
         interval_s=interval, host=host, port=port, seed=seed,
@@ -294,7 +294,7 @@ def fleet(
     afterwards (`fieldline broker mosquitto-config`) so its ACL names the new devices.
     """
     host, port, settings = _target(host, port)
-    configure_logging(settings.log_level)
+    configure_service_logging(settings)
     config = FleetConfig(
         tenant=tenant, devices=devices, sensors=sensors, interval_s=interval, kind=_kind(kind),
         prefix=prefix, host=host, port=port, seed=seed,

@@ -12,7 +12,7 @@ import typer
 from rich.table import Table
 
 from core.console import cli_console
-from core.logs import configure_logging
+from core.logs import configure_service_logging
 from core.pgcluster import database_url
 from core.settings import get_settings
 from ingest_worker.database import connect
@@ -52,7 +52,7 @@ def run(
 ) -> None:
     """Serve the API under /api/v1, the console at /, Swagger UI at /docs until Ctrl-C."""
     settings = get_settings()
-    configure_logging(settings.log_level)
+    configure_service_logging(settings)
     server = WebServer(settings, host=host, port=port)  # refuses HTTP beyond loopback here
     asyncio.run(_serve(server))
 

@@ -4,12 +4,15 @@ from __future__ import annotations
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
+from core.logs import LogSuppressedCollector
+
 
 class WebMetrics:
     """Requests, refusals (each bound that bit), open streams and commands sent."""
 
     def __init__(self) -> None:
         self.registry = CollectorRegistry()
+        self.registry.register(LogSuppressedCollector())
         self.requests = Counter(
             "fieldline_web_requests_total", "HTTP requests answered, by route and status",
             ["route", "status"], registry=self.registry,

@@ -505,6 +505,40 @@ def test_mqtt5_connect_is_answered_with_unacceptable_protocol(
     assert 'fieldline_broker_connects_total{result="unsupported-protocol"} 1.0' in b.metrics()
 
 
+def test_a_flood_of_refused_connects_is_logged_within_the_budget(
+    broker_factory: Callable[..., BrokerUnderTest],
+) -> None:
+    """One client refused 40 times in a row: the broker's log holds the budget's burst of
+    those lines and counts the rest (docs/operations.md, Limits: logs)."""
+    b = broker_factory(
+        "fieldline", env={"FIELDLINE_LOG_BURST": "4", "FIELDLINE_LOG_LINES_PER_S": "0.001"}
+    )
+    for _ in range(40):
+        client = raw(b, b.pki.device)
+        try:
+            client.send(connect_packet("dev-1", level=5))
+            assert client.read_packet(5)[0] == 0x20
+        finally:
+            client.close()
+    wait_until(
+        lambda: (
+            'fieldline_broker_connects_total{result="unsupported-protocol"} 40.0' in b.metrics()
+        ),
+        10,
+        "the 40 refusals counted",
+    )
+    # (the same kind of line as any refused connect: the fixture's readiness probe's too)
+    lines = [x for x in b.log_text().splitlines() if "event=connect_refused" in x]
+    assert len(lines) == 4
+    assert sum("reason=unsupported-protocol" in x for x in lines) >= 3
+    (held,) = (
+        float(x.split()[1])
+        for x in b.metrics().splitlines()
+        if x.startswith("fieldline_log_lines_suppressed_total ")
+    )
+    assert held >= 36
+
+
 # -- delivery guarantees ---------------------------------------------------------------------
 @pytest.mark.parametrize("qos", [1, 2])
 def test_in_flight_command_is_redelivered_after_reconnect(
