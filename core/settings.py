@@ -279,6 +279,37 @@ class CertsSettings(_Section):
     )
 
 
+class EdgeSettings(_Section):
+    """What one device on an edge agent's LAN listener may send (edge_agent/languard.py)."""
+
+    lan_readings_per_s: float = Field(
+        default=50.0,
+        gt=0,
+        description="telemetry samples per second one LAN device may send (bursts of "
+        "lan_burst_s); beyond it its messages are acknowledged and dropped, counted and told",
+    )
+    lan_bytes_per_s: float = Field(
+        default=64 * 1024,
+        gt=0,
+        description="telemetry payload bytes per second one LAN device may send (bursts of "
+        "lan_burst_s); beyond it its messages are acknowledged and dropped, counted and told",
+    )
+    lan_burst_s: float = Field(
+        default=10.0, gt=0, description="seconds of the two rates above a device may send at once"
+    )
+    lan_metrics_per_device: int = Field(
+        default=100,
+        ge=1,
+        description="metric names one LAN device may introduce; a new name beyond it is dropped "
+        "(the agent is one device upstream: ingest.max_metrics_per_device counts them all)",
+    )
+    lan_metrics_per_listener: int = Field(
+        default=500,
+        ge=1,
+        description="metric names all devices of one listener may introduce together",
+    )
+
+
 class CommandSettings(_Section):
     """How devices of the simulator and the edge agent refuse replayed or stale commands."""
 
@@ -500,6 +531,7 @@ class Settings(BaseSettings):
     ingest: IngestSettings = IngestSettings()
     postgres: PostgresSettings = PostgresSettings()
     commands: CommandSettings = CommandSettings()
+    edge: EdgeSettings = EdgeSettings()
     certs: CertsSettings = CertsSettings()
     nats: NatsSettings = NatsSettings()
     web: WebSettings = WebSettings()

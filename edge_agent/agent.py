@@ -29,6 +29,7 @@ from device_runtime.intake import CommandIntake, Refusal, ReplayPolicy
 from device_runtime.link import DeviceLink
 from edge_agent.errors import EdgeError
 from edge_agent.field import FieldError, FieldModule
+from edge_agent.languard import LanGuard, LanLimits
 from edge_agent.listener import LanListener
 from edge_agent.manifest import RULE_PREFIX, UPSTREAM, Manifest, ModuleSpec, load_manifest
 from edge_agent.modules import sim_modules
@@ -95,6 +96,18 @@ class AgentMetrics:
             "fieldline_edge_field_modules_ended",
             "Field modules whose collecting task ended unexpectedly", ["module"], registry=r,
         )  # fmt: skip
+        self.lan_refused = Counter(
+            "fieldline_edge_lan_refused",
+            "What a LAN listener refused from its devices, by what (messages, samples, metrics) "
+            "and reason: tenant, invalid, rate, bytes (messages); too_old (samples); name, "
+            "metric_limit (metrics)",
+            ["listener", "what", "reason"], registry=r,
+        )  # fmt: skip
+        self.lan_metric_names = Gauge(
+            "fieldline_edge_lan_metric_names",
+            "Metric names a LAN listener's devices have introduced (edge.lan_metrics_per_listener)",
+            ["listener"], registry=r,
+        )  # fmt: skip
 
 
 @dataclass
@@ -107,6 +120,7 @@ class AgentOptions:
     metrics_port: int | None = None
     metrics_bind: str = "127.0.0.1"
     commands: ReplayPolicy = field(default_factory=ReplayPolicy)  # replays refused by the intake
+    lan: LanLimits = field(default_factory=LanLimits)  # what one LAN device may send
 
 
 class EdgeAgent:
@@ -122,10 +136,13 @@ class EdgeAgent:
         self.metrics = AgentMetrics()
         self.modules = sim_modules(manifest.modules)  # imports the simulator only if any
         self.listeners = [
-            LanListener(m, options.pki_dir or options.home / "pki", a.tenant, self._route)
+            LanListener(
+                m, options.pki_dir or options.home / "pki", a.tenant, self._route,
+                self._lan_guard(m.name), self.state_dir,
+            )
             for m in manifest.modules
             if m.kind == "listener"
-        ]
+        ]  # fmt: skip
         self.fields: dict[str, FieldModule] = {
             m.name: _field_module(m, self) for m in manifest.modules if m.field
         }
@@ -166,6 +183,20 @@ class EdgeAgent:
         self._tasks: list[asyncio.Task[None]] = []
         self._stopping = False
         self._gauged = 0.0
+
+    def _lan_guard(self, listener: str) -> LanGuard:
+        refused = self.metrics.lan_refused
+        names = self.metrics.lan_metric_names.labels(listener)
+
+        def count(what: str, reason: str, n: int) -> None:
+            refused.labels(listener, what, reason).inc(n)
+
+        def tell(device: str, message: str, data: dict[str, Any]) -> None:
+            self.put_event(listener, "warning", "lan_refused", message, data)
+
+        guard = LanGuard(listener, self.options.lan, tell, count)
+        names.set_function(lambda: guard.names)
+        return guard
 
     # -- lifecycle ----------------------------------------------------------------------
     async def start(self) -> None:
@@ -299,6 +330,10 @@ class EdgeAgent:
                 self._wake.set()
             elif route.to.startswith(RULE_PREFIX):
                 rule = self.rules[route.to.removeprefix(RULE_PREFIX)]
+                if rule.spec.metric not in reading["metrics"]:
+                    # only the rule's own metric moves its event time (the wall clock moves it
+                    # too): a device or module with a clock ahead cannot make others' late
+                    continue
                 for firing in rule.feed_metrics(reading["ts"], reading["metrics"]):
                     self._fire(firing)
 

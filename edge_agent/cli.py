@@ -13,6 +13,7 @@ from core.logs import configure_service_logging
 from core.settings import get_settings
 from device_runtime.intake import ReplayPolicy
 from edge_agent.agent import AgentOptions, EdgeAgent
+from edge_agent.languard import LanLimits
 from edge_agent.manifest import load_manifest
 
 app = typer.Typer(
@@ -47,6 +48,7 @@ def run(
         manifest_path=manifest,
         metrics_port=metrics_port,
         commands=ReplayPolicy(**settings.commands.model_dump()),
+        lan=LanLimits.from_settings(settings.edge, settings.ingest),
     )
     asyncio.run(_serve(EdgeAgent(spec, options)))
 

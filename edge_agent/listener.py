@@ -3,7 +3,8 @@
 It is fieldline's embedded broker, in the agent's process: devices log in with their own
 certificates from the same CA and may publish only their own topics, exactly as upstream.
 Their telemetry is handed to the agent (the broker's `tap`), which routes it like a
-module's: upstream as `<listener>.<device>.<metric>`, and to rules as `<device>.<metric>`.
+module's: upstream as `<listener>.<device>.<metric>`, and to rules as `<device>.<metric>`,
+within each device's budgets (edge_agent/languard.py): one device cannot crowd out the rest.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from broker.server import BrokerOptions, FieldlineBroker
 from broker.service import tls_files
 from certs import CertsError
 from edge_agent.errors import EdgeError
+from edge_agent.languard import LanGuard
 from edge_agent.manifest import ModuleSpec
 from schemas.errors import SchemaError
 from schemas.messages import decode_telemetry
@@ -38,10 +40,13 @@ class LanListener:
         pki_dir: Path,
         tenant: str,
         on_reading: Callable[[str, Reading], None],
+        guard: LanGuard,
+        state_dir: Path,
     ) -> None:
         self.name = spec.name
         self.tenant = tenant
         self._on_reading = on_reading
+        self.guard = guard
         self.received = 0
         self.refused = 0
         try:
@@ -51,7 +56,14 @@ class LanListener:
                 f"module {spec.name!r} (listener): {exc}; issue its certificate with "
                 f"`fieldline certs server {spec.server_cert} --ip <LAN address>`"
             ) from exc
-        self.options = BrokerOptions(**files, bind=spec.bind, port=spec.port, tap=self._tap)
+        # With a store the broker writes a PUBACK only after the PUBLISH has been handled,
+        # tap included, and the tap commits to the outbox: nothing is acknowledged before it
+        # is durable (without one, PUBACKs go out as PUBLISHes are read). The store also
+        # keeps the devices' persistent sessions and retained statuses across restarts.
+        self.options = BrokerOptions(
+            **files, bind=spec.bind, port=spec.port, tap=self._tap,
+            store_file=state_dir / f"{spec.name}.listener.sqlite",
+        )  # fmt: skip
         self.broker: FieldlineBroker | None = None
 
     async def start(self) -> None:
@@ -77,23 +89,33 @@ class LanListener:
             return
         if where.kind is not Kind.TELEMETRY:
             return
+        device = where.device
         if where.tenant != self.tenant:
             self.refused += 1
-            log.warning("event=lan_refused device=%s reason=other tenant", where.device)
+            self.guard.refuse(device, "tenant", f"{where.tenant}/{device}: another tenant")
+            return
+        if not self.guard.admit_bytes(device, len(payload)):
+            self.refused += 1
             return
         try:
             model = decode_telemetry(payload)  # the platform's rules, before anything goes on
             body = json.loads(payload)
         except (SchemaError, ValueError) as exc:
             self.refused += 1
-            log.warning("event=lan_refused device=%s reason=%r", where.device, str(exc)[:200])
+            self.guard.refuse(device, "invalid", f"{device}: {str(exc)[:200]}")
+            return
+        stamps = [s.ts for s in model.samples] if model.samples else [model.ts]
+        if not self.guard.admit_readings(device, len(stamps)):
+            self.refused += 1
             return
         self.received += 1
         now = int(time.time() * 1000)
         # the model has the timestamps parsed (ms or RFC 3339); the raw JSON keeps the values
         # exactly as the device sent them
-        stamps = [s.ts for s in model.samples] if model.samples else [model.ts]
         for when, sample in zip(stamps, body.get("samples") or [body], strict=True):
             ts = int(when.timestamp() * 1000) if when is not None else now
-            metrics = {f"{where.device}.{k}": v for k, v in sample["metrics"].items()}
-            self._on_reading(self.name, {"ts": ts, "metrics": metrics})
+            if self.guard.too_old(device, ts):
+                continue
+            metrics = self.guard.metrics(device, sample["metrics"])
+            if metrics:
+                self._on_reading(self.name, {"ts": ts, "metrics": metrics})
