@@ -420,11 +420,17 @@ def render_node(
         "mqtt": {
             "host": host,
             "port": options.port(options.mqtt_port, k),
-            # no pinned_certs here: nats-server (2.9.10, still on main) refuses a reload changing
-            # them on the MQTT listener, and with it the user changes of a revoke
+            # no pinned_certs here: nats-server (2.9 and 2.10) refuses a reload changing them on
+            # the MQTT listener, and with it the user changes of a revoke
             "tls": _tls(files, verify_and_map=True),
+            # no consumer_replicas: 2.10 ignores it and warns ("invalid use of field"); the
+            # MQTT consumers take their stream's replicas
             "stream_replicas": options.replicas,
-            "consumer_replicas": options.replicas,
+            # QoS 2 as fieldline has tested it on this tier: a QoS 2 PUBLISH refused, a QoS 2
+            # subscription granted QoS 1 (nats-server 2.10 can do QoS 2 through two more
+            # streams; fieldline's clients use QoS 1 and its ingest path is tested with it)
+            "reject_qos2_publish": True,
+            "downgrade_qos2_subscribe": True,
         },
         "authorization": {"users": list(users)},
     }
@@ -688,7 +694,8 @@ async def ensure_stream_when_ready(
         try:
             return await ensure_stream(nc, limits, timeout=2)
         except Exception as exc:  # no meta leader yet ("JetStream not enabled", timeouts)
-            last = repr(exc)
+            # str(): nats-py's APIError repr() drops the server's description
+            last = f"{exc!r} {exc}"
         finally:
             await nc.close()
         await asyncio.sleep(0.2)

@@ -224,7 +224,10 @@ def test_a_flooding_device_fills_the_store_to_its_bound_and_loses_nothing_acked(
         while len(set(device.acked)) < sent and time.monotonic() < deadline:
             time.sleep(0.05)
         assert len(set(device.acked)) == sent, f"{len(set(device.acked))} of {sent} PUBACKed"
-        rest = drain(small_cluster, sent - len(acked))
+        # nats-server 2.10 lets the device back in and PUBACKs what it held while the first
+        # drain still runs, so that drain may already have had some or all of the rest
+        left = sent - len(set(got))
+        rest = drain(small_cluster, left) if left else []
         assert set(got) | set(rest) == set(range(sent))
     finally:
         device.stop()

@@ -105,7 +105,9 @@ def test_replicas_are_min_of_3_and_nodes(nodes: int, replicas: int, tmp_path: Pa
     assert len(texts) == nodes
     for text in texts.values():
         assert f"stream_replicas: {replicas}" in text
-        assert f"consumer_replicas: {replicas}" in text
+        assert "consumer_replicas" not in text  # ignored by nats-server 2.10+, with a warning
+        assert "reject_qos2_publish: true" in text
+        assert "downgrade_qos2_subscribe: true" in text
         assert ("cluster: {" in text) == (nodes > 1)
 
 
