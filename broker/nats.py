@@ -6,16 +6,16 @@ node has an MQTT listener and a NATS client listener, both mutual TLS on the fie
 `verify_and_map`: a certificate logs in as the user named by its subject (`CN=dev-1,OU=device,
 O=acme`), which has the publish/subscribe permissions `broker.policy.grants_for` gives its role,
 as NATS subjects. Revoked identities have no user, so they are refused once the nodes reload.
-nats-server 2.9 reads no CRL and maps by subject only, so a revoked certificate whose id was
+nats-server (2.9, 2.10) reads no CRL and maps by subject only, so a revoked certificate whose id was
 issued again (`certs issue ID --force`) maps to the new user. The NATS listener therefore pins
 (`pinned_certs`) the public keys of the live client certificates. The MQTT listener cannot:
-nats-server (2.9.10, and its main branch of 2026) refuses a reload that changes its
+nats-server (2.9.10, 2.10.27, and its main branch of 2026) refuses a reload that changes its
 pinned_certs, and with it the rest of the reload (docs/broker.md, "Re-issued ids").
 
-MQTT topics map to NATS subjects by '/' -> '.', '+' -> '*', '#' -> '>'. nats-server refuses a
-topic holding '.' or ' '; fieldline ids cannot hold either (schemas.topics.ID_PATTERN), so the
-mapping is one-to-one on fieldline's topics. `ensure_stream` creates the FIELDLINE stream
-(`fl.>`) that the ingest worker consumes.
+MQTT topics map to NATS subjects by '/' -> '.', '+' -> '*', '#' -> '>'. nats-server 2.9 refuses
+a topic holding '.' or ' ' (2.10 maps '.' to '//'); fieldline ids cannot hold either
+(schemas.topics.ID_PATTERN), so the mapping is one-to-one on fieldline's topics.
+`ensure_stream` creates the FIELDLINE stream (`fl.>`) that the ingest worker consumes.
 """
 
 from __future__ import annotations
@@ -216,7 +216,7 @@ def nats_user(principal: Principal) -> str:
 
 
 # -- permissions -----------------------------------------------------------------------------
-# Found by experiment against nats-server 2.9.10 (tests/integration/test_nats_tier.py): a QoS 1
+# Found by experiment against nats-server 2.9.10, the same on 2.10.27 (test_nats_tier.py): a QoS 1
 # subscription is fed by a JetStream consumer that delivers to `$MQTT.sub.<nuid>` on the
 # subscriber's own connection, and that subscription is checked against the user's permissions.
 # Only MQTT-only users get it: a NATS client allowed it could SUB `$MQTT.sub.>` and read every

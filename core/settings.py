@@ -366,7 +366,7 @@ class NatsSettings(_Section):
         "stream_max_bytes plus $MQTT_msgs, which keeps every QoS 1 message until the worker "
         "acks it; 2 GiB = 1 GiB for FIELDLINE + 1 GiB, ~4x a 1 h worker outage at 200 "
         "msg/s of 256 B (~350 B stored each); past it devices get no PUBACK and nats-server "
-        "2.9 refuses MQTT until raised and restarted (docs/broker.md)",
+        "refuses MQTT until raised and restarted (docs/broker.md)",
     )
     max_memory_store_bytes: int = Field(
         default=256 * 1024 * 1024,

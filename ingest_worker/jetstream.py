@@ -1,7 +1,7 @@
 """The worker's receive path from a NATS JetStream cluster: one durable pull consumer, shared
 by every worker, each message acknowledged after its rows commit.
 
-Devices publish over MQTT to any node. For a QoS 1 PUBLISH nats-server 2.9 hands the message
+Devices publish over MQTT to any node. For a QoS 1 PUBLISH nats-server (2.9, 2.10) hands the message
 to ordinary subject interest (the FIELDLINE stream's `fl.>` capture, not waited for), then
 stores it as `$MQTT.msgs.fl.acme.d1.telemetry` in its own stream `$MQTT_msgs` (replicated,
 interest retention) and waits for that store; only then is the PUBACK sent. So the worker's
@@ -615,7 +615,7 @@ class JetStreamReceiver:
     async def _watch_store(self) -> None:
         """Every STORE_POLL_S, the bytes and messages the consumed stream holds (per replica),
         for `fieldline_ingest_nats_stream_bytes` and its alert: a full store is an outage of
-        the tier (docs/broker.md), and nats-server 2.9 has no metrics endpoint of its own."""
+        the tier (docs/broker.md), and nats-server has no metrics endpoint of its own."""
         watch = StrandedWatch()
         while True:
             nc = self.nc

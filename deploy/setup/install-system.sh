@@ -19,34 +19,11 @@ if [ "$(id -u)" != 0 ]; then
     SUDO=sudo
 fi
 
-# nats-server from Debian 13 (trixie, 2.10.27) on bookworm, whose 2.9.10 lacks years of
-# JetStream fixes for interest streams across leader changes (docs/broker.md): trixie's
-# source, signed by Debian's archive keyring, pinned so that nats-server alone comes from it
-# (a static Go binary; it needs only libc6 >= 2.34 and adduser, both in bookworm).
-NATS_VERSION_MIN=2.10.27
-if grep -q '^VERSION_CODENAME=bookworm' /etc/os-release 2>/dev/null; then
-    sources=/etc/apt/sources.list.d/fieldline-trixie.sources
-    pins=/etc/apt/preferences.d/fieldline-nats-server
-    if [ ! -f "$sources" ] || [ ! -f "$pins" ]; then
-        printf '%s\n' "Types: deb" "URIs: http://deb.debian.org/debian" "Suites: trixie" \
-            "Components: main" "Signed-By: /usr/share/keyrings/debian-archive-keyring.gpg" \
-            | $SUDO tee "$sources" >/dev/null
-        printf '%s\n' "Package: *" "Pin: release n=trixie" "Pin-Priority: -10" "" \
-            "Package: nats-server" "Pin: release n=trixie" "Pin-Priority: 990" \
-            | $SUDO tee "$pins" >/dev/null
-        fresh_sources=1
-    fi
-fi
-
 missing=()
 for p in "${packages[@]}"; do
     dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
 done
-nats_installed=$(dpkg-query -W -f='${Version}' nats-server 2>/dev/null || true)
-if [ -n "$nats_installed" ] && dpkg --compare-versions "$nats_installed" lt "$NATS_VERSION_MIN"; then
-    missing+=(nats-server)  # an older one: upgraded from the pinned source
-fi
-if [ ${#missing[@]} -gt 0 ] || [ -n "${fresh_sources:-}" ]; then
+if [ ${#missing[@]} -gt 0 ]; then
     echo "setup: installing ${missing[*]}"
     $SUDO apt-get update -qq
     DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
@@ -61,4 +38,5 @@ if [ ${#missing[@]} -gt 0 ] && command -v systemctl >/dev/null && [ -d /run/syst
     $SUDO systemctl disable --now nats-server >/dev/null 2>&1 || true
 fi
 
+$SUDO bash "$here/install-nats-server.sh"
 $SUDO bash "$here/build-timescaledb.sh"

@@ -2,10 +2,11 @@
 `max_file_store`): with no worker reading, one device publishing QoS 1 without pause fills
 `$MQTT_msgs` up to the bound and no further. Real 3-node cluster with an 8 MiB store.
 
-What nats-server 2.9.10 does at the bound is asserted as observed (docs/broker.md, "The
-JetStream store bound"): the PUBLISH that does not fit is not PUBACKed and the device keeps
-it; nothing PUBACKed is lost; but from then on every MQTT CONNECT is refused on every node
-until the store is raised and the nodes restarted, after which everything is delivered."""
+What nats-server 2.9.10 did at the bound, and 2.10.27 does, is asserted as observed
+(docs/broker.md, "The JetStream store bound"): the PUBLISH that does not fit is not PUBACKed
+and the device keeps it; nothing PUBACKed is lost; but from then on every MQTT CONNECT is
+refused on every node until the store is raised and the nodes restarted, after which
+everything is delivered."""
 
 from __future__ import annotations
 
@@ -198,7 +199,7 @@ def test_a_flooding_device_fills_the_store_to_its_bound_and_loses_nothing_acked(
             assert used <= STORE + SLACK, f"node {k}: {used} B on disk, bound {STORE}"
 
         # Found, asserted so that a fixed nats-server shows up as a failing test: past the
-        # bound nats-server 2.9.10 refuses every MQTT CONNECT on every node ("unable to
+        # bound nats-server (2.9.10, 2.10.27) refuses every MQTT CONNECT on every node ("unable to
         # persist session", then "loading session record ...: JetStream system temporarily
         # unavailable"), clean sessions too; streams and consumers lose their leaders and do
         # not recover by themselves, nor after a restart with the same store

@@ -176,7 +176,7 @@ def _refused(node: NatsNode, bundle: Bundle | None, tries: int = 3) -> bool:
 
 def _accepted(node: NatsNode, bundle: Bundle, tries: int = 3) -> bool:
     """True when `bundle` gets in within `tries` probes: a node's first MQTT client makes it
-    create its MQTT streams, and nats-server 2.9 may refuse that client when the JetStream
+    create its MQTT streams, and nats-server (2.9, 2.10) may refuse that client when the JetStream
     lookup behind it times out (4 s), a refusal that is not about the certificate."""
     for _ in range(tries):
         if not _refused(node, bundle):
@@ -277,7 +277,7 @@ def test_service_consumes_the_stream_with_its_own_certificate(nats_cluster: Nats
 
 def test_client_id_of_another_device_takes_over_its_connection(nats_cluster: NatsCluster) -> None:
     """A departure from the embedded broker and Mosquitto, asserted so that a fix shows up:
-    nats-server 2.9 does not bind the MQTT client id to the certificate, so dev-1's
+    nats-server (2.9, 2.10) does not bind the MQTT client id to the certificate, so dev-1's
     certificate with client id dev-2 is accepted and closes dev-2's connection. It gains no
     topic of dev-2's (its permissions are dev-1's): see the forbidden-subscription tests."""
     pki = nats_cluster.pki
@@ -446,8 +446,8 @@ def test_a_revoked_certificate_of_a_reissued_id_is_refused_on_the_nats_port(
 def test_a_revoked_certificate_of_a_reissued_id_is_refused_on_mqtt(
     nats_cluster: NatsCluster, tmp_path: Path
 ) -> None:
-    """The MQTT listener cannot reload pins (nats-server 2.9.10 refuses the reload), so users
-    are named by the certificate's own serial URI: the old certificate names no user."""
+    """The MQTT listener cannot reload pins (nats-server 2.9.10 and 2.10 refuse the reload), so
+    users are named by the certificate's own serial URI: the old certificate names no user."""
     pki = nats_cluster.pki.pki
     first = pki.issue("dev-rot", tenant="acme", role=Role.DEVICE)
     nats_cluster.reload()
