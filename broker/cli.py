@@ -20,7 +20,7 @@ from broker.mosquitto import (
     principals_from_registry,
     write_mosquitto_files,
 )
-from broker.nats import NatsOptions, write_nats_files
+from broker.nats import MIN_SERVER_VERSION, NatsOptions, write_nats_files
 from broker.service import BrokerService, options_from_settings, serve
 from certs import Pki
 from core.console import cli_console
@@ -325,5 +325,8 @@ def nats_config(
         )
     console.print(f"{count} users, stream replicas {options.replicas}", highlight=False)
     console.print(
-        f"run: nats-server -c {files.configs[0]}  (one per node)", highlight=False, soft_wrap=True
+        f"run: nats-server -c {files.configs[0]}  (one per node; nats-server "
+        f"{'.'.join(map(str, MIN_SERVER_VERSION[:2]))} or later)",
+        highlight=False,
+        soft_wrap=True,
     )

@@ -226,6 +226,46 @@ MQTT_INTERNAL_SUBSCRIBE = ("$MQTT.sub.>",)
 NO_PIN = hashlib.sha256(b"fieldline: no live client certificate").hexdigest()
 
 
+# the oldest nats-server the rendered configuration runs on (`reject_qos2_publish` and
+# `downgrade_qos2_subscribe` are 2.10 keys; 2.9 refuses to start with them) and fieldline is
+# tested with (docs/broker.md, "The nats-server version")
+MIN_SERVER_VERSION = (2, 10, 0)
+_VERSION_RE = re.compile(r"v?(\d+)\.(\d+)\.(\d+)")
+
+
+def parse_server_version(text: str) -> tuple[int, int, int] | None:
+    """(major, minor, patch) from `nats-server --version` ("nats-server: v2.10.27")."""
+    found = _VERSION_RE.search(text)
+    if found is None:
+        return None
+    major, minor, patch = (int(x) for x in found.groups())
+    return major, minor, patch
+
+
+def check_server(binary: str) -> tuple[int, int, int]:
+    """The version of the nats-server at `binary`; a BrokerError if it is older than
+    MIN_SERVER_VERSION or does not say."""
+    import subprocess
+
+    try:
+        done = subprocess.run(
+            [binary, "--version"], capture_output=True, text=True, timeout=10, check=False
+        )
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        raise BrokerError(f"{binary} --version failed: {exc}") from None
+    version = parse_server_version(done.stdout + done.stderr)
+    want = ".".join(map(str, MIN_SERVER_VERSION))
+    if version is None:
+        raise BrokerError(f"{binary} did not say its version; fieldline needs nats-server {want}+")
+    if version < MIN_SERVER_VERSION:
+        have = ".".join(map(str, version))
+        raise BrokerError(
+            f"{binary} is nats-server {have}; the rendered configuration needs {want} or later "
+            "(`make setup` installs 2.10.27: deploy/setup/install-nats-server.sh)"
+        )
+    return version
+
+
 def service_permissions(
     consumer: str, stream: str = STREAM_NAME
 ) -> dict[str, dict[str, list[str]]]:

@@ -26,7 +26,13 @@ import asyncpg
 
 from broker.errors import BrokerError
 from broker.mosquitto import MosquittoOptions, write_mosquitto_files
-from broker.nats import NatsOptions, StreamLimits, ensure_stream_when_ready, write_nats_files
+from broker.nats import (
+    NatsOptions,
+    StreamLimits,
+    check_server,
+    ensure_stream_when_ready,
+    write_nats_files,
+)
 from broker.service import BrokerService, crl_renewer, options_from_settings
 from certs import Pki, Role
 from certs.context import client_context
@@ -258,6 +264,10 @@ class LocalStack:
         binary = shutil.which("nats-server")
         if binary is None:
             raise FieldlineError("nats-server is not installed: `make setup` installs it")
+        try:
+            check_server(binary)
+        except BrokerError as exc:
+            raise FieldlineError(str(exc)) from None
         options = NatsOptions(
             nodes=n.nodes, hosts=(n.host,), mqtt_port=n.mqtt_port, client_port=n.client_port,
             cluster_port=n.cluster_port, server_bundle_name=s.broker.server_cert,

@@ -11,12 +11,15 @@ from cryptography.hazmat.primitives import serialization
 
 from broker.errors import BrokerError
 from broker.nats import (
+    MIN_SERVER_VERSION,
     MQTT_INTERNAL_SUBSCRIBE,
     NO_PIN,
     NatsOptions,
+    check_server,
     live_client_pins,
     nats_files,
     nats_user,
+    parse_server_version,
     render_cluster,
     subjects_for_filter,
     topic_to_subject,
@@ -27,6 +30,7 @@ from broker.policy import Policy, Principal
 from certs import Bundle, Pki, Role, serial_uri
 from core.settings import BrokerSettings, NatsSettings
 from schemas.topics import validate_id
+from tests.fixtures.prereq import require_binary
 
 DEVICE = Principal("d1", "acme", Role.DEVICE)
 OPERATOR = Principal("ops-1", "acme", Role.OPERATOR)
@@ -302,3 +306,28 @@ def test_a_store_not_larger_than_the_fieldline_stream_is_one_clear_error(store: 
     with pytest.raises(BrokerError, match=r"nats\.max_store_bytes .* nats\.stream_max_bytes"):
         NatsOptions(nodes=3, max_store_bytes=store, stream_max_bytes=2**30)
     NatsOptions(nodes=3, max_store_bytes=2**30 + 1, stream_max_bytes=2**30)
+
+
+def _binary(tmp_path: Path, says: str) -> str:
+    """A stand-in executable that answers `--version` as nats-server would."""
+    path = tmp_path / "nats-server"
+    path.write_text(f"#!/bin/sh\necho '{says}'\n")
+    path.chmod(0o755)
+    return str(path)
+
+
+def test_the_server_version_is_checked(tmp_path: Path) -> None:
+    assert parse_server_version("nats-server: v2.10.27") == (2, 10, 27)
+    assert parse_server_version("nats-server: 2.12.8") == (2, 12, 8)
+    assert parse_server_version("something else") is None
+    assert check_server(_binary(tmp_path, "nats-server: v2.10.27")) == (2, 10, 27)
+    with pytest.raises(BrokerError, match=r"nats-server 2\.9\.10; the rendered configuration "
+                       r"needs 2\.10\.0 or later \(`make setup` installs 2\.10\.27"):  # fmt: skip
+        check_server(_binary(tmp_path, "nats-server: v2.9.10"))
+    with pytest.raises(BrokerError, match="did not say its version"):
+        check_server(_binary(tmp_path, "hello"))
+
+
+def test_the_installed_server_is_recent_enough() -> None:
+    """What `make setup` installed (deploy/setup/install-nats-server.sh) passes the check."""
+    assert check_server(require_binary("nats-server")) >= MIN_SERVER_VERSION
