@@ -14,16 +14,14 @@ checked as it will travel upstream; what is refused is counted and told as a rat
 from __future__ import annotations
 
 import time
-from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
 from core.settings import EdgeSettings, IngestSettings
+from edge_agent.throttle import EventThrottle
 from schemas.messages import metric_problem
 
-TELL_EVERY_S = 60.0  # one event per (device, reason) this often, not one per message
-MAX_TOLD = 1024  # (device, reason) keys remembered for that; the oldest go first
 MAX_BUCKETS = 4096  # devices with a budget in memory; idle (full) ones are forgotten first
 
 _EDGE = EdgeSettings()
@@ -109,7 +107,7 @@ class LanGuard:
         self._buckets: dict[str, _Bucket] = {}
         self._names: dict[str, set[str]] = {}  # device -> metric names it has sent upstream
         self.names = 0  # all devices' names together
-        self._told: OrderedDict[tuple[str, str], tuple[float, int]] = OrderedDict()
+        self._told = EventThrottle(monotonic)  # one event per (device, reason) a minute
 
     # -- per message ---------------------------------------------------------------------
     def admit_bytes(self, device: str, size: int) -> bool:
@@ -212,16 +210,8 @@ class LanGuard:
                 del self._buckets[device]
 
     def _tell(self, device: str, reason: str, message: str) -> None:
-        key = (device, reason)
-        now = self._monotonic()
-        last = self._told.get(key)
-        if last is not None and now - last[0] < TELL_EVERY_S:
-            self._told[key] = (last[0], last[1] + 1)  # counted, told with the next event
+        since = self._told.due((device, reason))
+        if since is None:
             return
-        since = 0 if last is None else last[1]
-        self._told.pop(key, None)
-        self._told[key] = (now, 0)
-        while len(self._told) > MAX_TOLD:
-            self._told.popitem(last=False)
         data = {"listener": self.listener, "device": device, "reason": reason, "suppressed": since}
         self._tell_event(device, message[:900], data)

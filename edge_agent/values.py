@@ -11,15 +11,12 @@ dropped; a ts ingest would refuse is replaced by the agent's receive time.
 from __future__ import annotations
 
 import time
-from collections import OrderedDict
 from collections.abc import Callable
 from typing import Any
 
+from edge_agent.throttle import EventThrottle
 from schemas.limits import DEFAULT_LIMITS, Limits
 from schemas.messages import metric_problem
-
-TELL_EVERY_S = 60.0  # one event per (module, metric, reason) this often, not one per value
-MAX_TOLD = 1024  # (module, metric, reason) keys remembered for that; the oldest go first
 
 Tell = Callable[[str, str, str, dict[str, Any]], None]
 """(module, kind, message, data): a warning event for the agent's `events` topic."""
@@ -66,8 +63,7 @@ class ValueGuard:
         skew = limits.max_future_skew
         self._skew_ms = None if skew is None else int(skew.total_seconds() * 1000)
         self._clock = clock
-        self._monotonic = monotonic
-        self._told: OrderedDict[tuple[str, str, str], tuple[float, int]] = OrderedDict()
+        self._told = EventThrottle(monotonic)  # one event per (module, metric, reason) a minute
 
     def clean(self, module: str, reading: dict[str, Any]) -> dict[str, Any] | None:
         """The reading with its bad metrics left out and a usable ts; None when nothing is left.
@@ -113,16 +109,8 @@ class ValueGuard:
         return None
 
     def _tell(self, module: str, metric: str, reason: str, kind: str, message: str) -> None:
-        key = (module, metric, reason)
-        now = self._monotonic()
-        last = self._told.get(key)
-        if last is not None and now - last[0] < TELL_EVERY_S:
-            self._told[key] = (last[0], last[1] + 1)  # counted, told with the next event
+        since = self._told.due((module, metric, reason))
+        if since is None:
             return
-        since = 0 if last is None else last[1]
-        self._told.pop(key, None)
-        self._told[key] = (now, 0)
-        while len(self._told) > MAX_TOLD:
-            self._told.popitem(last=False)
         data: dict[str, Any] = {"metric": metric, "reason": reason, "suppressed": since}
         self._tell_event(module, kind, message[:900], data)

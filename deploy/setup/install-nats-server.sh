@@ -6,6 +6,7 @@
 # apt checks it against trixie's index, signed by Debian's archive keyring. It is a static Go binary
 # that needs only libc6 >= 2.34 and adduser, both in bookworm.
 set -euo pipefail
+source "$(cd "$(dirname "$0")" && pwd)/private-apt.sh"
 
 MIN_VERSION=${NATS_SERVER_MIN_VERSION:-2.10.27}
 SUITE=${NATS_SERVER_SUITE:-trixie}
@@ -17,33 +18,9 @@ if [ -n "$installed" ] && dpkg --compare-versions "$installed" ge "$MIN_VERSION"
     exit 0
 fi
 
-# The Debian mirror this machine already uses (as build-timescaledb.sh finds it).
-mirror=""
-if [ -f /etc/apt/sources.list.d/debian.sources ]; then
-    mirror=$(awk '/^URIs:/ {for (i = 2; i <= NF; i++) if ($i !~ /security/) {print $i; exit}}' \
-        /etc/apt/sources.list.d/debian.sources)
-fi
-if [ -z "$mirror" ] && [ -f /etc/apt/sources.list ]; then
-    mirror=$(awk '$1 == "deb" && $0 !~ /security/ {for (i = 2; i <= NF; i++) if ($i ~ /^(http|https|ftp|file):/) {print $i; exit}}' \
-        /etc/apt/sources.list)
-fi
-if [ -z "$mirror" ]; then
-    echo "nats-server: cannot find a Debian mirror in /etc/apt; set one up, then re-run" >&2
-    exit 1
-fi
-
-rm -rf "$WORK" && mkdir -p "$WORK/apt/lists/partial" "$WORK/apt/etc/sources.list.d" "$WORK/deb"
-keyring=/usr/share/keyrings/debian-archive-keyring.gpg
-echo "deb [signed-by=$keyring] $mirror $SUITE main" > "$WORK/apt/etc/sources.list"
-apt_private=(
-    -o "Dir::Etc::SourceList=$WORK/apt/etc/sources.list"
-    -o "Dir::Etc::SourceParts=$WORK/apt/etc/sources.list.d"
-    -o "Dir::State::Lists=$WORK/apt/lists"
-    -o "Debug::NoLocking=1"
-    -o "APT::Sandbox::User=root"
-)
-echo "nats-server: reading the $SUITE index (${installed:-none} installed, $MIN_VERSION wanted)"
-apt-get "${apt_private[@]}" update -qq
+echo "nats-server: ${installed:-none} installed, $MIN_VERSION wanted"
+rm -rf "$WORK" && mkdir -p "$WORK/deb"
+private_apt nats-server "$WORK" deb "$SUITE"
 cd "$WORK/deb"
 apt-get "${apt_private[@]}" download -qq nats-server
 deb=$(ls ./nats-server_*.deb)

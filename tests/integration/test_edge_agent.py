@@ -26,7 +26,14 @@ import pytest
 from edge_agent.agent import AgentOptions, EdgeAgent
 from edge_agent.manifest import load_manifest
 from tests.fixtures.brokers import BrokerUnderTest
-from tests.fixtures.edge import MACHINE_RESET, manifest_text, write_manifest
+from tests.fixtures.edge import (
+    LAN_HOT_RULE,
+    LAN_LISTENER,
+    LAN_ROUTES,
+    MACHINE_RESET,
+    manifest_text,
+    write_manifest,
+)
 from tests.fixtures.ingest import fetch, fetchval, start_worker, wait_for
 from tests.fixtures.prereq import stop_process
 
@@ -362,38 +369,8 @@ async def test_lan_devices_reach_the_cloud_through_the_listener(
     from tests.clients import Paho
 
     lan_port = free_port()
-    listener = f"""
-[[modules]]
-name = "lan"
-kind = "listener"
-port = {lan_port}
-"""
-    rules = """
-[[rules]]
-name = "hot"
-metric = "dev-1.temperature"
-window = { kind = "tumbling", size_s = 1 }
-aggregate = "max"
-condition = { op = ">", value = 50 }
-event = { kind = "hot", severity = "critical" }
-"""
-    routes = """
-[[routes]]
-name = "lanToCloud"
-from = "lan"
-to = "upstream"
-
-[[routes]]
-name = "lanToRules"
-from = "lan"
-to = "rules/hot"
-
-[[routes]]
-name = "hotToCloud"
-from = "rules/hot"
-to = "upstream"
-"""
-    path = write_manifest(tmp_path, manifest_text(broker, listener, rules, routes))
+    listener = LAN_LISTENER.format(port=lan_port)
+    path = write_manifest(tmp_path, manifest_text(broker, listener, LAN_HOT_RULE, LAN_ROUTES))
     lan = SimpleNamespace(host="127.0.0.1", port=lan_port, pki=broker.pki)
     worker = start_worker(broker, timescale_dsn, tmp_path / "worker")
     device = intruder = None

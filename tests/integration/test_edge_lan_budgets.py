@@ -25,42 +25,17 @@ from edge_agent.errors import OutboxError
 from edge_agent.languard import LanLimits
 from edge_agent.manifest import load_manifest
 from tests.clients import Paho
-from tests.fixtures.edge import manifest_text, write_manifest
+from tests.fixtures.edge import (
+    LAN_HOT_RULE,
+    LAN_LISTENER,
+    LAN_ROUTES,
+    manifest_text,
+    write_manifest,
+)
 from tests.fixtures.ingest import wait_for
 
 pytestmark = pytest.mark.integration
 
-LISTENER = """
-[[modules]]
-name = "lan"
-kind = "listener"
-port = {port}
-"""
-RULES = """
-[[rules]]
-name = "hot"
-metric = "dev-1.temperature"
-window = { kind = "tumbling", size_s = 1 }
-aggregate = "max"
-condition = { op = ">", value = 50 }
-event = { kind = "hot", severity = "critical" }
-"""
-ROUTES = """
-[[routes]]
-name = "lanToCloud"
-from = "lan"
-to = "upstream"
-
-[[routes]]
-name = "lanToRules"
-from = "lan"
-to = "rules/hot"
-
-[[routes]]
-name = "hotToCloud"
-from = "rules/hot"
-to = "upstream"
-"""
 LIMITS = LanLimits(readings_per_s=1.0, burst_s=10.0, metrics_per_device=22)
 
 
@@ -90,7 +65,7 @@ async def test_one_hostile_lan_device_cannot_crowd_out_the_others(
 ) -> None:
     broker = broker_factory("fieldline")
     port = free_port()
-    text = manifest_text(broker, LISTENER.format(port=port), RULES, ROUTES)
+    text = manifest_text(broker, LAN_LISTENER.format(port=port), LAN_HOT_RULE, LAN_ROUTES)
     path = write_manifest(tmp_path, text)
     lan = SimpleNamespace(host="127.0.0.1", port=port, pki=broker.pki)
     evil_bundle = broker.pki.pki.issue("dev-evil", tenant="acme", role=Role.DEVICE)

@@ -36,7 +36,8 @@ from edge_agent.opcua import (
     server_certificate,
 )
 from edge_agent.registers import Layout, RegisterError
-from edge_agent.values import TELL_EVERY_S, ValueGuard
+from edge_agent.throttle import TELL_EVERY_S
+from edge_agent.values import ValueGuard
 from schemas import topics
 from schemas.messages import decode_telemetry, metric_problem
 from tests.fixtures.pki import TestPki

@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from core.settings import EdgeSettings, IngestSettings
-from edge_agent import languard
+from edge_agent import languard, throttle
 from edge_agent.languard import LanGuard, LanLimits
 
 NOW = 1_800_000_000.0
@@ -91,7 +91,7 @@ def test_told_once_a_minute_with_the_suppressed_count() -> None:
     for _ in range(5):
         g.refuse("d", "invalid", "bad")
     assert len(told) == 1
-    clock.t = languard.TELL_EVERY_S
+    clock.t = throttle.TELL_EVERY_S
     g.refuse("d", "invalid", "bad")
     assert [t[2]["suppressed"] for t in told] == [0, 4]
 
